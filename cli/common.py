@@ -1,0 +1,97 @@
+"""What both entry points share: one-line errors, and the data-set options."""
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from featcache.errors import FeatcacheError
+
+
+class Group(click.Group):
+    """A click group that prints a user error as one line (exit 1); ``--debug`` shows the traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except FeatcacheError as exc:
+            if ctx.params.get("debug"):
+                raise
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(1)
+        except MemoryError:
+            if ctx.params.get("debug"):
+                raise
+            click.echo("Error: out of memory (lower --batch-size, or use --dtype float16)", err=True)
+            sys.exit(1)
+
+
+def comma_list(values) -> list[str]:
+    """``--x a,b --x c`` -> [a, b, c]."""
+    return [v.strip() for value in values for v in value.split(",") if v.strip()]
+
+
+def key_value(values, option: str) -> dict[str, str]:
+    out = {}
+    for value in values:
+        if "=" not in value:
+            raise click.BadParameter(f"{value!r} is not NAME=VALUE", param_hint=option)
+        key, _, val = value.partition("=")
+        out[key.strip()] = val.strip()
+    return out
+
+
+def data_options(func):
+    """--data and its options; only the ones given are passed on (a checkpoint's recorded data
+    options fill in the rest)."""
+    options = [
+        click.option("--data", "data_name", help="Data set: digits-lt, fashion-mnist-lt, mnist-lt, "
+                     "cifar10-lt, cifar100-lt, imagefolder, txt."),
+        click.option("--data-root", type=click.Path(), help="Where the data set's files are."),
+        click.option("--list", "lists", multiple=True, metavar="SPLIT=FILE",
+                     help="txt data: a list file per split (repeat)."),
+        click.option("--imbalance", type=float, help="Max/min class-count ratio (generated data sets)."),
+        click.option("--max-per-class", type=int, help="Training images of the largest class."),
+        click.option("--profile", type=click.Choice(["exp", "step"]), help="Long-tail profile."),
+        click.option("--class-order", type=click.Choice(["natural", "shuffled"]),
+                     help="Which classes become the head."),
+        click.option("--order-seed", type=int, help="Seed of the shuffled class order."),
+        click.option("--val-per-class", type=int, help="Balanced val images per class (from unused train images)."),
+        click.option("--resize", type=int, help="Natural images: resize shorter side (default 256)."),
+        click.option("--crop", type=int, help="Natural images: center-crop size (default 224)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        keys = ("data_name", "data_root", "lists", "imbalance", "max_per_class", "profile",
+                "class_order", "order_seed", "val_per_class", "resize", "crop")
+        raw = {k: kwargs.pop(k) for k in keys}
+        kwargs["data_spec"] = build_data_spec(raw)
+        return func(*args, **kwargs)
+    return wrapper
+
+
+def build_data_spec(raw: dict):
+    from featcache.datasets import DATASETS, DataSpec
+    name = raw.pop("data_name")
+    root = raw.pop("data_root")
+    lists = key_value(raw.pop("lists"), "--list")
+    options = {k: v for k, v in raw.items() if v is not None}
+    if lists:
+        options["lists"] = lists
+    if name is None:
+        if root or options:
+            raise click.UsageError("data options were given without --data")
+        return None
+    if name not in DATASETS:
+        raise click.BadParameter(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}",
+                                 param_hint="--data")
+    return DataSpec(name, root, options)
+
+
+def device_option(func):
+    return click.option("--device", default="auto", show_default=True,
+                        help="auto (CUDA when present), cpu or cuda.")(func)

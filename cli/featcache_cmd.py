@@ -1,0 +1,156 @@
+"""`featcache`: train a backbone, extract its features into the cache, manage cache entries."""
+from __future__ import annotations
+
+import click
+
+from .common import Group, comma_list, data_options, device_option, key_value
+
+CACHE_DIR = click.option("--cache-dir", type=click.Path(), envvar="FEATCACHE_DIR",
+                         help="Cache root (default $FEATCACHE_DIR, else ~/.cache/featcache).")
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.version_option(package_name="featcache", prog_name="featcache")
+def main(debug):
+    """Stage 1 of decoupled long-tailed recognition: train a backbone once, cache its features."""
+
+
+@main.command()
+@click.option("--ckpt", required=True, type=click.Path(), help="Checkpoint (own, torchvision state_dict, or classifier-balancing).")
+@click.option("--arch", help="Architecture (default: recorded in the checkpoint). See `featcache archs`.")
+@data_options
+@click.option("--split", "splits", multiple=True, help="Split(s) to extract; repeat or comma list (default train,val,test).")
+@CACHE_DIR
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@click.option("--compression", type=click.Choice(["none", "lzf", "gzip"]), default="none", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--shard-rows", type=click.IntRange(min=1), default=65536, show_default=True, help="Rows per HDF5 shard.")
+@click.option("--allow-nonfinite", is_flag=True, help="Store NaN/Inf features instead of refusing.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@device_option
+def extract(ckpt, arch, data_spec, splits, cache_dir, dtype, compression, batch_size, num_workers,
+            shard_rows, allow_nonfinite, quiet, device):
+    """Run the backbone over each split and cache its penultimate features.
+
+    The last line printed is the entry directory; an identical second call is a hit."""
+    from featcache.distributed import Dist
+    from featcache.extract import ExtractRequest, extract as run_extract
+
+    request = ExtractRequest(ckpt, arch, data_spec, comma_list(splits) or None, cache_dir, dtype, batch_size,
+                             num_workers, shard_rows, compression, device, allow_nonfinite, not quiet)
+    path = run_extract(request)
+    if Dist.from_env().is_main:
+        click.echo(str(path))
+
+
+@main.command(name="import")
+@click.option("--split", "splits", multiple=True, required=True, metavar="NAME=FILE",
+              help="A split's features: .npz / .pt (features, labels) or official pickle (feats, labels).")
+@click.option("--classifier", type=click.Path(), help="Checkpoint whose fc.weight / fc.bias to store.")
+@click.option("--name", required=True, help="A name for the entry (usable wherever an entry is asked for).")
+@CACHE_DIR
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@click.option("--allow-nonfinite", is_flag=True, help="Store NaN/Inf features instead of refusing.")
+def import_(splits, classifier, name, cache_dir, dtype, allow_nonfinite):
+    """Build a cache entry from features you already have. Prints the entry directory last."""
+    from featcache.importer import import_features
+
+    path = import_features(key_value(splits, "--split"), name=name, classifier_ckpt=classifier,
+                           cache_dir=cache_dir, dtype=dtype, allow_nonfinite=allow_nonfinite)
+    click.echo(str(path))
+
+
+@main.command(name="ls")
+@CACHE_DIR
+def ls(cache_dir):
+    """List complete cache entries."""
+    from tabulate import tabulate
+    from featcache.store import cache_root, list_entries
+
+    root = cache_root(cache_dir)
+    rows = [[e.key, e.meta.get("name") or "", e.meta.get("arch") or "", _data_name(e.meta),
+             ",".join(e.splits), e.meta["feature_dim"], e.meta["dtype"], e.meta.get("created", "")]
+            for e in list_entries(root)]
+    if not rows:
+        click.echo(f"no entries under {root}")
+        return
+    click.echo(tabulate(rows, headers=["key", "name", "arch", "data", "splits", "dim", "dtype", "created"]))
+
+
+def _data_name(meta: dict) -> str:
+    spec = meta.get("data", {}).get("spec")
+    return spec["name"] if spec else meta.get("kind", "")
+
+
+def _entry(ref, cache_dir):
+    from featcache.store import FeatureCache, cache_root, resolve_entry
+    return FeatureCache.open(resolve_entry(ref, cache_root(cache_dir)))
+
+
+@main.command()
+@click.argument("entry")
+@CACHE_DIR
+def info(entry, cache_dir):
+    """Splits, rows, dim, dtype, class counts, arch, checkpoint hash and size of an entry."""
+    cache = _entry(entry, cache_dir)
+    meta = cache.meta
+    click.echo(f"entry        {cache.path}")
+    click.echo(f"key          {cache.key}" + (f"  (name: {meta['name']})" if meta.get("name") else ""))
+    click.echo(f"format       {meta['format_version']}    created {meta.get('created', '?')}")
+    click.echo(f"arch         {meta.get('arch') or '-'}    data {_data_name(meta)}")
+    click.echo(f"features     dim {meta['feature_dim']}, {meta['dtype']}, compression {meta.get('compression')}")
+    click.echo(f"checkpoint   {(meta.get('checkpoint') or {}).get('sha256') or '-'}")
+    classifier = meta.get("classifier")
+    click.echo(f"classifier   {'W ' + 'x'.join(map(str, classifier['shape'])) + ' and b' if classifier else 'none'}")
+    click.echo(f"classes      {meta['num_classes']}")
+    for name in cache.splits:
+        counts = cache.class_counts(name)
+        present = counts[counts > 0]
+        summary = (f"max {present.max()}, min {present.min()}, imbalance {present.max() / present.min():.1f}"
+                   if len(present) else "empty")
+        click.echo(f"split {name:<7}{meta['splits'][name]['rows']:>9} rows, {len(meta['splits'][name]['shards'])} "
+                   f"shard(s), {len(present)} classes ({summary})")
+    click.echo(f"size         {cache.disk_bytes() / 2**20:.1f} MiB")
+
+
+@main.command()
+@click.argument("entry")
+@CACHE_DIR
+def verify(entry, cache_dir):
+    """Re-hash every shard; exit 1 naming each bad one."""
+    cache = _entry(entry, cache_dir)
+    problems = cache.verify()
+    for problem in problems:
+        click.echo(f"BAD {problem}", err=True)
+    if problems:
+        raise SystemExit(1)
+    click.echo(f"OK {cache.path}")
+
+
+@main.command()
+@click.argument("entry")
+@CACHE_DIR
+def rm(entry, cache_dir):
+    """Delete a cache entry."""
+    from featcache.store import cache_root, remove_entry, resolve_entry
+    path = resolve_entry(entry, cache_root(cache_dir))
+    remove_entry(path)
+    click.echo(f"removed {path}")
+
+
+@main.command()
+def archs():
+    """List the architectures."""
+    from featcache.backbones import ARCHS
+    for spec in ARCHS.values():
+        click.echo(f"{spec.name:<18} {spec.feature_dim:>5}-d  {spec.description}")
+
+
+@main.command()
+def datasets():
+    """List the data sets."""
+    from featcache.datasets import DATASETS
+    for name, loader in DATASETS.items():
+        click.echo(f"{name:<18} {loader.__doc__.splitlines()[0]}")

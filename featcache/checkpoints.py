@@ -1,0 +1,159 @@
+"""Reading checkpoints in the formats users arrive with, remapped to one naming (torchvision's:
+backbone keys as in torchvision's ResNet, classifier ``fc.weight`` / ``fc.bias``).
+
+Formats: this project's own (``featcache train``; or any dict with ``arch`` and ``state_dict``),
+a plain torchvision ``state_dict``, and the official classifier-balancing checkpoints
+(``state_dict_best`` -> ``feat_model`` / ``classifier``, keys prefixed ``module.``).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .backbones import build_model, get_arch
+from .errors import FeatcacheError
+
+PREFIXES = ("module.", "_orig_mod.")
+OWN_FORMAT = "featcache-checkpoint"
+
+
+def strip_prefixes(state_dict: dict) -> dict:
+    """Remove ``module.`` (DataParallel / DDP) and ``_orig_mod.`` (torch.compile) prefixes."""
+    out = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def remap_torchvision(payload: dict) -> dict:
+    return strip_prefixes(payload)
+
+
+def remap_official(payload: dict) -> dict:
+    """classifier-balancing: ``{state_dict_best: {feat_model: ..., classifier: ...}}``."""
+    states = payload.get("state_dict_best") or payload["state_dict"]
+    merged = strip_prefixes(states["feat_model"])
+    classifier = strip_prefixes(states.get("classifier") or {})
+    merged.update({k: v for k, v in classifier.items() if k in ("fc.weight", "fc.bias")})
+    return merged
+
+
+def remap_own(payload: dict) -> dict:
+    return strip_prefixes(payload["state_dict"])
+
+
+def detect_format(payload) -> str:
+    if not isinstance(payload, dict):
+        raise TypeError
+    if payload.get("format") == OWN_FORMAT or ("arch" in payload and "state_dict" in payload):
+        return "featcache"
+    if "state_dict_best" in payload or isinstance(payload.get("state_dict"), dict) and "feat_model" in payload["state_dict"]:
+        return "classifier-balancing"
+    if isinstance(payload.get("state_dict"), dict):
+        return "state_dict-wrapped"
+    if payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
+        return "torchvision"
+    raise TypeError
+
+
+REMAPS = {"featcache": remap_own, "classifier-balancing": remap_official,
+          "state_dict-wrapped": lambda p: strip_prefixes(p["state_dict"]), "torchvision": remap_torchvision}
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    sha256: str
+    format: str
+    state_dict: dict
+    arch: str | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def classifier(self) -> tuple[np.ndarray, np.ndarray] | None:
+        if "fc.weight" not in self.state_dict:
+            return None
+        weight = self.state_dict["fc.weight"].detach().float().cpu().numpy()
+        bias = self.state_dict.get("fc.bias")
+        bias = np.zeros(len(weight), np.float32) if bias is None else bias.detach().float().cpu().numpy()
+        return weight, bias
+
+    @property
+    def num_classes(self) -> int | None:
+        weight = self.state_dict.get("fc.weight")
+        return None if weight is None else int(weight.shape[0])
+
+    @property
+    def in_channels(self) -> int:
+        first_conv = next((v for v in self.state_dict.values() if v.ndim == 4), None)
+        return 3 if first_conv is None else int(first_conv.shape[1])
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    if not path.exists():
+        raise FeatcacheError(f"checkpoint {path} does not exist")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise FeatcacheError(f"checkpoint {path} cannot be read: {exc.strerror or exc}") from None
+    try:
+        payload = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        try:  # e.g. official checkpoints that pickle numpy scalars: a file the user chose to trust
+            payload = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
+            warnings.warn(f"{path} needed full unpickling (not weights-only)", stacklevel=2)
+        except Exception:
+            raise FeatcacheError(f"{path} is not a PyTorch checkpoint") from None
+    except Exception:
+        raise FeatcacheError(f"{path} is not a PyTorch checkpoint") from None
+    try:
+        fmt = detect_format(payload)
+        state_dict = REMAPS[fmt](payload)
+    except (TypeError, KeyError, AttributeError):
+        raise FeatcacheError(f"{path} is a PyTorch file but not a checkpoint this tool knows "
+                             f"(own, torchvision state_dict or classifier-balancing)") from None
+    meta = {k: v for k, v in payload.items() if k not in ("state_dict", "optimizer", "scheduler")} \
+        if fmt == "featcache" else {}
+    return Checkpoint(path, hashlib.sha256(raw).hexdigest(), fmt, state_dict,
+                      payload.get("arch") if fmt == "featcache" else None, meta)
+
+
+def load_model(checkpoint: Checkpoint, arch: str, num_classes: int | None = None) -> torch.nn.Module:
+    """Build ``arch`` and load the checkpoint's weights, naming missing / unexpected keys."""
+    get_arch(arch)
+    classes = checkpoint.num_classes or num_classes or 1
+    model = build_model(arch, classes, checkpoint.in_channels)
+    expected = model.state_dict()
+    if checkpoint.num_classes is None:
+        expected = {k: v for k, v in expected.items() if not k.startswith("fc.")}
+    given = {k: v for k, v in checkpoint.state_dict.items() if not k.endswith("num_batches_tracked")}
+    wanted = {k for k in expected if not k.endswith("num_batches_tracked")}
+    missing, unexpected = sorted(wanted - set(given)), sorted(set(given) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:5]}" + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:5]}"
+                         + (f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else ""))
+        raise FeatcacheError(f"checkpoint {checkpoint.path} does not fit --arch {arch}: " + "; ".join(parts))
+    for key in wanted:
+        if tuple(given[key].shape) != tuple(expected[key].shape):
+            raise FeatcacheError(f"checkpoint {checkpoint.path} does not fit --arch {arch}: {key} has shape "
+                                 f"{tuple(given[key].shape)}, the arch expects {tuple(expected[key].shape)}")
+    model.load_state_dict(given, strict=False)
+    return model.eval()

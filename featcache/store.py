@@ -1,0 +1,462 @@
+"""The on-disk feature cache (spec: docs/cache-format.md). The only module that imports h5py.
+
+An entry is a directory ``<root>/<key>/`` holding ``manifest.json``, an optional ``classifier.h5``
+and one folder of HDF5 shards per split. The manifest is written last, by atomic replace: a split
+the manifest does not list is incomplete and is never read as data.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .errors import CorruptEntryError, FeatcacheError, UnknownFormatError
+
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+MANIFEST = "manifest.json"
+CLASSIFIER_FILE = "classifier.h5"
+COMPRESSIONS = ("none", "lzf", "gzip")
+DTYPES = ("float32", "float16")
+_CHUNK_BYTES = 1 << 20
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``cache_dir``, else ``$FEATCACHE_DIR``, else ``~/.cache/featcache``."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("FEATCACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "featcache"
+
+
+def content_key(identity: dict) -> str:
+    """Hash of everything that changes the features (canonical JSON), with the format version."""
+    payload = json.dumps({"format_version": FORMAT_VERSION, **identity}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _atomic_write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as handle:
+            json.dump(payload, handle, indent=1, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _disk_error(exc: OSError, path: Path) -> FeatcacheError:
+    if exc.errno == errno.ENOSPC:
+        return FeatcacheError(f"disk full while writing {path}; temporary files were removed")
+    return FeatcacheError(f"cannot write {path}: {exc.strerror or exc}")
+
+
+@dataclass
+class Split:
+    """One split of an entry, fully loaded: float32 features (N x D), int64 labels and sample ids."""
+
+    name: str
+    features: np.ndarray
+    labels: np.ndarray
+    indices: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class FeatureCache:
+    """A complete cache entry, read through its manifest."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path = path
+        self.meta = manifest
+        self._loaded: dict[str, Split] = {}
+        self._classifier = None
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "FeatureCache":
+        path = Path(path)
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise FeatcacheError(f"{path} is not a complete cache entry (no {MANIFEST})")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CorruptEntryError(f"{manifest_path} is not valid JSON: {exc}") from None
+        version = manifest.get("format_version")
+        if version not in SUPPORTED_FORMAT_VERSIONS:
+            raise UnknownFormatError(
+                f"{manifest_path} has format_version {version!r}; this featcache reads "
+                f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))} (upgrade featcache)")
+        return cls(path, manifest)
+
+    @property
+    def key(self) -> str:
+        return self.meta["key"]
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.meta["splits"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta["num_classes"])
+
+    def class_counts(self, split: str) -> np.ndarray:
+        return np.asarray(self._split_meta(split)["class_counts"], dtype=np.int64)
+
+    def _split_meta(self, name: str) -> dict:
+        try:
+            return self.meta["splits"][name]
+        except KeyError:
+            raise FeatcacheError(
+                f"entry {self.path} has no split {name!r} (it has: {', '.join(self.splits) or 'none'})"
+            ) from None
+
+    def split(self, name: str) -> Split:
+        if name not in self._loaded:
+            self._loaded[name] = self._read_split(name)
+        return self._loaded[name]
+
+    @property
+    def classifier(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The checkpoint's final linear layer ``(W: C x D, b: C)`` as float32, or None."""
+        info = self.meta.get("classifier")
+        if info is None:
+            return None
+        if self._classifier is None:
+            path = self.path / info["file"]
+            self._check_file(path, info)
+            with self._h5(path) as handle:
+                self._classifier = (handle["weight"][...].astype(np.float32),
+                                    handle["bias"][...].astype(np.float32))
+        return self._classifier
+
+    def _check_file(self, path: Path, info: dict) -> None:
+        """Trust a file whose size and mtime are as written; otherwise re-hash it."""
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            raise CorruptEntryError(f"{path} is listed in the manifest but missing") from None
+        if stat.st_size == info["size"] and stat.st_mtime_ns == info["mtime_ns"]:
+            return
+        if stat.st_size != info["size"] or sha256_file(path) != info["sha256"]:
+            raise CorruptEntryError(f"{path} fails its sha256 checksum (run `featcache verify`)")
+
+    @contextlib.contextmanager
+    def _h5(self, path: Path):
+        try:
+            with h5py.File(path, "r") as handle:
+                yield handle
+        except (OSError, KeyError) as exc:
+            raise CorruptEntryError(f"{path} cannot be read ({exc}); run `featcache verify`") from None
+
+    def _read_split(self, name: str) -> Split:
+        meta = self._split_meta(name)
+        rows, dim = int(meta["rows"]), int(self.meta["feature_dim"])
+        features = np.empty((rows, dim), dtype=np.float32)
+        labels = np.empty(rows, dtype=np.int64)
+        indices = np.empty(rows, dtype=np.int64)
+        for shard in meta["shards"]:
+            path = self.path / shard["file"]
+            self._check_file(path, shard)
+            start, stop = shard["row_start"], shard["row_start"] + shard["rows"]
+            with self._h5(path) as handle:
+                _read_into(handle["features"], features[start:stop])
+                _read_into(handle["labels"], labels[start:stop])
+                _read_into(handle["indices"], indices[start:stop])
+        return Split(name, features, labels, indices)
+
+    def verify(self) -> list[str]:
+        """Re-hash every file the manifest lists; return one message per bad file."""
+        problems = []
+        files = [s for split in self.meta["splits"].values() for s in split["shards"]]
+        if self.meta.get("classifier"):
+            files.append(self.meta["classifier"])
+        for info in files:
+            path = self.path / info["file"]
+            if not path.is_file():
+                problems.append(f"{path}: missing")
+            elif sha256_file(path) != info["sha256"]:
+                problems.append(f"{path}: sha256 mismatch")
+        return problems
+
+    def disk_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+
+
+def _read_into(dataset, out: np.ndarray) -> None:
+    if dataset.shape[0] != out.shape[0]:
+        raise CorruptEntryError(f"{dataset.file.filename}: {dataset.name} has {dataset.shape[0]} rows, "
+                                f"manifest says {out.shape[0]}")
+    if dataset.dtype == out.dtype:
+        dataset.read_direct(out)
+    else:
+        out[...] = dataset[...]
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+@contextlib.contextmanager
+def entry_lock(root: Path, key: str):
+    """Exclusive lock on one key: a second writer of the same key waits here, then reuses."""
+    lock_dir = root / ".locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / f"{key}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _file_record(path: Path, entry: Path, **extra) -> dict:
+    stat = path.stat()
+    return {"file": path.relative_to(entry).as_posix(), "sha256": sha256_file(path),
+            "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, **extra}
+
+
+class EntryWriter:
+    """Creates or extends one entry. Call under :func:`entry_lock` for the key."""
+
+    def __init__(self, root: Path, key: str, base_meta: dict):
+        self.root = Path(root)
+        self.key = key
+        self.path = self.root / key
+        self.base_meta = base_meta
+
+    def existing_manifest(self) -> dict | None:
+        if not (self.path / MANIFEST).is_file():
+            return None
+        return FeatureCache.open(self.path).meta
+
+    def complete_splits(self) -> list[str]:
+        manifest = self.existing_manifest()
+        return list(manifest["splits"]) if manifest else []
+
+    def split_writer(self, name: str, *, rows: int, dim: int, dtype: str, shard_rows: int,
+                     compression: str = "none") -> "SplitWriter":
+        if dtype not in DTYPES:
+            raise FeatcacheError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+        if compression not in COMPRESSIONS:
+            raise FeatcacheError(f"--compression {compression!r}: choose one of {', '.join(COMPRESSIONS)}")
+        if shard_rows < 1:
+            raise FeatcacheError(f"--shard-rows must be at least 1 (got {shard_rows})")
+        self.path.mkdir(parents=True, exist_ok=True)
+        return SplitWriter(self, name, rows, dim, dtype, shard_rows, compression)
+
+    def write_classifier(self, weight: np.ndarray, bias: np.ndarray) -> dict:
+        final = self.path / CLASSIFIER_FILE
+        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            with h5py.File(tmp, "w") as handle:
+                handle.attrs["format_version"] = FORMAT_VERSION
+                handle.create_dataset("weight", data=np.asarray(weight, np.float32), fletcher32=True,
+                                      chunks=True)
+                handle.create_dataset("bias", data=np.asarray(bias, np.float32), fletcher32=True,
+                                      chunks=True)
+            _fsync_file(tmp)
+            os.replace(tmp, final)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise _disk_error(exc, final) from None
+        return _file_record(final, self.path, shape=list(np.shape(weight)))
+
+    def commit_split(self, name: str, split_meta: dict, classifier: dict | None = None) -> None:
+        """Add a finished split to the manifest (atomic replace): from now on it is readable."""
+        manifest = self.existing_manifest() or {
+            **self.base_meta, "format_version": FORMAT_VERSION, "key": self.key,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "splits": {}, "classifier": classifier}
+        manifest["splits"][name] = split_meta
+        _atomic_write_json(self.path / MANIFEST, manifest)
+
+    def discard_incomplete(self) -> None:
+        """Remove an entry that has no manifest yet, or the unlisted split folders of one that has."""
+        if not self.path.exists():
+            return
+        if not (self.path / MANIFEST).is_file():
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        listed = set(self.complete_splits())
+        for child in self.path.iterdir():
+            if child.is_dir() and child.name not in listed:
+                shutil.rmtree(child, ignore_errors=True)
+            elif child.name.startswith(".") and ".tmp-" in child.name:
+                child.unlink(missing_ok=True)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SplitWriter:
+    """Writes one split shard by shard. Shard i holds rows [i*shard_rows, (i+1)*shard_rows).
+
+    Each shard is written under a temporary name, hashed into a small sidecar record, then renamed
+    into place; a rerun keeps every shard whose file and record agree (resume)."""
+
+    def __init__(self, entry: EntryWriter, name: str, rows: int, dim: int, dtype: str,
+                 shard_rows: int, compression: str):
+        if not name or "/" in name or name.startswith("."):
+            raise FeatcacheError(f"invalid split name {name!r}")
+        self.entry, self.name, self.rows, self.dim = entry, name, rows, dim
+        self.dtype, self.shard_rows, self.compression = dtype, shard_rows, compression
+        self.dir = entry.path / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def num_shards(self) -> int:
+        return max(1, -(-self.rows // self.shard_rows))
+
+    def shard_range(self, index: int) -> tuple[int, int]:
+        return index * self.shard_rows, min(self.rows, (index + 1) * self.shard_rows)
+
+    def _paths(self, index: int) -> tuple[Path, Path]:
+        stem = self.dir / f"shard-{index:05d}"
+        return stem.with_suffix(".h5"), stem.with_suffix(".json")
+
+    def shard_is_complete(self, index: int) -> bool:
+        shard, record_path = self._paths(index)
+        if not (shard.is_file() and record_path.is_file()):
+            return False
+        try:
+            record = json.loads(record_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return False
+        start, stop = self.shard_range(index)
+        expected = {"row_start": start, "rows": stop - start, "dtype": self.dtype, "dim": self.dim,
+                    "compression": self.compression}
+        if any(record.get(k) != v for k, v in expected.items()):
+            return False
+        return shard.stat().st_size == record["size"] and sha256_file(shard) == record["sha256"]
+
+    def pending_shards(self) -> list[int]:
+        return [i for i in range(self.num_shards) if not self.shard_is_complete(i)]
+
+    def write_shard(self, index: int, features: np.ndarray, labels: np.ndarray,
+                    indices: np.ndarray) -> None:
+        start, stop = self.shard_range(index)
+        if features.shape != (stop - start, self.dim):
+            raise ValueError(f"shard {index} expects {(stop - start, self.dim)}, got {features.shape}")
+        shard, record_path = self._paths(index)
+        tmp = shard.with_name(f".{shard.name}.tmp-{os.getpid()}")
+        try:
+            self._write_h5(tmp, features, labels, indices, start)
+            record = {"row_start": start, "rows": stop - start, "dtype": self.dtype, "dim": self.dim,
+                      "compression": self.compression, "sha256": sha256_file(tmp),
+                      "size": tmp.stat().st_size}
+            _atomic_write_json(record_path, record)
+            os.replace(tmp, shard)
+            _fsync_dir(self.dir)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise _disk_error(exc, shard) from None
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _write_h5(self, path: Path, features, labels, indices, start: int) -> None:
+        rows = max(1, len(labels))
+        itemsize = np.dtype(self.dtype).itemsize
+        chunk_rows = int(min(rows, max(1, _CHUNK_BYTES // (self.dim * itemsize))))
+        compression = None if self.compression == "none" else self.compression
+        with h5py.File(path, "w") as handle:
+            handle.attrs["format_version"] = FORMAT_VERSION
+            handle.attrs["split"] = self.name
+            handle.attrs["row_start"] = start
+            handle.create_dataset("features", data=features.astype(self.dtype, copy=False),
+                                  chunks=(chunk_rows, self.dim), fletcher32=True,
+                                  compression=compression)
+            for key, values in (("labels", labels), ("indices", indices)):
+                handle.create_dataset(key, data=np.asarray(values, np.int64), chunks=(rows,),
+                                      fletcher32=True, compression=compression)
+        _fsync_file(path)
+
+    def read_shard_rows(self, index: int) -> int:
+        return self.shard_range(index)[1] - self.shard_range(index)[0]
+
+    def finish(self, class_counts: np.ndarray, classifier: dict | None = None,
+               extra: dict | None = None) -> None:
+        shards = []
+        for index in range(self.num_shards):
+            shard, _ = self._paths(index)
+            start, stop = self.shard_range(index)
+            shards.append(_file_record(shard, self.entry.path, row_start=start, rows=stop - start))
+        meta = {"rows": self.rows, "class_counts": [int(c) for c in class_counts], "shards": shards,
+                **(extra or {})}
+        self.entry.commit_split(self.name, meta, classifier)
+        for index in range(self.num_shards):
+            self._paths(index)[1].unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Finding entries
+
+
+def list_entries(root: Path) -> list[FeatureCache]:
+    """Complete entries under ``root`` (incomplete ones are skipped), oldest first."""
+    if not root.is_dir():
+        return []
+    entries = []
+    for child in sorted(root.iterdir()):
+        if child.is_dir() and (child / MANIFEST).is_file():
+            with contextlib.suppress(FeatcacheError):
+                entries.append(FeatureCache.open(child))
+    return sorted(entries, key=lambda e: e.meta.get("created", ""))
+
+
+def resolve_entry(ref: str, root: Path) -> Path:
+    """An entry given as a path, a key, a unique key prefix or an entry name."""
+    as_path = Path(ref).expanduser()
+    if (as_path / MANIFEST).is_file() or as_path.is_dir():
+        return as_path
+    if (root / ref / MANIFEST).is_file():
+        return root / ref
+    matches = [e.path for e in list_entries(root) if e.key.startswith(ref) or e.meta.get("name") == ref]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise FeatcacheError(f"entry {ref!r} is ambiguous under {root}: {', '.join(m.name for m in matches)}")
+    raise FeatcacheError(f"no cache entry {ref!r} (not a path, key or name under {root})")
+
+
+def remove_entry(path: Path) -> None:
+    root, key = path.parent, path.name
+    with entry_lock(root, key):
+        shutil.rmtree(path)
