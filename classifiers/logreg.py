@@ -1,0 +1,37 @@
+"""scikit-learn reference probe."""
+import numpy as np
+import torch
+
+from .base import FitData, LTClassifier, register
+
+
+@register("logreg")
+class BalancedLogReg(LTClassifier):
+    """scikit-learn balanced logistic regression: a reference linear probe.
+
+    LogisticRegression(class_weight="balanced") on standardised features (CPU only). Classes absent from training get logit -1e9."""
+
+    def __init__(self, C=1.0, max_iter=300, standardize=True, device="auto"):
+        self.C = C
+        self.max_iter = max_iter
+        self.standardize = standardize
+        self.device = device
+
+    def _fit(self, data: FitData) -> None:
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        steps = [StandardScaler()] if self.standardize else []
+        self.model_ = make_pipeline(*steps, LogisticRegression(C=float(self.C), class_weight="balanced",
+                                                               max_iter=int(self.max_iter)))
+        self.model_.fit(data.X.cpu().numpy(), data.y.cpu().numpy())
+        self.classes_ = self.model_.classes_
+
+    def _logits(self, X):
+        scores = self.model_.decision_function(X.cpu().numpy())
+        if scores.ndim == 1:  # two classes: sklearn returns one column
+            scores = np.stack([-scores, scores], axis=1)
+        out = np.full((len(X), self.num_classes_), -1e9, dtype=np.float32)
+        out[:, self.classes_] = scores
+        return torch.from_numpy(out)

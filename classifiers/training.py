@@ -1,0 +1,68 @@
+"""The SGD loop shared by the methods that learn on frozen features (cRT, LWS, bsce, maxnorm).
+
+Gradients are written by hand (softmax cross-entropy of a linear map), so a step costs its
+matmuls and nothing else; the optimiser is PyTorch's SGD (momentum, L2 weight decay added to the
+gradient), with the official cosine schedule stepped once per epoch."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from featcache.sampling import ClassSampler, class_probabilities
+
+
+@dataclass
+class Schedule:
+    epochs: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    batch_size: int
+    sampler: str
+    seed: int
+    draws_per_epoch: int | None = None
+
+
+def cosine_lr(base: float, epoch: int, epochs: int) -> float:
+    """CosineAnnealingLR(T_max=epochs, eta_min=0) as the official code steps it: once per epoch."""
+    return 0.5 * base * (1 + math.cos(math.pi * epoch / epochs))
+
+
+def softmax_grad_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """In place: d(mean cross-entropy)/d(logits) = (softmax - onehot) / B."""
+    probs = torch.softmax(logits, dim=1)
+    probs[torch.arange(len(targets), device=targets.device), targets] -= 1.0
+    return probs.div_(len(targets))
+
+
+def sgd_train(params: list[torch.Tensor], grad_fn: Callable[[torch.Tensor], list[torch.Tensor]],
+              labels: torch.Tensor, counts: np.ndarray, schedule: Schedule,
+              post_step: Callable[[], None] | None = None) -> np.ndarray:
+    """Train ``params`` in place; returns the per-epoch histogram of the classes drawn (E x C)."""
+    num_classes = len(counts)
+    sampler = ClassSampler(labels.cpu().numpy(), num_classes, labels.device)
+    generator = torch.Generator().manual_seed(int(schedule.seed))
+    draws = schedule.draws_per_epoch or len(labels)
+    buffers: list[torch.Tensor | None] = [None] * len(params)
+    histogram = np.zeros((schedule.epochs, num_classes), dtype=np.int64)
+    for epoch in range(schedule.epochs):
+        lr = cosine_lr(schedule.lr, epoch, schedule.epochs)
+        indices = sampler.draw(class_probabilities(counts, schedule.sampler, epoch, schedule.epochs),
+                               draws, generator)
+        histogram[epoch] = torch.bincount(labels[indices], minlength=num_classes).cpu().numpy()
+        for start in range(0, draws, schedule.batch_size):
+            grads = grad_fn(indices[start:start + schedule.batch_size])
+            for i, (param, grad) in enumerate(zip(params, grads)):
+                if schedule.weight_decay:
+                    grad.add_(param, alpha=schedule.weight_decay)
+                if schedule.momentum:
+                    buffers[i] = grad if buffers[i] is None else buffers[i].mul_(schedule.momentum).add_(grad)
+                    grad = buffers[i]
+                param.sub_(grad, alpha=lr)
+            if post_step is not None:
+                post_step()
+    return histogram

@@ -1,0 +1,231 @@
+"""Stage 2 estimators against independent numpy / scikit-learn implementations of their formulas."""
+import numpy as np
+import pytest
+from sklearn.neighbors import NearestCentroid
+
+import classifiers
+from classifiers import create
+from featcache.errors import FeatcacheError
+from tests.synthetic import long_tailed_features
+
+
+@pytest.fixture(scope="module")
+def data():
+    return long_tailed_features()
+
+
+def fit(name, data, **params):
+    (X, y), val = data["train"], data["val"]
+    return create(name, **params).fit(X, y, class_counts=data["counts"], classifier=(data["W"], data["b"]),
+                                      val=val)
+
+
+def balanced(pred, y):
+    return np.mean([np.mean(pred[y == c] == c) for c in np.unique(y)])
+
+
+def test_joint_matches_formula(data):
+    X, y = data["test"]
+    np.testing.assert_allclose(fit("joint", data).decision_function(X), X @ data["W"].T + data["b"], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.5, 1.0, 1.7])
+def test_tau_fixed_matches_formula(data, tau):
+    X, y = data["test"]
+    W = data["W"]
+    expected = X @ (W / np.linalg.norm(W, axis=1, keepdims=True) ** tau).T
+    got = fit("tau", data, tau=tau).decision_function(X)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    assert abs(balanced(got.argmax(1), y) - balanced(expected.argmax(1), y)) <= 1e-4
+
+
+def test_tau_auto_picks_the_independent_choice(data):
+    (Xv, yv), (X, y), W = data["val"], data["test"], data["W"]
+    norms = np.linalg.norm(W, axis=1, keepdims=True)
+    curve = {}
+    for i in range(21):  # the official way: a full matmul per tau
+        tau = round(0.1 * i, 1)
+        curve[tau] = balanced((Xv @ (W / norms ** tau).T).argmax(1), yv)
+    best = max(curve.values())
+    chosen = min(t for t, s in curve.items() if s == best)
+    model = fit("tau", data, tau="auto")
+    assert model.tau_ == pytest.approx(chosen)
+    assert model.val_curve_ == pytest.approx(curve, abs=1e-9)
+    expected = (X @ (W / norms ** chosen).T).argmax(1)
+    assert balanced(model.predict(X), y) == pytest.approx(balanced(expected, y), abs=1e-4)
+
+
+def test_tau_zero_is_joint_without_bias(data):
+    X, _ = data["test"]
+    no_bias = create("joint").fit(*data["train"], classifier=(data["W"], np.zeros_like(data["b"])))
+    np.testing.assert_allclose(fit("tau", data, tau=0.0).decision_function(X), no_bias.decision_function(X), rtol=1e-6)
+
+
+def test_tau_auto_without_val_is_a_clear_error(data):
+    with pytest.raises(FeatcacheError, match="needs a validation split"):
+        create("tau", tau="auto").fit(*data["train"], classifier=(data["W"], data["b"]))
+
+
+def test_lws_with_unit_scales_is_joint(data):
+    X, _ = data["test"]
+    model = fit("lws", data, epochs=0)
+    np.testing.assert_array_equal(model.scales_.numpy(), np.ones(8, np.float32))
+    np.testing.assert_allclose(model.decision_function(X), fit("joint", data).decision_function(X), rtol=1e-6)
+
+
+def test_lws_learns_to_lift_the_tail(data):
+    model = fit("lws", data)
+    scales = model.scales_.numpy()
+    assert scales[-1] > scales[0]
+    X, y = data["test"]
+    assert balanced(model.predict(X), y) > balanced(fit("joint", data).predict(X), y)
+
+
+def cl2n(X, mean):
+    Z = X - mean
+    return Z / np.linalg.norm(Z, axis=1, keepdims=True)
+
+
+def test_ncm_equals_sklearn_nearest_centroid_on_cl2n(data):
+    (Xtr, ytr), (X, y) = data["train"], data["test"]
+    mean = Xtr.mean(0)
+    reference = NearestCentroid().fit(cl2n(Xtr, mean), ytr).predict(cl2n(X, mean))
+    model = fit("ncm", data)
+    np.testing.assert_array_equal(model.predict(X), reference)
+    centroids = np.stack([cl2n(Xtr, mean)[ytr == c].mean(0) for c in range(8)])
+    expected = -((cl2n(X, mean)[:, None, :] - centroids[None]) ** 2).sum(-1)
+    np.testing.assert_allclose(model.decision_function(X), expected, atol=1e-4)
+
+
+def test_ncm_cosine_option(data):
+    (Xtr, ytr), (X, _) = data["train"], data["test"]
+    mean = Xtr.mean(0)
+    centroids = np.stack([cl2n(Xtr, mean)[ytr == c].mean(0) for c in range(8)])
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    np.testing.assert_allclose(fit("ncm", data, metric="cos").decision_function(X), cl2n(X, mean) @ centroids.T, atol=1e-5)
+
+
+def l2n(X):
+    return X / np.linalg.norm(X, axis=1, keepdims=True)
+
+
+def test_knn_k1_is_brute_force_1nn(data):
+    (Xtr, ytr), (X, _) = data["train"], data["test"]
+    nearest = (l2n(X) @ l2n(Xtr).T).argmax(1)
+    np.testing.assert_array_equal(fit("knn", data, k=1).predict(X), ytr[nearest])
+
+
+def test_knn_weighted_vote_matches_formula(data):
+    (Xtr, ytr), (X, y) = data["train"], data["test"]
+    sims = l2n(X) @ l2n(Xtr).T
+    top = np.argsort(-sims, axis=1)[:, :20]
+    scores = np.zeros((len(X), 8))
+    for i in range(len(X)):
+        for j in top[i]:
+            scores[i, ytr[j]] += np.exp(sims[i, j] / 0.07)
+    got = fit("knn", data, chunk_size=37).decision_function(X)
+    np.testing.assert_allclose(got, scores, rtol=1e-3)
+    assert abs(balanced(got.argmax(1), y) - balanced(scores.argmax(1), y)) <= 1e-4
+
+
+def test_logit_adjust_matches_formula(data):
+    X, _ = data["test"]
+    prior = data["counts"] / data["counts"].sum()
+    expected = X @ data["W"].T + data["b"] - 0.7 * np.log(prior)
+    np.testing.assert_allclose(fit("logit_adjust", data, tau=0.7).decision_function(X), expected, rtol=1e-5, atol=1e-4)
+    assert fit("logit_adjust", data, tau="auto").tau_ in [round(0.1 * i, 1) for i in range(21)]
+
+
+@pytest.mark.parametrize("name", ["crt", "lws", "bsce", "maxnorm"])
+def test_training_is_deterministic_for_a_seed(data, name):
+    X, _ = data["test"]
+    a, b = fit(name, data, seed=3).decision_function(X), fit(name, data, seed=3).decision_function(X)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, fit(name, data, seed=4).decision_function(X))
+
+
+@pytest.mark.parametrize("name", ["crt", "lws", "maxnorm"])
+def test_default_sampling_is_class_balanced(data, name):
+    draws = fit(name, data).class_draws_
+    per_epoch = draws.sum(1)
+    assert (per_epoch == len(data["train"][1])).all()  # an epoch is N draws
+    share = draws.sum(0) / draws.sum()
+    n = draws.sum()
+    # uniform over 8 classes, within 5 standard errors of a multinomial share
+    assert np.all(np.abs(share - 1 / 8) < 5 * np.sqrt((1 / 8) * (7 / 8) / n))
+
+
+def test_bsce_samples_instance_balanced_and_trains_with_log_prior(data):
+    model = fit("bsce", data)
+    share = model.class_draws_.sum(0) / model.class_draws_.sum()
+    expected = data["counts"] / data["counts"].sum()
+    assert np.all(np.abs(share - expected) < 5 * np.sqrt(expected * (1 - expected) / model.class_draws_.sum()))
+    X, y = data["test"]
+    plain_instance_crt = fit("crt", data, sampler="instance")
+    assert balanced(model.predict(X), y) > balanced(plain_instance_crt.predict(X), y)
+
+
+def test_crt_beats_joint_on_the_tail(data):
+    X, y = data["test"]
+    tail = y >= 5
+    assert np.mean(fit("crt", data).predict(X)[tail] == y[tail]) > np.mean(fit("joint", data).predict(X)[tail] == y[tail])
+
+
+def test_maxnorm_caps_every_class_norm(data):
+    model = fit("maxnorm", data, max_norm=0.5)
+    assert model.weight_.norm(dim=1).max() <= 0.5 + 1e-5
+
+
+def test_logreg_probe_runs(data):
+    X, y = data["test"]
+    assert balanced(fit("logreg", data).predict(X), y) > 0.5
+
+
+# -- the contract, over the whole registry ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(classifiers.REGISTRY))
+def test_estimator_contract(data, name):
+    (X, y), (Xt, _) = data["train"], data["test"]
+    estimator = create(name)
+    assert estimator.get_params() == classifiers.REGISTRY[name].defaults()
+    with pytest.raises(FeatcacheError, match="not fitted"):
+        estimator.predict(Xt)
+    assert estimator.fit(X, y, class_counts=data["counts"], classifier=(data["W"], data["b"]),
+                                          val=data["val"]) is estimator
+    logits = estimator.decision_function(Xt)
+    assert logits.shape == (len(Xt), 8) and logits.dtype == np.float32
+    assert estimator.predict(Xt).shape == (len(Xt),)
+    again = create(name).fit(X, y, class_counts=data["counts"], classifier=(data["W"], data["b"]), val=data["val"])
+    np.testing.assert_array_equal(again.decision_function(Xt), logits)
+    half = create(name).fit(X.astype(np.float16), y, class_counts=data["counts"],
+                            classifier=(data["W"], data["b"]), val=(data["val"][0].astype(np.float16), data["val"][1]))
+    assert (half.predict(Xt.astype(np.float16)) == estimator.predict(Xt)).mean() > 0.9
+    learned = [k for k in vars(estimator) if k.endswith("_") and not k.startswith("_")]
+    assert learned and all(k not in estimator.get_params() for k in learned)
+
+
+def test_unknown_method_and_parameter_list_the_valid_ones():
+    with pytest.raises(FeatcacheError, match="choose one of joint, ncm"):
+        create("svm")
+    with pytest.raises(FeatcacheError, match="its parameters are tau, grid, device"):
+        create("tau", tua=1)
+
+
+def test_methods_that_need_the_joint_classifier_say_so(data):
+    with pytest.raises(FeatcacheError, match="needs the checkpoint's classifier"):
+        create("tau").fit(*data["train"])
+
+
+def test_class_with_no_training_samples_is_named(data):
+    X, y = data["train"]
+    keep = y != 3
+    with pytest.raises(FeatcacheError, match="class 3 has no training samples"):
+        create("ncm").fit(X[keep], y[keep], class_counts=np.bincount(y[keep], minlength=8))
+
+
+def test_available_lists_parameters_and_descriptions():
+    entries = {e["name"]: e for e in classifiers.available()}
+    assert entries["knn"]["params"]["k"] == 20 and entries["knn"]["params"]["temperature"] == 0.07
+    assert entries["crt"]["params"]["epochs"] == 10 and entries["lws"]["params"]["epochs"] == 5
+    assert all(e["description"] for e in entries.values())
