@@ -17,6 +17,41 @@ def main(debug):
 
 
 @main.command()
+@data_options
+@click.option("--arch", required=True, help="Architecture; see `featcache archs`.")
+@click.option("--sampler", type=click.Choice(["instance", "class", "sqrt", "progressive"]), default="instance",
+              show_default=True, help="Class-sampling strategy (p_j ~ n_j^q; progressive moves IB -> CB).")
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--lr", type=float, default=0.1, show_default=True, help="SGD learning rate (cosine to 0).")
+@click.option("--wd", type=float, default=5e-4, show_default=True, help="Weight decay.")
+@click.option("--momentum", type=float, default=0.9, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--epoch-draws", type=click.IntRange(min=1), help="Samples drawn per epoch (default: training-set size).")
+@click.option("--no-augment", is_flag=True, help="Switch the data set's augmentation off.")
+@click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--out", required=True, type=click.Path(), help="Run directory (last.pt, best.pt, log.jsonl).")
+@click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
+@click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
+@device_option
+def train(data_spec, arch, sampler, epochs, batch_size, lr, wd, momentum, seed, epoch_draws, no_augment,
+          num_workers, out, resume, quiet, device):
+    """Train a backbone + linear classifier jointly (Stage 1). Prints OUT/last.pt last."""
+    from featcache.distributed import Dist
+    from featcache.train import TrainConfig, train as run_train
+    from featcache.backbones import get_arch
+
+    if data_spec is None:
+        raise click.UsageError("--data is required")
+    get_arch(arch)
+    config = TrainConfig(data_spec, arch, out, sampler, epochs, batch_size, lr, wd, momentum, seed, device,
+                         epoch_draws, not no_augment, num_workers, resume, not quiet)
+    path = run_train(config)
+    if Dist.from_env().is_main:
+        click.echo(str(path))
+
+
+@main.command()
 @click.option("--ckpt", required=True, type=click.Path(), help="Checkpoint (own, torchvision state_dict, or classifier-balancing).")
 @click.option("--arch", help="Architecture (default: recorded in the checkpoint). See `featcache archs`.")
 @data_options
@@ -154,3 +189,7 @@ def datasets():
     from featcache.datasets import DATASETS
     for name, loader in DATASETS.items():
         click.echo(f"{name:<18} {loader.__doc__.splitlines()[0]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -66,7 +66,7 @@ def resolve_data(checkpoint: Checkpoint, data: DataSpec | None) -> DataSpec:
 def versions() -> dict:
     import h5py
     import torchvision
-    return {"featcache": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+    return {"featcache": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "h5py": h5py.__version__, "numpy": np.__version__, "python": platform.python_version()}
 
 

@@ -1,0 +1,130 @@
+"""Stage 1: samplers as defined, train -> extract with no flags, resume, data-set determinism."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from cli.featcache_cmd import main as featcache
+from featcache import FeatureCache
+from featcache.datasets import DataSpec, long_tail_counts
+from featcache.sampling import class_probabilities
+from tests.conftest import invoke
+
+FEATCACHE = [sys.executable, "-m", "cli.featcache_cmd"]
+
+
+def within_sampling_error(histogram, probs, sigmas=5.0):
+    n = histogram.sum()
+    return np.all(np.abs(histogram / n - probs) <= sigmas * np.sqrt(probs * (1 - probs) / n) + 1e-12)
+
+
+@pytest.mark.parametrize("sampler", ["instance", "class", "sqrt", "progressive"])
+def test_logged_draw_histogram_matches_the_sampler(sampler, tmp_path, runner):
+    out = tmp_path / sampler
+    invoke(runner, featcache, ["train", "--data", "digits-lt", "--arch", "tinycnn", "--sampler", sampler,
+                               "--epochs", "4", "--epoch-draws", "3000", "--out", out, "--quiet"])
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    counts = np.array(long_tail_counts(10, 120, 30.0, "exp"))
+    assert len(log) == 4
+    for epoch, record in enumerate(log):
+        histogram = np.array(record["class_draws"])
+        assert histogram.sum() == 3000
+        assert within_sampling_error(histogram, class_probabilities(counts, sampler, epoch, 4)), (epoch, histogram)
+    if sampler == "progressive":  # moves from instance- towards class-balanced
+        assert log[0]["class_draws"][0] > 2 * log[-1]["class_draws"][0]
+        assert log[0]["class_draws"][-1] < log[-1]["class_draws"][-1]
+
+
+def test_sampler_definitions():
+    counts = np.array([100, 25, 4])
+    assert np.allclose(class_probabilities(counts, "instance"), counts / 129)
+    assert np.allclose(class_probabilities(counts, "class"), [1 / 3] * 3)
+    assert np.allclose(class_probabilities(counts, "sqrt"), np.array([10, 5, 2]) / 17)
+    assert np.allclose(class_probabilities(counts, "progressive", 1, 4),
+                       0.75 * counts / 129 + 0.25 / 3)
+    assert class_probabilities(np.array([5, 0, 5]), "class").tolist() == [0.5, 0.0, 0.5]
+
+
+def test_train_then_extract_with_no_other_flags(tmp_path, cache_dir, runner):
+    out = tmp_path / "run"
+    last = invoke(runner, featcache, ["train", "--data", "digits-lt", "--arch", "tinycnn", "--epochs", "2",
+                                      "--out", out, "--quiet"]).output.strip().splitlines()[-1]
+    assert (out / "best.pt").is_file()
+    state = torch.load(last, weights_only=True)
+    assert state["arch"] == "tinycnn" and state["class_counts"] == long_tail_counts(10, 120, 30.0, "exp")
+    assert len(state["train_ids"]) == sum(state["class_counts"])
+    entry = FeatureCache.open(invoke(runner, featcache, ["extract", "--ckpt", last, "--quiet"]).output.split()[-1])
+    assert sorted(entry.splits) == ["test", "train", "val"]
+    assert entry.split("train").indices.tolist() == state["train_ids"].tolist()
+    np.testing.assert_array_equal(entry.classifier[0], state["state_dict"]["fc.weight"].numpy())
+
+
+def test_kill_and_resume_reaches_the_same_weights(tmp_path):
+    args = ["train", "--data", "digits-lt", "--arch", "tinycnn", "--epochs", "4", "--epoch-draws", "12000",
+            "--quiet", "--out"]
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    subprocess.run(FEATCACHE + args + [str(tmp_path / "straight")], check=True, env=env, capture_output=True)
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(FEATCACHE + args + [str(killed)], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "last.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert torch.load(killed / "last.pt", weights_only=True)["epoch"] < 3
+    subprocess.run(FEATCACHE + args + [str(killed), "--resume"], check=True, env=env, capture_output=True)
+    straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["state_dict"]
+    resumed = torch.load(killed / "last.pt", weights_only=True)["state_dict"]
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_data_options_are_deterministic_and_follow_the_profile():
+    options = {"imbalance": 10.0, "max_per_class": 100, "val_per_class": 5, "test_per_class": 20}
+    a = DataSpec("digits-lt", None, options).load()
+    b = DataSpec("digits-lt", None, options).load()
+    for split in ("train", "val", "test"):
+        np.testing.assert_array_equal(a.splits[split].ids, b.splits[split].ids)
+    assert a.splits["train"].class_counts(10).tolist() == long_tail_counts(10, 100, 10.0, "exp")
+    shuffled = [DataSpec("digits-lt", None, {**options, "class_order": "shuffled", "order_seed": s}).load()
+                for s in (1, 2)]
+    heads = [int(np.argmax(s.splits["train"].class_counts(10))) for s in shuffled]
+    orders = [np.argsort(-s.splits["train"].class_counts(10), kind="stable").tolist() for s in shuffled]
+    assert orders[0] != orders[1]
+    assert sorted(shuffled[0].splits["train"].class_counts(10).tolist(), reverse=True) == long_tail_counts(10, 100, 10.0, "exp")
+    assert heads[0] in range(10)
+    assert set(a.splits["val"].ids).isdisjoint(a.splits["train"].ids)
+    assert set(a.splits["test"].ids).isdisjoint(a.splits["train"].ids)
+    step = DataSpec("digits-lt", None, {**options, "profile": "step"}).load()
+    assert step.splits["train"].class_counts(10).tolist() == [100] * 5 + [10] * 5
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+def test_torchrun_two_processes_gloo(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FEATCACHE_DIR": str(tmp_path / "cache-dist")}
+    torchrun = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "cli.featcache_cmd"]
+    run = tmp_path / "run"
+    subprocess.run(torchrun + ["train", "--data", "digits-lt", "--arch", "tinycnn", "--epochs", "2", "--quiet",
+                               "--out", str(run)], check=True, env=env, capture_output=True, timeout=300)
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "last.pt", "log.jsonl"]
+    assert len((run / "log.jsonl").read_text().splitlines()) == 2
+    distributed = subprocess.run(torchrun + ["extract", "--ckpt", str(run / "last.pt"), "--shard-rows", "64",
+                                             "--quiet"], check=True, env=env, capture_output=True, text=True,
+                                 timeout=300).stdout.split()[-1]
+    single = subprocess.run(FEATCACHE + ["extract", "--ckpt", str(run / "last.pt"), "--shard-rows", "64", "--quiet",
+                                         "--cache-dir", str(tmp_path / "cache-single")], check=True, env=env,
+                            capture_output=True, text=True, timeout=300).stdout.split()[-1]
+    a, b = FeatureCache.open(distributed), FeatureCache.open(single)
+    assert a.key == b.key and sorted(a.splits) == sorted(b.splits)
+    for split in a.splits:
+        np.testing.assert_array_equal(a.split(split).features, b.split(split).features)
+        np.testing.assert_array_equal(a.split(split).indices, b.split(split).indices)
+        assert [s["rows"] for s in a.meta["splits"][split]["shards"]] == [s["rows"] for s in b.meta["splits"][split]["shards"]]
