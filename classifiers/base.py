@@ -76,6 +76,7 @@ class LTClassifier:
 
     name = "?"
     needs_classifier = False
+    auto_params: tuple[str, ...] = ()  # parameters that accept "auto" (chosen on the val split)
 
     @classmethod
     def param_names(cls) -> list[str]:

@@ -17,6 +17,7 @@ class LogitAdjust(LTClassifier):
     """
 
     needs_classifier = True
+    auto_params = ("tau",)
 
     def __init__(self, tau=1.0, grid=TAU_GRID, device="auto"):
         self.tau = tau

@@ -19,6 +19,7 @@ class TauNorm(LTClassifier):
     """
 
     needs_classifier = True
+    auto_params = ("tau",)
 
     def __init__(self, tau=1.0, grid=TAU_GRID, device="auto"):
         self.tau = tau

@@ -1,0 +1,177 @@
+"""lt-cls sweep / table / list / plot on an entry made by `featcache import`."""
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from classifiers import REGISTRY
+from classifiers.sweep import RECORD_FIELDS, SweepSpec, Sweeper, load_records
+from cli.featcache_cmd import main as featcache
+from cli.lt_cls_cmd import main as lt_cls
+from featcache import FeatureCache
+from tests.conftest import invoke
+from tests.synthetic import long_tailed_features
+
+
+@pytest.fixture
+def entry(tmp_path, cache_dir, runner):
+    data = long_tailed_features(max_count=300, imbalance=60)
+    args = ["import", "--name", "synthetic"]
+    for split in ("train", "val", "test"):
+        X, y = data[split]
+        np.savez(tmp_path / f"{split}.npz", features=X, labels=y)
+        args += ["--split", f"{split}={tmp_path / f'{split}.npz'}"]
+    torch.save({"fc.weight": torch.from_numpy(data["W"]), "fc.bias": torch.from_numpy(data["b"])}, tmp_path / "clf.pth")
+    return invoke(runner, featcache, args + ["--classifier", tmp_path / "clf.pth"]).output.split()[-1]
+
+
+def sweep(runner, entry, out, *extra):
+    return invoke(runner, lt_cls, ["sweep", "--cache", entry, "--out", out, "--quiet", "--no-plots", *extra])
+
+
+def test_records_have_exactly_the_schema(entry, runner, tmp_path):
+    out = tmp_path / "sweep"
+    result = sweep(runner, entry, out, "--methods", "crt,tau,lws,ncm", "--param", "tau.tau=1.0")
+    records = load_records(out / "results.jsonl")
+    assert [r["method"] for r in records] == ["crt", "tau", "lws", "ncm"]
+    for record in records:
+        assert list(record) == list(RECORD_FIELDS)
+        assert record["cache_key"] == FeatureCache.open(entry).key and record["eval_split"] == "test"
+        assert 0 <= record["top1"] <= 100 and record["n_many"] + record["n_medium"] + record["n_few"] == 8
+        assert record["fit_seconds"] >= 0 and isinstance(record["params"], dict)
+    tau = records[1]
+    assert tau["params"]["tau"] == 1.0 and tau["selected_on"] is None
+    assert records[0]["params"]["epochs"] == 10 and records[0]["params"]["sampler"] == "class"
+    lines = result.output.splitlines()
+    assert lines[0].startswith("| Method") and "Many" in lines[0] and "Few" in lines[0] and "All" in lines[0]
+    for name in ("cRT", "tau-norm", "LWS", "NCM"):
+        assert any(line.startswith(f"| {name}") for line in lines)
+    for table in ("table.md", "table.csv", "table.tex"):
+        assert (out / table).is_file()
+
+
+def test_tau_auto_records_val_and_the_chosen_tau(entry, runner, tmp_path):
+    out = tmp_path / "auto"
+    sweep(runner, entry, out, "--methods", "tau,logit_adjust", "--param", "tau.tau=auto",
+          "--param", "logit_adjust.tau=auto")
+    tau, adjust = load_records(out / "results.jsonl")
+    cache = FeatureCache.open(entry)
+    from classifiers import create
+    val = cache.split("val")
+    expected = create("tau", tau="auto").fit(cache.split("train").features, cache.split("train").labels,
+                                             classifier=cache.classifier, val=(val.features, val.labels)).tau_
+    assert tau["selected_on"] == "val" and tau["params"]["tau"] == expected
+    assert adjust["selected_on"] == "val" and isinstance(adjust["params"]["tau"], float)
+
+
+def test_param_grid_and_seeds(entry, runner, tmp_path):
+    out = tmp_path / "grid"
+    sweep(runner, entry, out, "--methods", "knn,crt", "--param", "knn.k=1,5", "--param", "crt.sampler=class,sqrt",
+          "--seeds", "0,1")
+    records = load_records(out / "results.jsonl")
+    assert sorted((r["method"], r["params"].get("k"), r["params"].get("sampler"), r["seed"]) for r in records) == sorted(
+        [("knn", k, None, s) for k in (1, 5) for s in (0, 1)] + [("crt", None, m, s) for m in ("class", "sqrt") for s in (0, 1)])
+    assert {r["params"]["seed"] for r in records if r["method"] == "crt"} == {0, 1}
+
+
+def test_config_file(entry, runner, tmp_path):
+    config = tmp_path / "sweep.toml"
+    config.write_text('methods = ["joint", "knn"]\nseeds = [3]\n[params.knn]\nk = [2, 4]\n')
+    out = tmp_path / "cfg"
+    sweep(runner, entry, out, "--config", config)
+    records = load_records(out / "results.jsonl")
+    assert [(r["method"], r["params"].get("k"), r["seed"]) for r in records] == [("joint", None, 3), ("knn", 2, 3), ("knn", 4, 3)]
+
+
+def test_table_aggregates_seeds_as_mean_and_std(entry, runner, tmp_path):
+    out = tmp_path / "seeds"
+    sweep(runner, entry, out, "--methods", "joint,crt", "--seeds", "0,1,2")
+    records = [r for r in load_records(out / "results.jsonl") if r["method"] == "crt"]
+    top1 = [r["top1"] for r in records]
+    result = json.loads(invoke(runner, lt_cls, ["table", out / "results.jsonl", "--format", "json"]).output)
+    assert [row["method"] for row in result] == ["joint", "crt"]
+    crt = result[1]
+    assert crt["seeds"] == 3
+    assert crt["top1"]["mean"] == pytest.approx(np.mean(top1)) and crt["top1"]["std"] == pytest.approx(np.std(top1, ddof=1))
+    markdown = invoke(runner, lt_cls, ["table", out / "results.jsonl"]).output
+    assert f"{np.mean(top1):.1f} ± {np.std(top1, ddof=1):.1f}" in markdown
+    best = max(result, key=lambda row: row["top1"]["mean"])
+    assert best["top1"]["best"] and f"**{best['top1']['mean']:.1f} ±" in markdown
+
+
+def test_latex_table_is_a_valid_tabular(entry, runner, tmp_path):
+    out = tmp_path / "tex"
+    sweep(runner, entry, out, "--methods", "joint,tau,logit_adjust", "--seeds", "0,1", "--param", "tau.tau=auto")
+    latex = invoke(runner, lt_cls, ["table", out / "results.jsonl", "--format", "latex"]).output.strip()
+    assert latex.startswith("\\begin{tabular}") and latex.endswith("\\end{tabular}")
+    columns = len(re.search(r"\\begin\{tabular\}\{(\w+)\}", latex).group(1))
+    rows = [line for line in latex.splitlines() if line.rstrip().endswith("\\\\")]
+    assert len(rows) == 4  # header + 3 methods
+    for row in rows:
+        assert row.count("&") == columns - 1
+        assert row.count("$") % 2 == 0 and row.count("{") == row.count("}")
+    assert "logit\\_adjust" not in latex and "Logit adjustment" in latex
+
+
+def test_interrupt_and_resume_does_not_repeat_runs(entry, tmp_path, runner, monkeypatch):
+    spec = SweepSpec(["joint", "crt", "ncm", "knn"], seeds=[0, 1])
+    out = tmp_path / "resume"
+    first = Sweeper(FeatureCache.open(entry), spec, out)
+    finished = []
+    for record in first:  # interrupted after three runs
+        finished.append(record)
+        if len(finished) == 3:
+            break
+    assert len(load_records(out / "results.jsonl")) == 3
+    with open(out / "results.jsonl", "a") as handle:  # a half-written line from the kill
+        handle.write('{"method": "cr')
+    executed = []
+    original = Sweeper._run
+    monkeypatch.setattr(Sweeper, "_run", lambda self, run, *a: executed.append((run.method, run.seed)) or original(self, run, *a))
+    result = invoke(runner, lt_cls, ["sweep", "--cache", entry, "--methods", "joint,crt,ncm,knn", "--seeds", "0,1",
+                                     "--out", out, "--resume", "--quiet", "--no-plots"])
+    keys = [(r["method"], r["seed"]) for r in load_records(out / "results.jsonl")]
+    assert len(keys) == 8 and len(set(keys)) == 8
+    assert len(executed) == 5 and not set(executed) & {(r["method"], r["seed"]) for r in finished}
+    assert "| cRT" in result.output
+
+
+def test_sweep_from_checkpoint_gets_or_extracts(tiny_ckpt, cache_dir, runner, tmp_path):
+    out = tmp_path / "from-ckpt"
+    result = invoke(runner, lt_cls, ["sweep", "--ckpt", tiny_ckpt, "--data", "digits-lt", "--methods", "joint,ncm",
+                                     "--out", out, "--quiet"])
+    assert "| Joint" in result.output and "| NCM" in result.output
+    assert (out / "weight_norms.png").is_file() and (out / "per_class_accuracy.png").is_file()
+    assert len(list(cache_dir.glob("*/manifest.json"))) == 1
+
+
+def test_plots_include_the_tau_curve(entry, runner, tmp_path):
+    out = tmp_path / "plots"
+    invoke(runner, lt_cls, ["sweep", "--cache", entry, "--out", out, "--quiet", "--methods", "joint,crt,tau,lws",
+                            "--param", "tau.tau=auto"])
+    diagnostics = json.loads((out / "diagnostics.json").read_text())
+    assert set(diagnostics["weight_norms"]) == {"joint", "crt", "tau", "lws"}
+    assert len(diagnostics["tau_curve"]["val"]) == 21 and len(diagnostics["tau_curve"]["test"]) == 21
+    pictures = invoke(runner, lt_cls, ["plot", out]).output.split()
+    assert sorted(p.split("/")[-1] for p in pictures) == ["per_class_accuracy.png", "tau_curve.png", "weight_norms.png"]
+
+
+def test_list_shows_the_registry(runner):
+    output = invoke(runner, lt_cls, ["list"]).output
+    for name in REGISTRY:
+        assert re.search(rf"^{name}\s", output, re.M)
+    assert "k=20" in output and "temperature=0.07" in output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "svm"], "unknown method 'svm'"),
+    (["--methods", "knn", "--param", "knn.kk=3"], "has no parameter kk"),
+    (["--methods", "knn", "--param", "tau.tau=1"], "not in --methods"),
+    (["--methods", "knn", "--eval-split", "holdout"], "--eval-split 'holdout'"),
+])
+def test_bad_sweep_input_is_one_line(entry, runner, tmp_path, args, message):
+    result = runner.invoke(lt_cls, ["sweep", "--cache", entry, "--out", str(tmp_path / "bad"), "--quiet", *args])
+    assert result.exit_code != 0 and message in result.output
+    assert len(result.output.strip().splitlines()) == 1
