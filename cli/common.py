@@ -36,7 +36,7 @@ def key_value(values, option: str) -> dict[str, str]:
     out = {}
     for value in values:
         if "=" not in value:
-            raise click.BadParameter(f"{value!r} is not NAME=VALUE", param_hint=option)
+            raise FeatcacheError(f"{option} {value!r}: expected NAME=VALUE")
         key, _, val = value.partition("=")
         out[key.strip()] = val.strip()
     return out
@@ -84,11 +84,10 @@ def build_data_spec(raw: dict):
         options["lists"] = lists
     if name is None:
         if root or options:
-            raise click.UsageError("data options were given without --data")
+            raise FeatcacheError("data options were given without --data")
         return None
     if name not in DATASETS:
-        raise click.BadParameter(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}",
-                                 param_hint="--data")
+        raise FeatcacheError(f"unknown --data {name!r}; choose one of {', '.join(DATASETS)}")
     return DataSpec(name, root, options)
 
 

@@ -63,10 +63,12 @@ def train(data_spec, arch, sampler, epochs, batch_size, lr, wd, momentum, seed, 
 @click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--shard-rows", type=click.IntRange(min=1), default=65536, show_default=True, help="Rows per HDF5 shard.")
 @click.option("--allow-nonfinite", is_flag=True, help="Store NaN/Inf features instead of refusing.")
+@click.option("--on-bad-image", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
+              help="An image that cannot be decoded: fail naming it, or leave it out with a warning.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @device_option
 def extract(ckpt, arch, data_spec, splits, cache_dir, dtype, compression, batch_size, num_workers,
-            shard_rows, allow_nonfinite, quiet, device):
+            shard_rows, allow_nonfinite, on_bad_image, quiet, device):
     """Run the backbone over each split and cache its penultimate features.
 
     The last line printed is the entry directory; an identical second call is a hit."""
@@ -74,7 +76,8 @@ def extract(ckpt, arch, data_spec, splits, cache_dir, dtype, compression, batch_
     from featcache.extract import ExtractRequest, extract as run_extract
 
     request = ExtractRequest(ckpt, arch, data_spec, comma_list(splits) or None, cache_dir, dtype, batch_size,
-                             num_workers, shard_rows, compression, device, allow_nonfinite, not quiet)
+                             num_workers, shard_rows, compression, device, allow_nonfinite, not quiet,
+                             on_bad_image)
     path = run_extract(request)
     if Dist.from_env().is_main:
         click.echo(str(path))

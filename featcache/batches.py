@@ -88,6 +88,22 @@ class _FileDataset(torch.utils.data.Dataset):
         return tensor, int(self.labels[index]), int(self.ids[index]), error
 
 
+def drop_undecodable(samples: SplitSamples) -> tuple[SplitSamples, list[str]]:
+    """The split without the images PIL cannot decode, and the messages naming them."""
+    from PIL import Image
+    keep, bad = [], []
+    for row, path in enumerate(samples.paths):
+        try:
+            with Image.open(path) as image:
+                image.load()
+            keep.append(row)
+        except (OSError, ValueError, SyntaxError) as exc:
+            bad.append(f"{path}: {exc}")
+    keep = np.asarray(keep, dtype=np.int64)
+    return SplitSamples(samples.name, samples.labels[keep], samples.ids[keep],
+                        paths=[samples.paths[i] for i in keep]), bad
+
+
 def _file_batches(source, samples, order, batch_size, augment, num_workers):
     dataset = _FileDataset(source, samples, augment)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order.tolist(),
@@ -95,5 +111,5 @@ def _file_batches(source, samples, order, batch_size, augment, num_workers):
     for images, labels, ids, errors in loader:
         bad = [e for e in errors if e]
         if bad:
-            raise FeatcacheError(f"cannot decode image {bad[0]}")
+            raise FeatcacheError(f"cannot decode image {bad[0]} (--on-bad-image skip leaves such images out)")
         yield images, labels, ids

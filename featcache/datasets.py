@@ -367,6 +367,9 @@ def load_txt(data_root=None, *, lists=None, num_classes=None, resize=256, crop=2
     if not lists:
         raise FeatcacheError("--data txt needs at least one --list SPLIT=FILE")
     parsed = {split: parse_list_file(Path(file)) for split, file in dict(lists).items()}
+    for split, items in parsed.items():
+        if not items:
+            raise FeatcacheError(f"list file {dict(lists)[split]} (split {split!r}) is empty")
     reference = parsed.get("train") or next(iter(parsed.values()))
     classes = int(num_classes or max(lbl for _, lbl in reference) + 1)
     for split, items in parsed.items():

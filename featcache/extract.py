@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import platform
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ class ExtractRequest:
     device: str = "auto"
     allow_nonfinite: bool = False
     progress: bool = True
+    on_bad_image: str = "fail"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -101,6 +103,10 @@ def extract(request: ExtractRequest) -> Path:
     num_classes = max(checkpoint.num_classes or 0, source.num_classes)
     identity = {"checkpoint_sha256": checkpoint.sha256, "arch": arch, "data": source.identity,
                 "transform": source.transform_description, "dtype": request.dtype}
+    if request.on_bad_image == "skip":
+        identity["on_bad_image"] = "skip"
+    elif request.on_bad_image != "fail":
+        raise FeatcacheError(f"--on-bad-image {request.on_bad_image!r}: choose fail or skip")
     key = content_key(identity)
     root = cache_root(request.cache_dir)
     base_meta = {"kind": "extract", "name": None, "arch": arch, "feature_dim": spec.feature_dim,
@@ -113,11 +119,15 @@ def extract(request: ExtractRequest) -> Path:
     writer = EntryWriter(root, key, base_meta)
     lock = entry_lock(root, key) if dist.is_main else contextlib.nullcontext()
     with lock:
+        if dist.is_main:
+            writer.remove_stale_temporaries()
         dist.barrier()
         todo = [s for s in splits if s not in writer.complete_splits()]
         dist.barrier()
         if not todo:
             return writer.path
+        if request.on_bad_image == "skip":
+            _skip_undecodable(source, todo)
         try:
             _extract_splits(request, writer, checkpoint, arch, source, todo, num_classes, dist)
         except Exception:
@@ -125,6 +135,18 @@ def extract(request: ExtractRequest) -> Path:
                 writer.discard_incomplete()
             raise
     return writer.path
+
+
+def _skip_undecodable(source: DataSource, splits: list[str]) -> None:
+    from .batches import drop_undecodable
+    for name in splits:
+        if source.splits[name].paths is None:
+            continue
+        source.splits[name], bad = drop_undecodable(source.splits[name])
+        if bad:
+            shown = "; ".join(bad[:3]) + (f"; +{len(bad) - 3} more" if len(bad) > 3 else "")
+            print(f"warning: split {name!r}: skipped {len(bad)} undecodable image(s): {shown}", file=sys.stderr)
+        source.split(name)  # an all-bad split is an empty split: a clear error
 
 
 def _extract_splits(request, writer, checkpoint, arch, source, todo, num_classes, dist) -> None:
@@ -137,9 +159,8 @@ def _extract_splits(request, writer, checkpoint, arch, source, todo, num_classes
     if dist.is_main and checkpoint.classifier is not None and writer.existing_manifest() is None:
         classifier_record = writer.write_classifier(*checkpoint.classifier)
     total = sum(len(source.split(s)) for s in todo)
-    bar = tqdm(total=total, unit="img", desc="extract", disable=not (request.progress and dist.is_main),
-               dynamic_ncols=True)
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    with tqdm(total=total, unit="img", desc="extract", disable=not (request.progress and dist.is_main),
+              dynamic_ncols=True, leave=False) as bar, ThreadPoolExecutor(max_workers=1) as pool:
         for name in todo:
             samples = source.split(name)
             split = writer.split_writer(name, rows=len(samples), dim=get_arch(arch).feature_dim,
@@ -147,7 +168,7 @@ def _extract_splits(request, writer, checkpoint, arch, source, todo, num_classes
                                         compression=request.compression)
             mine = [i for i in range(split.num_shards) if i % dist.world_size == dist.rank]
             pending = [i for i in mine if not split.shard_is_complete(i)]
-            bar.update(sum(split.read_shard_rows(i) for i in mine if i not in pending) * dist.world_size)
+            bar.update(sum(split.rows_in_shard(i) for i in mine if i not in pending) * dist.world_size)
             writing: Future | None = None
             for index in pending:
                 start, stop = split.shard_range(index)
@@ -167,7 +188,6 @@ def _extract_splits(request, writer, checkpoint, arch, source, todo, num_classes
                 split.finish(samples.class_counts(num_classes), classifier_record)
                 classifier_record = None
             dist.barrier()
-    bar.close()
 
 
 @torch.no_grad()

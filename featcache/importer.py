@@ -99,6 +99,7 @@ def import_features(splits: dict[str, str], *, name: str, classifier_ckpt: str |
     base_meta["versions"] = versions()
     writer = EntryWriter(root, key, base_meta)
     with entry_lock(root, key):
+        writer.remove_stale_temporaries()
         done = writer.complete_splits()
         try:
             record = None

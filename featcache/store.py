@@ -303,6 +303,12 @@ class EntryWriter:
         manifest["splits"][name] = split_meta
         _atomic_write_json(self.path / MANIFEST, manifest)
 
+    def remove_stale_temporaries(self) -> None:
+        """Temporary files left by a killed writer (call holding the key's lock, before writing)."""
+        if self.path.is_dir():
+            for tmp in self.path.rglob(".*.tmp-*"):
+                tmp.unlink(missing_ok=True)
+
     def discard_incomplete(self) -> None:
         """Remove an entry that has no manifest yet, or the unlisted split folders of one that has."""
         if not self.path.exists():
@@ -408,7 +414,7 @@ class SplitWriter:
                                       fletcher32=True, compression=compression)
         _fsync_file(path)
 
-    def read_shard_rows(self, index: int) -> int:
+    def rows_in_shard(self, index: int) -> int:
         return self.shard_range(index)[1] - self.shard_range(index)[0]
 
     def finish(self, class_counts: np.ndarray, classifier: dict | None = None,
