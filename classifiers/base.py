@@ -151,13 +151,20 @@ class LTClassifier:
         X_t = as_tensor(X, self.device_)
         if X_t.ndim != 2 or X_t.shape[1] != self.n_features_in_:
             raise FeatcacheError(f"{self.name}: expected N x {self.n_features_in_} features, got {tuple(X_t.shape)}")
-        out = np.empty((len(X_t), self.num_classes_), dtype=np.float32)
+        out = torch.empty((len(X_t), self.num_classes_), dtype=torch.float32, device=self.device_)
         with torch.no_grad():
             for start in range(0, len(X_t), _ROW_CHUNK):
-                out[start:start + _ROW_CHUNK] = self._logits(X_t[start:start + _ROW_CHUNK]).float().cpu().numpy()
-        return out
+                self._logits(X_t[start:start + _ROW_CHUNK], out[start:start + _ROW_CHUNK])
+        return out.cpu().numpy()
 
-    def _logits(self, X: torch.Tensor) -> torch.Tensor:
+    def _set_linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Keep W (C x D) as ``weight_`` and a contiguous W^T for inference: x @ W^T runs ~10%
+        faster on CPU when W^T is laid out as D x C."""
+        self.weight_, self.bias_ = weight, bias
+        self._weight_t = weight.T.contiguous()
+
+    def _logits(self, X: torch.Tensor, out: torch.Tensor) -> None:
+        """Write the logits of the rows ``X`` into ``out`` (rows x C, float32, on the device)."""
         raise NotImplementedError
 
     def predict(self, X) -> np.ndarray:

@@ -4,7 +4,7 @@ import math
 import torch
 
 from .base import FitData, LTClassifier, register
-from .training import Schedule, sgd_train, softmax_grad_
+from .training import Schedule, draw_epochs, sgd_train, softmax_minus_onehot
 
 
 @register("crt")
@@ -28,8 +28,8 @@ class CRT(LTClassifier):
         """Added to the logits during training only (balanced softmax overrides this)."""
         return None
 
-    def _post_step(self, weight: torch.Tensor) -> None:
-        """Called after every optimiser step (MaxNorm overrides this)."""
+    def _post_step(self, weight_t: torch.Tensor) -> None:
+        """Called after every optimiser step with W^T (D x C; MaxNorm overrides this)."""
 
     def _fit(self, data: FitData) -> None:
         generator = torch.Generator().manual_seed(int(self.seed))
@@ -37,21 +37,20 @@ class CRT(LTClassifier):
         shape = (data.num_classes, data.X.shape[1])
         weight = (torch.rand(shape, generator=generator) * 2 - 1).mul_(bound).to(data.device)
         bias = (torch.rand(data.num_classes, generator=generator) * 2 - 1).mul_(bound).to(data.device)
+        weight_t = weight.T.contiguous()  # trained as D x C: both matmuls of a step run faster
         offset = self._train_logit_offset(data)
 
         def grad(batch):
-            features = data.X[batch]
-            logits = bias.addmm(features, weight.T)
-            if offset is not None:
-                logits += offset
-            g = softmax_grad_(logits, data.y[batch])
-            return [g.T @ features, g.sum(0)]
+            features = data.X.index_select(0, batch)
+            logits = torch.addmm(bias if offset is None else bias + offset, features, weight_t)
+            g = softmax_minus_onehot(logits, data.y.index_select(0, batch))
+            return [torch.mm(features.T, g).div_(len(batch)), g.sum(0).div_(len(batch))]
 
         schedule = Schedule(self.epochs, self.lr, self.momentum, self.weight_decay, self.batch_size,
                             self.sampler, self.seed)
-        self.class_draws_ = sgd_train([weight, bias], grad, data.y, data.counts, schedule,
-                                      post_step=lambda: self._post_step(weight))
-        self.weight_, self.bias_ = weight, bias
+        epochs, self.class_draws_ = draw_epochs(data.y, data.counts, schedule)
+        sgd_train([weight_t, bias], grad, epochs, schedule, post_step=lambda: self._post_step(weight_t))
+        self._set_linear(weight_t.T.contiguous(), bias)
 
-    def _logits(self, X):
-        return self.bias_.addmm(X, self.weight_.T)
+    def _logits(self, X, out):
+        torch.addmm(self.bias_, X, self._weight_t, out=out)

@@ -1,4 +1,6 @@
 """The checkpoint's own classifier."""
+import torch
+
 from .base import FitData, LTClassifier, register
 
 
@@ -15,7 +17,7 @@ class Joint(LTClassifier):
         self.device = device
 
     def _fit(self, data: FitData) -> None:
-        self.weight_, self.bias_ = data.classifier
+        self._set_linear(*data.classifier)
 
-    def _logits(self, X):
-        return self.bias_.addmm(X, self.weight_.T)
+    def _logits(self, X, out):
+        torch.addmm(self.bias_, X, self._weight_t, out=out)

@@ -41,10 +41,10 @@ class KNN(LTClassifier):
             self._index = faiss.IndexFlatIP(self.train_features_.shape[1])
             self._index.add(self.train_features_.numpy())
 
-    def _logits(self, X):
+    def _logits(self, X, scores):
         queries = normalise(X, self.feature_norm, self.mean_).contiguous()
         k = min(int(self.k), len(self.train_labels_))
-        scores = torch.zeros(len(queries), self.num_classes_, device=queries.device)
+        scores.zero_()
         for start in range(0, len(queries), int(self.chunk_size)):
             chunk = queries[start:start + int(self.chunk_size)]
             if self._index is not None:
@@ -53,5 +53,4 @@ class KNN(LTClassifier):
             else:
                 sims, ids = (chunk @ self.train_features_.T).topk(k, dim=1)
             votes = torch.exp(sims / float(self.temperature))
-            scores[start:start + len(chunk)].scatter_add_(1, self.train_labels_[ids], votes)
-        return scores
+            scores[start:start + len(chunk)].scatter_add_(1, self.train_labels_[ids.to(scores.device)], votes.to(scores.device))

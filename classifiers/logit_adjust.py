@@ -26,12 +26,12 @@ class LogitAdjust(LTClassifier):
 
     def _fit(self, data: FitData) -> None:
         require_all_classes(data, "logit_adjust")
-        self.weight_, self.bias_ = data.classifier
+        self._set_linear(*data.classifier)
         log_prior = torch.from_numpy(np.log(data.counts / data.counts.sum()).astype(np.float32)).to(data.device)
         self.val_curve_ = {}
         if self.tau == "auto":
             X_val, y_val = require_val(data, "logit_adjust", "tau")
-            val_logits = self.bias_.addmm(X_val, self.weight_.T)
+            val_logits = torch.addmm(self.bias_, X_val, self._weight_t)
             self.val_curve_ = {float(t): balanced_top1(val_logits - t * log_prior, y_val, data.num_classes)
                                for t in self.grid}
             self.tau_ = pick_on_val(self.val_curve_)
@@ -40,5 +40,5 @@ class LogitAdjust(LTClassifier):
         self.selected_ = {"tau": self.tau_} if self.tau == "auto" else {}
         self.offset_ = -self.tau_ * log_prior
 
-    def _logits(self, X):
-        return (self.bias_ + self.offset_).addmm(X, self.weight_.T)
+    def _logits(self, X, out):
+        torch.addmm(self.bias_ + self.offset_, X, self._weight_t, out=out)

@@ -28,10 +28,10 @@ class BalancedLogReg(LTClassifier):
         self.model_.fit(data.X.cpu().numpy(), data.y.cpu().numpy())
         self.classes_ = self.model_.classes_
 
-    def _logits(self, X):
+    def _logits(self, X, out):
         scores = self.model_.decision_function(X.cpu().numpy())
         if scores.ndim == 1:  # two classes: sklearn returns one column
             scores = np.stack([-scores, scores], axis=1)
-        out = np.full((len(X), self.num_classes_), -1e9, dtype=np.float32)
-        out[:, self.classes_] = scores
-        return torch.from_numpy(out)
+        full = np.full((len(X), self.num_classes_), -1e9, dtype=np.float32)
+        full[:, self.classes_] = scores
+        out.copy_(torch.from_numpy(full))

@@ -2,7 +2,9 @@
 import torch
 
 from .base import FitData, LTClassifier, register
-from .training import Schedule, sgd_train, softmax_grad_
+from .training import Schedule, draw_epochs, sgd_train
+
+_CHUNK_ROWS = 8192
 
 
 @register("lws")
@@ -25,18 +27,30 @@ class LWS(LTClassifier):
 
     def _fit(self, data: FitData) -> None:
         weight, bias = data.classifier
-        frozen = bias.addmm(data.X, weight.T)
+        self._set_linear(weight, bias)
+        schedule = Schedule(self.epochs, self.lr, self.momentum, self.weight_decay, self.batch_size,
+                            self.sampler, self.seed)
+        epochs, self.class_draws_ = draw_epochs(data.y, data.counts, schedule)
+        # frozen logits x W^T + b, once, for the rows the epochs actually draw (class-balanced
+        # sampling leaves many head-class rows undrawn)
+        rows, local = torch.unique(torch.cat(epochs), return_inverse=True) if epochs else (data.y[:0], data.y[:0])
+        frozen = torch.empty(len(rows), data.num_classes, device=data.device)
+        for start in range(0, len(rows), _CHUNK_ROWS):  # no full copy of the gathered features
+            chunk = rows[start:start + _CHUNK_ROWS]
+            torch.addmm(bias, data.X.index_select(0, chunk), self._weight_t, out=frozen[start:start + len(chunk)])
+        labels_of_rows = data.y.index_select(0, rows)
         scales = torch.ones(data.num_classes, device=data.device)
 
         def grad(batch):
-            logits = frozen[batch]
-            g = softmax_grad_(logits * scales, data.y[batch])
-            return [(g * logits).sum(0)]
+            logits = frozen.index_select(0, batch)
+            labels = labels_of_rows.index_select(0, batch)
+            # d/df_j of the summed cross-entropy: sum_i (p_ij - [y_i = j]) z_ij
+            g = torch.softmax(logits * scales, dim=1).mul_(logits).sum(0)
+            g.index_add_(0, labels, logits.gather(1, labels.unsqueeze(1)).squeeze(1), alpha=-1.0)
+            return [g.div_(len(batch))]
 
-        schedule = Schedule(self.epochs, self.lr, self.momentum, self.weight_decay, self.batch_size,
-                            self.sampler, self.seed)
-        self.class_draws_ = sgd_train([scales], grad, data.y, data.counts, schedule)
-        self.weight_, self.bias_, self.scales_ = weight, bias, scales
+        sgd_train([scales], grad, list(local.split([len(e) for e in epochs])), schedule)
+        self.scales_ = scales
 
-    def _logits(self, X):
-        return self.bias_.addmm(X, self.weight_.T).mul_(self.scales_)
+    def _logits(self, X, out):
+        torch.addmm(self.bias_, X, self._weight_t, out=out).mul_(self.scales_)

@@ -21,6 +21,6 @@ class MaxNormCRT(CRT):
         self.max_norm = max_norm
         super().__init__(epochs, lr, momentum, weight_decay, batch_size, sampler, seed, device)
 
-    def _post_step(self, weight: torch.Tensor) -> None:
-        norms = weight.norm(dim=1, keepdim=True)
-        weight.mul_(torch.clamp(self.max_norm / norms.clamp_min(1e-12), max=1.0))
+    def _post_step(self, weight_t: torch.Tensor) -> None:
+        norms = weight_t.norm(dim=0, keepdim=True)  # one column per class
+        weight_t.mul_(torch.clamp(self.max_norm / norms.clamp_min(1e-12), max=1.0))

@@ -6,16 +6,25 @@ from featcache.errors import FeatcacheError
 from .base import FitData, LTClassifier, register, require_all_classes
 
 FEATURE_NORMS = ("cl2n", "l2n", "un")
+_CHUNK_ROWS = 2048
 METRICS = ("l2", "cos")
 
 
 def normalise(X: torch.Tensor, mode: str, mean: torch.Tensor | None) -> torch.Tensor:
     """cl2n: subtract the training mean, then L2-normalise; l2n: L2-normalise; un: unchanged."""
+    return normalise_with_norms(X, mode, mean)[0]
+
+
+def normalise_with_norms(X: torch.Tensor, mode: str, mean: torch.Tensor | None):
+    """The normalised rows and their squared L2 norms (1, or 0 for an all-zero row, when normalised)."""
     if mode == "cl2n":
         X = X - mean
-    if mode in ("cl2n", "l2n"):
-        X = X / X.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return X
+    if mode == "un":
+        return X, torch.linalg.vector_norm(X, dim=1).square_()
+    norms = torch.linalg.vector_norm(X, dim=1, keepdim=True)
+    nonzero = (norms > 0).squeeze(1).to(X.dtype)
+    X = X.div_(norms.clamp_min_(1e-12)) if mode == "cl2n" else X / norms.clamp_min_(1e-12)
+    return X, nonzero
 
 
 @register("ncm")
@@ -42,18 +51,26 @@ class NCM(LTClassifier):
         data.counts = seen.cpu().numpy()
         require_all_classes(data, "ncm")
         self.mean_ = data.X.mean(dim=0)
-        features = normalise(data.X, self.feature_norm, self.mean_)
-        sums = torch.zeros(data.num_classes, features.shape[1], device=data.device).index_add_(0, data.y, features)
+        sums = torch.zeros(data.num_classes, data.X.shape[1], device=data.device)
+        for start in range(0, len(data.X), _CHUNK_ROWS):  # normalised chunk by chunk, in cache
+            rows = slice(start, start + _CHUNK_ROWS)
+            sums.index_add_(0, data.y[rows], normalise(data.X[rows], self.feature_norm, self.mean_))
         self.centroids_ = sums / seen.unsqueeze(1)
         if self.metric == "cos":
             self.centroids_ = self.centroids_ / self.centroids_.norm(dim=1, keepdim=True).clamp_min(1e-12)
         self._centroid_sq = (self.centroids_ ** 2).sum(1)
 
-    def _logits(self, X):
-        features = normalise(X, self.feature_norm, self.mean_)
-        if self.metric == "cos":
-            features = features / features.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            return features @ self.centroids_.T
-        # -||x - c||^2 = 2 x.c - ||c||^2 - ||x||^2
-        logits = torch.addmm(self._centroid_sq, features, self.centroids_.T, beta=-1, alpha=2)
-        return logits.sub_((features ** 2).sum(1, keepdim=True))
+    def _logits(self, X, out):
+        for start in range(0, len(X), _CHUNK_ROWS):
+            rows = slice(start, start + _CHUNK_ROWS)
+            features, squared = normalise_with_norms(X[rows], self.feature_norm, self.mean_)
+            if self.metric == "cos":
+                features = features / features.norm(dim=1, keepdim=True).clamp_min(1e-12)
+                torch.mm(features, self.centroids_.T, out=out[rows])
+                continue
+            # -||x - c||^2 = 2 x.c - ||c||^2 - ||x||^2; for normalised rows ||x||^2 = 1 joins ||c||^2
+            if self.feature_norm == "un" or not bool(squared.all()):
+                torch.addmm(self._centroid_sq, features, self.centroids_.T, beta=-1, alpha=2, out=out[rows])
+                out[rows].sub_(squared.unsqueeze(1))
+            else:
+                torch.addmm(self._centroid_sq + 1.0, features, self.centroids_.T, beta=-1, alpha=2, out=out[rows])

@@ -32,29 +32,34 @@ def cosine_lr(base: float, epoch: int, epochs: int) -> float:
     return 0.5 * base * (1 + math.cos(math.pi * epoch / epochs))
 
 
-def softmax_grad_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """In place: d(mean cross-entropy)/d(logits) = (softmax - onehot) / B."""
+def softmax_minus_onehot(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """B x d(sum of cross-entropies)/d(logits) = softmax(logits) - onehot(targets); callers divide
+    their (smaller) parameter gradients by B."""
     probs = torch.softmax(logits, dim=1)
-    probs[torch.arange(len(targets), device=targets.device), targets] -= 1.0
-    return probs.div_(len(targets))
+    minus_one = torch.full((len(targets), 1), -1.0, device=probs.device, dtype=probs.dtype)
+    return probs.scatter_add_(1, targets.unsqueeze(1), minus_one)  # cheaper than indexed assignment
 
 
-def sgd_train(params: list[torch.Tensor], grad_fn: Callable[[torch.Tensor], list[torch.Tensor]],
-              labels: torch.Tensor, counts: np.ndarray, schedule: Schedule,
-              post_step: Callable[[], None] | None = None) -> np.ndarray:
-    """Train ``params`` in place; returns the per-epoch histogram of the classes drawn (E x C)."""
+def draw_epochs(labels: torch.Tensor, counts: np.ndarray, schedule: Schedule) -> tuple[list[torch.Tensor], np.ndarray]:
+    """Every epoch's sample indices (an epoch is N draws), and the per-epoch class histogram (E x C)."""
     num_classes = len(counts)
     sampler = ClassSampler(labels.cpu().numpy(), num_classes, labels.device)
     generator = torch.Generator().manual_seed(int(schedule.seed))
     draws = schedule.draws_per_epoch or len(labels)
+    epochs = [sampler.draw(class_probabilities(counts, schedule.sampler, epoch, schedule.epochs), draws, generator)
+              for epoch in range(schedule.epochs)]
+    histogram = np.stack([torch.bincount(labels[i], minlength=num_classes).cpu().numpy() for i in epochs]) \
+        if epochs else np.zeros((0, num_classes), dtype=np.int64)
+    return epochs, histogram
+
+
+def sgd_train(params: list[torch.Tensor], grad_fn: Callable[[torch.Tensor], list[torch.Tensor]],
+              epochs: list[torch.Tensor], schedule: Schedule, post_step: Callable[[], None] | None = None) -> None:
+    """Train ``params`` in place over the epochs' indices, ``schedule.batch_size`` at a time."""
     buffers: list[torch.Tensor | None] = [None] * len(params)
-    histogram = np.zeros((schedule.epochs, num_classes), dtype=np.int64)
-    for epoch in range(schedule.epochs):
-        lr = cosine_lr(schedule.lr, epoch, schedule.epochs)
-        indices = sampler.draw(class_probabilities(counts, schedule.sampler, epoch, schedule.epochs),
-                               draws, generator)
-        histogram[epoch] = torch.bincount(labels[indices], minlength=num_classes).cpu().numpy()
-        for start in range(0, draws, schedule.batch_size):
+    for epoch, indices in enumerate(epochs):
+        lr = cosine_lr(schedule.lr, epoch, len(epochs))
+        for start in range(0, len(indices), schedule.batch_size):
             grads = grad_fn(indices[start:start + schedule.batch_size])
             for i, (param, grad) in enumerate(zip(params, grads)):
                 if schedule.weight_decay:
@@ -65,4 +70,3 @@ def sgd_train(params: list[torch.Tensor], grad_fn: Callable[[torch.Tensor], list
                 param.sub_(grad, alpha=lr)
             if post_step is not None:
                 post_step()
-    return histogram

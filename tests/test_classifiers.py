@@ -229,3 +229,12 @@ def test_available_lists_parameters_and_descriptions():
     assert entries["knn"]["params"]["k"] == 20 and entries["knn"]["params"]["temperature"] == 0.07
     assert entries["crt"]["params"]["epochs"] == 10 and entries["lws"]["params"]["epochs"] == 5
     assert all(e["description"] for e in entries.values())
+
+
+def test_argmax_is_matches_argmax_including_ties():
+    import torch
+    from classifiers.tau_norm import argmax_is
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 4, (2000, 7), generator=generator).float()  # many ties
+    labels = torch.randint(0, 7, (2000,), generator=generator)
+    assert torch.equal(argmax_is(scores.clone(), labels), scores.argmax(1) == labels)

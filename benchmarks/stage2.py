@@ -1,0 +1,384 @@
+"""Stage 2 speed against the arithmetic floor and against peers, all measured in one run.
+
+    python benchmarks/stage2.py --scale small            # < 3 minutes on 2 CPU cores
+    python benchmarks/stage2.py --dim 512                # ImageNet-LT shape, D = 512
+    python benchmarks/stage2.py                          # ImageNet-LT shape, D = 2048
+    python benchmarks/stage2.py --profile places_lt --device cuda
+
+Synthetic Gaussian class clusters with a real long-tail profile (featcache/profiles/), written
+through the real cache and loaded back through the real API. For each method: wall time of
+fit + decision_function on the test split (best of 3; one run for crt and knn), its floor (matmul FLOPs at the sgemm rate measured
+here, best of 3, plus its unavoidable passes over logits at the measured copy bandwidth) and
+the ratio. Peers: an official-style Stage 2 (Python class-aware sampler feeding a DataLoader over
+feature rows, autograd, a full matmul and a per-row normalisation loop per tau), scikit-learn's
+LogisticRegression(class_weight="balanced") and KNeighborsClassifier(algorithm="brute").
+Exits non-zero only when it cannot run; prints a table and (with --json) writes the numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import sys
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from classifiers import create  # noqa: E402
+from classifiers.metrics import balanced_accuracy  # noqa: E402
+from featcache.store import EntryWriter, FeatureCache, entry_lock  # noqa: E402
+
+TAU_GRID = [round(0.1 * i, 1) for i in range(21)]
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+def load_profile(name: str, shrink: int) -> dict[str, np.ndarray]:
+    payload = json.loads(resources.files("featcache").joinpath(f"profiles/{name}_counts.json").read_text())
+    return {split: np.maximum(1, np.asarray(payload[split]) // shrink) for split in ("train", "val", "test")}
+
+
+def make_features(counts: np.ndarray, centres: np.ndarray, rng: np.random.Generator, noise: float):
+    """ReLU'd Gaussian clusters, float32 throughout, written block by block."""
+    labels = np.repeat(np.arange(len(counts)), counts)
+    features = np.empty((len(labels), centres.shape[1]), dtype=np.float32)
+    for start in range(0, len(labels), 8192):
+        block = labels[start:start + 8192]
+        features[start:start + len(block)] = centres[block] + noise * rng.standard_normal(
+            (len(block), centres.shape[1]), dtype=np.float32)
+    np.maximum(features, 0, out=features)
+    return features, labels
+
+
+def build_entry(root: Path, profile: dict, dim: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    num_classes = len(profile["train"])
+    centres = rng.standard_normal((num_classes, dim), dtype=np.float32) * (2.0 / np.sqrt(dim) * 6)
+    splits = {s: make_features(profile[s], centres, rng, noise=1.0) for s in ("train", "val", "test")}
+    counts = profile["train"].astype(np.float32)
+    means = np.stack([splits["train"][0][splits["train"][1] == c].mean(0) for c in range(num_classes)])
+    means -= means.mean(0)  # a head-biased 'joint' classifier: centred class means, norms growing with n_j
+    weight = means / np.linalg.norm(means, axis=1, keepdims=True) * (1 + np.log(counts))[:, None]
+    bias = 0.3 * np.log(counts)
+    writer = EntryWriter(root, "bench", {"kind": "benchmark", "feature_dim": dim, "dtype": "float32",
+                                         "num_classes": num_classes})
+    with entry_lock(root, "bench"):
+        record = writer.write_classifier(weight.astype(np.float32), bias.astype(np.float32))
+        for name, (X, y) in splits.items():
+            out = writer.split_writer(name, rows=len(y), dim=dim, dtype="float32", shard_rows=65536)
+            for index in out.pending_shards():
+                a, b = out.shard_range(index)
+                out.write_shard(index, X[a:b], y[a:b], np.arange(a, b))
+            out.finish(np.bincount(y, minlength=num_classes), record)
+            record = None
+    return splits
+
+
+# -- machine rates ------------------------------------------------------------------------------
+
+
+def best_of(fn, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - began)
+    return min(times)
+
+
+def sgemm_rate(rows: int, dim: int, classes: int, device) -> float:
+    a = torch.randn(rows, dim, device=device)
+    b = torch.randn(classes, dim, device=device)
+    out = torch.empty(rows, classes, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.mm(a, b.T, out=out), sync()
+    return 2 * rows * dim * classes / best_of(lambda: (torch.mm(a, b.T, out=out), sync()), repeats=5)
+
+
+def copy_bandwidth(nbytes: int, device) -> float:
+    """Bytes per second of dst.copy_(src); one 'pass' over an array costs its size at this rate."""
+    src = torch.empty(nbytes // 4, device=device).uniform_()
+    dst = torch.empty_like(src)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    return nbytes / best_of(lambda: (dst.copy_(src), sync()))
+
+
+def rss_bytes(field: str = "VmRSS") -> int:
+    """VmRSS (now) or VmHWM (peak since the last reset_peak_rss) of this process, Linux only."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+# -- ours ---------------------------------------------------------------------------------------
+
+
+def run_ours(name: str, params: dict, data: dict, cache: FeatureCache, device, repeats: int) -> tuple[float, float]:
+    """Wall time of fit + decision_function on the test split (best of ``repeats``), balanced top-1."""
+    (X, y), (Xv, yv), (Xt, yt) = data["train"], data["val"], data["test"]
+    counts, classifier = cache.class_counts("train"), cache.classifier
+    best = float("inf")
+    for _ in range(repeats):
+        began = time.perf_counter()
+        model = create(name, device=str(device), **params).fit(X, y, class_counts=counts, classifier=classifier,
+                                                                val=(Xv, yv))
+        logits = model.decision_function(Xt)
+        best = min(best, time.perf_counter() - began)
+        top1 = 100 * balanced_accuracy(logits.argmax(1), yt, model.num_classes_)
+        del model, logits
+    return best, top1
+
+
+def floors(shape: dict, rate: float, bandwidth: float, lws_epochs=5, crt_epochs=10) -> dict[str, float]:
+    n, nv, nt, d, c = shape["n"], shape["nv"], shape["nt"], shape["d"], shape["c"]
+
+    def mm(rows):
+        return 2 * rows * d * c / rate
+
+    def passes(count, rows, width=c):
+        return count * rows * width * 4 / bandwidth
+
+    return {
+        "joint": mm(nt) + passes(1, nt),
+        "tau": mm(nv) + mm(nt) + passes(21, nv) + passes(1, nt),
+        "ncm": mm(nt) + passes(1, nt) + passes(1, n, d),
+        "lws": mm(n) + mm(nt) + passes(1, n) + passes(1, nt) + passes(4 * lws_epochs, n),
+        "crt": crt_epochs * n * 6 * d * c / rate + mm(nt),
+        "knn": 2 * nt * n * d / rate,
+    }
+
+
+# -- official-style peer ------------------------------------------------------------------------
+
+
+class ClassAwareSampler(torch.utils.data.Sampler):
+    """As in the official classifier-balancing code: per-sample Python generator cycling over
+    classes and over each class's shuffled images."""
+
+    def __init__(self, labels: np.ndarray, num_samples: int, seed: int = 0):
+        self.rng = random.Random(seed)
+        self.by_class = [list(np.flatnonzero(labels == c)) for c in range(int(labels.max()) + 1)]
+        self.num_samples = num_samples
+
+    def __iter__(self):
+        class_cycle = self._cycle(list(range(len(self.by_class))))
+        item_cycles = [self._cycle(items) for items in self.by_class]
+        for _ in range(self.num_samples):
+            yield next(item_cycles[next(class_cycle)])
+
+    def _cycle(self, items):
+        while True:
+            order = items[:]
+            self.rng.shuffle(order)
+            yield from order
+
+    def __len__(self):
+        return self.num_samples
+
+
+def official_train(X, y, head, params, epochs, lr=0.2):
+    dataset = torch.utils.data.TensorDataset(torch.from_numpy(X), torch.from_numpy(y))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=512, sampler=ClassAwareSampler(y, len(y)))
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
+    criterion = torch.nn.CrossEntropyLoss()
+    for _ in range(epochs):
+        for features, labels in loader:
+            loss = criterion(head(features), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+
+
+def official_sweep(data: dict, W: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    (X, y), (Xv, yv), (Xt, yt) = data["train"], data["val"], data["test"]
+    X, Xv, Xt = (t.numpy() if isinstance(t, torch.Tensor) else t for t in (X, Xv, Xt))
+    Wt, bt = torch.from_numpy(W), torch.from_numpy(b)
+    times = {}
+    began = time.perf_counter()
+    (torch.from_numpy(Xt) @ Wt.T + bt).argmax(1)
+    times["joint"] = time.perf_counter() - began
+
+    began = time.perf_counter()  # official tau script: per tau, a per-row normalisation loop, full matmuls
+    scores = {}
+    for tau in TAU_GRID:
+        norms = torch.norm(Wt, 2, 1)
+        ws = Wt.clone()
+        for i in range(Wt.size(0)):
+            ws[i] = ws[i] / torch.pow(norms[i], tau)
+        scores[tau] = balanced_accuracy((torch.from_numpy(Xv) @ ws.T).argmax(1).numpy(), yv, len(W))
+        (torch.from_numpy(Xt) @ ws.T).argmax(1)
+    times["tau"] = time.perf_counter() - began
+
+    began = time.perf_counter()
+    mean = X.mean(0)
+    normed = (X - mean) / np.linalg.norm(X - mean, axis=1, keepdims=True)
+    centroids = np.stack([normed[y == c].mean(0) for c in range(len(W))])
+    test = torch.from_numpy((Xt - mean) / np.linalg.norm(Xt - mean, axis=1, keepdims=True))
+    torch.cdist(test, torch.from_numpy(centroids)).argmin(1)
+    times["ncm"] = time.perf_counter() - began
+
+    torch.manual_seed(0)
+    began = time.perf_counter()
+    linear = torch.nn.Linear(X.shape[1], len(W))
+    official_train(X, y, linear, list(linear.parameters()), epochs=10)
+    linear(torch.from_numpy(Xt)).argmax(1)
+    times["crt"] = time.perf_counter() - began
+
+    began = time.perf_counter()
+    scales = torch.nn.Parameter(torch.ones(len(W)))
+    official_train(X, y, lambda f: (f @ Wt.T + bt) * scales, [scales], epochs=5)
+    ((torch.from_numpy(Xt) @ Wt.T + bt) * scales).argmax(1)
+    times["lws"] = time.perf_counter() - began
+    return times
+
+
+# -- scikit-learn peers -------------------------------------------------------------------------
+
+
+def sklearn_peers(data: dict, device, classes: int, queries: int) -> dict:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+
+    (X, y), (Xt, yt) = (data["train_np"], data["test_np"])
+    keep, keep_t = y < classes, yt < classes
+    out = {"logreg_classes": classes}
+    began = time.perf_counter()
+    model = LogisticRegression(class_weight="balanced", max_iter=100).fit(X[keep], y[keep])
+    out["sklearn_logreg_s"] = time.perf_counter() - began
+    out["sklearn_logreg_top1"] = 100 * balanced_accuracy(model.predict(Xt[keep_t]), yt[keep_t], classes)
+    began = time.perf_counter()
+    ours = create("crt", device=str(device)).fit(X[keep], y[keep])
+    out["ours_crt_subset_s"] = time.perf_counter() - began
+    out["ours_crt_subset_top1"] = 100 * balanced_accuracy(ours.predict(Xt[keep_t]), yt[keep_t], classes)
+
+    rng = np.random.default_rng(0)
+    picked = rng.choice(len(yt), size=min(queries, len(yt)), replace=False)
+    began = time.perf_counter()
+    knn = KNeighborsClassifier(n_neighbors=20, algorithm="brute", metric="cosine").fit(X, y)
+    sk_pred = knn.predict(Xt[picked])
+    out["knn_queries"] = len(picked)
+    out["sklearn_knn_s"] = time.perf_counter() - began
+    out["sklearn_knn_top1"] = 100 * balanced_accuracy(sk_pred, yt[picked], classes_all := int(y.max()) + 1)
+    began = time.perf_counter()
+    our_pred = create("knn", device=str(device)).fit(X, y).predict(Xt[picked])
+    out["ours_knn_s"] = time.perf_counter() - began
+    out["ours_knn_top1"] = 100 * balanced_accuracy(our_pred, yt[picked], classes_all)
+    return out
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", default="imagenet_lt_like", choices=["imagenet_lt_like", "places_lt"])
+    parser.add_argument("--scale", default="full", choices=["full", "small"],
+                        help="small: counts / 8 and D = 256 (a quick run)")
+    parser.add_argument("--dim", type=int, help="feature dimension (default 2048; 256 with --scale small)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--methods", default="joint,tau,ncm,lws,crt,knn")
+    parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write the numbers here")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device here", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    shrink = 8 if args.scale == "small" else 1
+    dim = args.dim or (256 if args.scale == "small" else 2048)
+    profile = load_profile(args.profile, shrink)
+    with tempfile.TemporaryDirectory() as tmp:
+        began = time.perf_counter()
+        generated = build_entry(Path(tmp), profile, dim)
+        build_s = time.perf_counter() - began
+        np.save(Path(tmp) / "train.npy", generated["train"][0])
+        del generated
+        baseline_rss = rss_bytes()
+        cache = FeatureCache.open(Path(tmp) / "bench")
+        load_s = best_of(lambda: FeatureCache.open(Path(tmp) / "bench").split("train"))
+        npload_s = best_of(lambda: np.load(Path(tmp) / "train.npy"))
+        splits = {s: cache.split(s) for s in ("train", "val", "test")}
+        feature_bytes = sum(s.features.nbytes for s in splits.values())
+        data = {name: (torch.from_numpy(s.features).to(device), s.labels) for name, s in splits.items()}
+        data["train_np"] = (splits["train"].features, splits["train"].labels)
+        data["test_np"] = (splits["test"].features, splits["test"].labels)
+        shape = {"n": len(splits["train"]), "nv": len(splits["val"]), "nt": len(splits["test"]), "d": dim,
+                 "c": cache.num_classes}
+        rate = sgemm_rate(shape["nt"], dim, shape["c"], device)
+        bandwidth = copy_bandwidth(256 << 20, device)
+        floor = floors(shape, rate, bandwidth)
+        results = {"shape": shape, "device": str(device), "sgemm_gflops": rate / 1e9, "copy_gbps": bandwidth / 1e9,
+                   "build_s": build_s, "split_load_s": load_s, "npload_s": npload_s, "methods": {}}
+        params = {"tau": {"tau": "auto"}}
+        logits_bytes = shape["nt"] * shape["c"] * 4
+        for name in args.methods.split(","):
+            reset_peak_rss()
+            seconds, top1 = run_ours(name, params.get(name, {}), data, cache, device,
+                                     repeats=1 if name in ("crt", "knn") else 3)
+            peak = rss_bytes("VmHWM") - baseline_rss
+            results["methods"][name] = {"seconds": seconds, "floor_s": floor[name], "ratio": seconds / floor[name],
+                                        "top1": top1, "peak_rss_over_features": peak / feature_bytes,
+                                        "extra_rss_over_features": (peak - feature_bytes - logits_bytes) / feature_bytes}
+        results["feature_bytes"] = feature_bytes
+        results["logits_bytes"] = logits_bytes
+        if not args.no_peers:
+            official = official_sweep({k: data[k] for k in ("train", "val", "test")}, *cache.classifier)
+            results["official"] = official
+            ours_sweep = sum(results["methods"][m]["seconds"] for m in official if m in results["methods"])
+            results["sweep_speedup"] = sum(official.values()) / ours_sweep if ours_sweep else None
+            results["sklearn"] = sklearn_peers(data, device, classes=min(100, shape["c"]),
+                                               queries=2000 if args.scale == "full" else 500)
+    report(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def report(r: dict) -> None:
+    s = r["shape"]
+    print(f"shape: train {s['n']}, val {s['nv']}, test {s['nt']}, D {s['d']}, C {s['c']} on {r['device']}")
+    print(f"machine: sgemm {r['sgemm_gflops']:.1f} GFLOP/s (best of 3), copy {r['copy_gbps']:.1f} GB/s")
+    print(f"cache: wrote the entry in {r['build_s']:.1f} s; train split loads in {r['split_load_s']:.3f} s vs "
+          f"np.load {r['npload_s']:.3f} s ({r['npload_s'] / r['split_load_s']:.2f}x np.load speed)")
+    print()
+    print(f"{'method':<8}{'seconds':>10}{'floor s':>10}{'ratio':>8}{'top1':>8}{'peak RSS':>10}{'extra':>7}" +
+          (f"{'official':>11}{'speedup':>9}" if "official" in r else ""))
+    for name, m in r["methods"].items():
+        line = (f"{name:<8}{m['seconds']:>10.3f}{m['floor_s']:>10.3f}{m['ratio']:>8.2f}{m['top1']:>8.1f}"
+                f"{m['peak_rss_over_features']:>9.2f}x{m['extra_rss_over_features']:>6.2f}x")
+        if name in r.get("official", {}):
+            line += f"{r['official'][name]:>11.3f}{r['official'][name] / m['seconds']:>8.1f}x"
+        print(line)
+    print(f"\npeak RSS: above the RSS before the splits were loaded, as a multiple of the features held in memory "
+          f"({r['feature_bytes'] / 2**20:.0f} MiB); extra: what remains after the features and the returned test "
+          f"logits ({r['logits_bytes'] / 2**20:.0f} MiB)")
+    if "official" in r:
+        print(f"joint,crt,tau,lws,ncm sweep: {r['sweep_speedup']:.2f}x faster than the official-style peer")
+        k = r["sklearn"]
+        print(f"sklearn LogisticRegression(balanced), {k['logreg_classes']} classes: {k['sklearn_logreg_s']:.1f} s "
+              f"(top1 {k['sklearn_logreg_top1']:.1f}) vs our crt {k['ours_crt_subset_s']:.1f} s "
+              f"(top1 {k['ours_crt_subset_top1']:.1f})")
+        print(f"sklearn KNeighborsClassifier(brute, cosine, k=20), {k['knn_queries']} queries: {k['sklearn_knn_s']:.2f} s "
+              f"(top1 {k['sklearn_knn_top1']:.1f}) vs our faiss kNN {k['ours_knn_s']:.2f} s (top1 {k['ours_knn_top1']:.1f})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
