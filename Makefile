@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 STAMP := .make-installed
 
-.PHONY: demo test install docs-cli clean
+.PHONY: demo test install docs-cli reproduce clean
 
 $(STAMP): pyproject.toml
 	$(PIP) install --quiet --disable-pip-version-check -e ".[dev]"
@@ -16,6 +16,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q
+
+reproduce: $(STAMP)
+	$(PYTHON) scripts/reproduce_fashion_mnist.py
 
 docs-cli: $(STAMP)
 	$(PYTHON) scripts/gen_cli_docs.py > docs/cli.md

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from featcache.distributed import resolve_device
 from featcache.errors import FeatcacheError
 
 REGISTRY: dict[str, type["LTClassifier"]] = {}
@@ -42,14 +43,6 @@ def available() -> list[dict]:
     """Name, one-line description and parameters with defaults of every registered method."""
     return [{"name": name, "description": (cls.__doc__ or "").strip().splitlines()[0],
              "params": cls.defaults()} for name, cls in REGISTRY.items()]
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise FeatcacheError(f"device {device!r}: CUDA is not available on this machine")
-    return torch.device(device)
 
 
 def as_tensor(X, device: torch.device, dtype=torch.float32) -> torch.Tensor:

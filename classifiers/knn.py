@@ -33,13 +33,15 @@ class KNN(LTClassifier):
         if int(self.k) < 1:
             raise FeatcacheError(f"knn: k must be >= 1 (got {self.k})")
         self.mean_ = data.X.mean(dim=0)
-        self.train_features_ = normalise(data.X, self.feature_norm, self.mean_).contiguous()
         self.train_labels_ = data.y
-        self._index = None
-        if data.device.type == "cpu":
+        if data.device.type == "cpu":  # faiss keeps its own copy, filled chunk by chunk
             import faiss
-            self._index = faiss.IndexFlatIP(self.train_features_.shape[1])
-            self._index.add(self.train_features_.numpy())
+            self.index_ = faiss.IndexFlatIP(data.X.shape[1])
+            for start in range(0, len(data.X), int(self.chunk_size)):
+                chunk = normalise(data.X[start:start + int(self.chunk_size)], self.feature_norm, self.mean_)
+                self.index_.add(np.ascontiguousarray(chunk.numpy()))
+        else:
+            self.index_ = normalise(data.X, self.feature_norm, self.mean_).contiguous()
 
     def _logits(self, X, scores):
         queries = normalise(X, self.feature_norm, self.mean_).contiguous()
@@ -47,10 +49,10 @@ class KNN(LTClassifier):
         scores.zero_()
         for start in range(0, len(queries), int(self.chunk_size)):
             chunk = queries[start:start + int(self.chunk_size)]
-            if self._index is not None:
-                sims, ids = self._index.search(np.ascontiguousarray(chunk.numpy()), k)
-                sims, ids = torch.from_numpy(sims), torch.from_numpy(ids)
+            if isinstance(self.index_, torch.Tensor):
+                sims, ids = (chunk @ self.index_.T).topk(k, dim=1)
             else:
-                sims, ids = (chunk @ self.train_features_.T).topk(k, dim=1)
+                sims, ids = self.index_.search(np.ascontiguousarray(chunk.numpy()), k)
+                sims, ids = torch.from_numpy(sims), torch.from_numpy(ids)
             votes = torch.exp(sims / float(self.temperature))
             scores[start:start + len(chunk)].scatter_add_(1, self.train_labels_[ids.to(scores.device)], votes.to(scores.device))

@@ -16,9 +16,10 @@ import numpy as np
 import torch
 
 from featcache import __version__
+from featcache.distributed import resolve_device
 from featcache.errors import FeatcacheError
 
-from .base import REGISTRY, as_tensor, create, resolve_device
+from .base import REGISTRY, as_tensor, create
 from .metrics import evaluate, per_class_accuracy
 
 RECORD_FIELDS = ("method", "params", "seed", "eval_split", "selected_on", "top1", "accuracy", "top5", "many",

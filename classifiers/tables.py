@@ -98,10 +98,14 @@ def _latex_escape(text: str) -> str:
 
 
 def render(records: list[dict], fmt: str = "md") -> str:
-    """The table as Markdown, CSV, a LaTeX tabular, or JSON."""
+    """The table of sweep records as Markdown, CSV, a LaTeX tabular, or JSON."""
+    return render_rows(aggregate(records), fmt)
+
+
+def render_rows(rows: list[Row], fmt: str = "md") -> str:
+    """Aggregated rows (see :func:`aggregate`; labels may be changed) as a table."""
     if fmt not in FORMATS:
         raise FeatcacheError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    rows = aggregate(records)
     best = _best(rows)
     is_best = {(id(r), c): r.stats[c] is not None and r.stats[c][0] == best.get(c) for r in rows for c, _ in COLUMNS}
     if fmt == "json":

@@ -42,7 +42,7 @@ def _array_batches(source, samples, order, batch_size, augment, channels, genera
         x = (x - mean) / std
         if augment and source.augment in ("crop", "crop-flip"):
             x = random_crop(x, padding=4 if source.image_size >= 28 else 1, generator=generator)
-        if augment and source.augment == "crop-flip":
+        if augment and source.augment in ("flip", "crop-flip"):
             flip = torch.rand(len(x), generator=generator) < 0.5
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
         if channels and x.shape[1] != channels:

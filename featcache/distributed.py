@@ -9,6 +9,19 @@ import torch
 import torch.distributed as torch_dist
 
 
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is CUDA when present, else the CPU; asking for CUDA without one is an error."""
+    from .errors import FeatcacheError
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise FeatcacheError(f"--device {device}: CUDA is not available on this machine")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise FeatcacheError(f"--device {device!r}: choose auto, cpu or cuda") from None
+
+
 @dataclass(frozen=True)
 class Dist:
     rank: int = 0

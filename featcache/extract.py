@@ -18,7 +18,7 @@ from .backbones import get_arch, model_channels
 from .batches import iterate_batches
 from .checkpoints import Checkpoint, load_checkpoint, load_model
 from .datasets import DataSource, DataSpec
-from .distributed import Dist
+from .distributed import Dist, resolve_device
 from .errors import FeatcacheError
 from .store import EntryWriter, cache_root, content_key, entry_lock
 
@@ -41,16 +41,6 @@ class ExtractRequest:
     allow_nonfinite: bool = False
     progress: bool = True
     on_bad_image: str = "fail"
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise FeatcacheError(f"--device {device}: CUDA is not available on this machine")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise FeatcacheError(f"--device {device!r}: choose auto, cpu or cuda")
-    return torch.device(device)
 
 
 def resolve_data(checkpoint: Checkpoint, data: DataSpec | None) -> DataSpec:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +18,9 @@ import torch
 from .backbones import build_model, model_channels
 from .batches import iterate_batches
 from .datasets import DataSpec
-from .distributed import Dist
+from .distributed import Dist, resolve_device
 from .errors import FeatcacheError
-from .extract import resolve_device, versions
+from .extract import versions
 from .sampling import SAMPLERS, ClassSampler, class_probabilities
 
 CHECKPOINT_FORMAT = "featcache-checkpoint"
@@ -45,7 +45,6 @@ class TrainConfig:
     num_workers: int = 0
     resume: bool = False
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         payload = asdict(self)
