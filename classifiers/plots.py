@@ -56,9 +56,10 @@ def plot_sweep(directory: str | Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(7, 4))
         for method, accuracies in diagnostics["per_class"].items():
             acc = np.array([np.nan if a is None else a for a in accuracies], dtype=float)
-            ax.plot(np.arange(len(order)), 100 * acc[order], marker=".", label=DISPLAY.get(method, method))
-        ax.set(xlabel="class index, sorted by training count (head -> tail)", ylabel="accuracy (%)",
-               title="Per-class accuracy")
+            ax.plot(counts[order], 100 * acc[order], marker=".", label=DISPLAY.get(method, method))
+        ax.set_xscale("log")
+        ax.set(xlabel="training images of the class (log scale)", ylabel="accuracy (%)",
+               title="Per-class accuracy against training count")
         ax.legend(fontsize=8)
         written.append(_save(fig, directory / "per_class_accuracy.png"))
     return written

@@ -67,7 +67,7 @@ def test_train_then_extract_with_no_other_flags(tmp_path, cache_dir, runner):
 
 
 def test_kill_and_resume_reaches_the_same_weights(tmp_path):
-    args = ["train", "--data", "digits-lt", "--arch", "tinycnn", "--epochs", "4", "--epoch-draws", "12000",
+    args = ["train", "--data", "digits-lt", "--arch", "tinycnn", "--epochs", "4", "--epoch-draws", "6000",
             "--quiet", "--out"]
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     subprocess.run(FEATCACHE + args + [str(tmp_path / "straight")], check=True, env=env, capture_output=True)
