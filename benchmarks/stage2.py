@@ -208,7 +208,7 @@ def official_train(X, y, head, params, epochs, lr=0.2):
 
 
 def official_sweep(data: dict, W: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    (X, y), (Xv, yv), (Xt, yt) = data["train"], data["val"], data["test"]
+    (X, y), (Xv, yv), (Xt, _) = data["train"], data["val"], data["test"]
     X, Xv, Xt = (t.numpy() if isinstance(t, torch.Tensor) else t for t in (X, Xv, Xt))
     Wt, bt = torch.from_numpy(W), torch.from_numpy(b)
     times = {}

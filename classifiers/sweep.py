@@ -21,6 +21,7 @@ from featcache.errors import FeatcacheError
 
 from .base import REGISTRY, as_tensor, create
 from .metrics import evaluate, per_class_accuracy
+from .tau_norm import tau_curve
 
 RECORD_FIELDS = ("method", "params", "seed", "eval_split", "selected_on", "top1", "accuracy", "top5", "many",
                  "medium", "few", "n_many", "n_medium", "n_few", "macro_f1", "ece", "fit_seconds",
@@ -213,14 +214,12 @@ class Sweeper:
         if norms is not None and run.method in ("joint", "crt", "tau", "lws"):
             self.diagnostics.setdefault("weight_norms", {})[label] = norms.tolist()
         if run.method == "tau" and getattr(estimator, "val_curve_", None):
-            raw = self.cache.classifier[0]
-            norms_raw = torch.as_tensor(np.linalg.norm(raw, axis=1), device=X_eval.device)
-            eval_logits = X_eval @ torch.as_tensor(raw, device=X_eval.device).T
-            counts = self.diagnostics["train_counts"]
-            curve = {}
-            for tau in estimator.val_curve_:
-                pred = (eval_logits * norms_raw.clamp_min(1e-30) ** -tau).argmax(1).cpu().numpy()
-                curve[str(tau)] = 100 * float(np.nanmean(per_class_accuracy(pred, y_eval, len(counts))))
+            weight = torch.as_tensor(self.cache.classifier[0], device=X_eval.device)
+            norms = weight.norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+            labels = torch.as_tensor(y_eval, device=X_eval.device)
+            grid = list(estimator.val_curve_)
+            curve = {str(t): 100 * a for t, a in zip(grid, tau_curve(X_eval, labels, weight, norms, grid,
+                                                                      estimator.num_classes_))}
             self.diagnostics["tau_curve"] = {"val": {str(k): 100 * v for k, v in estimator.val_curve_.items()},
                                              self.spec.eval_split: curve, "chosen": estimator.tau_}
         (self.out / DIAGNOSTICS_FILE).write_text(json.dumps(self.diagnostics))

@@ -63,10 +63,11 @@ def _atomic_write_json(path: Path, payload: dict) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    _fsync(path.parent)
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """fsync a file or a directory (for a directory: the renames into it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -314,7 +315,7 @@ class EntryWriter:
                                       chunks=True)
                 handle.create_dataset("bias", data=np.asarray(bias, np.float32), fletcher32=True,
                                       chunks=True)
-            _fsync_file(tmp)
+            _fsync(tmp)
             os.replace(tmp, final)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
@@ -349,14 +350,6 @@ class EntryWriter:
                 shutil.rmtree(child, ignore_errors=True)
             elif child.name.startswith(".") and ".tmp-" in child.name:
                 child.unlink(missing_ok=True)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class SplitWriter:
@@ -417,7 +410,7 @@ class SplitWriter:
                       "size": tmp.stat().st_size}
             _atomic_write_json(record_path, record)
             os.replace(tmp, shard)
-            _fsync_dir(self.dir)
+            _fsync(self.dir)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise _disk_error(exc, shard) from None
@@ -439,7 +432,7 @@ class SplitWriter:
             for key, values in (("labels", labels), ("indices", indices)):
                 handle.create_dataset(key, data=np.asarray(values, np.int64), chunks=(rows,),
                                       fletcher32=True, compression=compression)
-        _fsync_file(path)
+        _fsync(path)
 
     def rows_in_shard(self, index: int) -> int:
         return self.shard_range(index)[1] - self.shard_range(index)[0]

@@ -87,7 +87,7 @@ def cl2n(X, mean):
 
 
 def test_ncm_equals_sklearn_nearest_centroid_on_cl2n(data):
-    (Xtr, ytr), (X, y) = data["train"], data["test"]
+    (Xtr, ytr), (X, _) = data["train"], data["test"]
     mean = Xtr.mean(0)
     reference = NearestCentroid().fit(cl2n(Xtr, mean), ytr).predict(cl2n(X, mean))
     model = fit("ncm", data)

@@ -150,14 +150,12 @@ def test_corrupt_shard_is_refused_on_read(tiny_ckpt, cache_dir, runner):
 
 @pytest.fixture
 def bad_inputs(tmp_path, image_tree):
-    from PIL import Image  # noqa: F401
     (tmp_path / "not-a-ckpt.pt").write_text("hello")
     (tmp_path / "a-directory.pt").mkdir()
     (tmp_path / "list.txt").write_text("train/class0/img0.png 0\nthis line is broken\n")
     (tmp_path / "labels.txt").write_text("train/class0/img0.png 0\ntrain/class1/img0.png 7\n")
     (tmp_path / "empty.txt").write_text("")
     (image_tree / "train" / "class0" / "broken.png").write_bytes(b"not an image")
-    nan_model = torch.nn.Linear(1, 1)
     from featcache.backbones import build_model
     model = build_model("tinycnn", 10, 1)
     with torch.no_grad():
@@ -165,7 +163,6 @@ def bad_inputs(tmp_path, image_tree):
     torch.save({"arch": "tinycnn", "state_dict": model.state_dict()}, tmp_path / "nan.pt")
     from torchvision.models import resnet18
     torch.save(resnet18(num_classes=3).state_dict(), tmp_path / "r18-3.pt")
-    del nan_model
     return tmp_path
 
 

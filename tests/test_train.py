@@ -96,11 +96,9 @@ def test_data_options_are_deterministic_and_follow_the_profile():
     assert a.splits["train"].class_counts(10).tolist() == long_tail_counts(10, 100, 10.0, "exp")
     shuffled = [DataSpec("digits-lt", None, {**options, "class_order": "shuffled", "order_seed": s}).load()
                 for s in (1, 2)]
-    heads = [int(np.argmax(s.splits["train"].class_counts(10))) for s in shuffled]
     orders = [np.argsort(-s.splits["train"].class_counts(10), kind="stable").tolist() for s in shuffled]
     assert orders[0] != orders[1]
     assert sorted(shuffled[0].splits["train"].class_counts(10).tolist(), reverse=True) == long_tail_counts(10, 100, 10.0, "exp")
-    assert heads[0] in range(10)
     assert set(a.splits["val"].ids).isdisjoint(a.splits["train"].ids)
     assert set(a.splits["test"].ids).isdisjoint(a.splits["train"].ids)
     step = DataSpec("digits-lt", None, {**options, "profile": "step"}).load()
