@@ -6,7 +6,8 @@ from cli.lt_cls_cmd import main as lt_cls
 
 
 def help_text(command: click.Command, name: str, parent: click.Context | None = None) -> str:
-    ctx = click.Context(command, info_name=name, parent=parent, terminal_width=100, max_content_width=100)
+    settings = {**command.context_settings, "terminal_width": 100, "max_content_width": 100}
+    ctx = click.Context(command, info_name=name, parent=parent, **settings)  # -h as well, as the real CLI
     return command.get_help(ctx), ctx
 
 
