@@ -140,7 +140,7 @@ def run_ours(name: str, params: dict, data: dict, cache: FeatureCache, device, r
                                                                 val=(Xv, yv))
         logits = model.decision_function(Xt)
         best = min(best, time.perf_counter() - began)
-        top1 = 100 * balanced_accuracy(logits.argmax(1), yt, model.num_classes_)
+        top1 = 100 * balanced_accuracy(logits.argmax(1), yt, len(model.classes_))
         del model, logits
     return best, top1
 

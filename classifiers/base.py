@@ -1,21 +1,46 @@
 """The estimator contract and the registry every Stage 2 method is enumerated from.
 
-An estimator stores hyper-parameters in ``__init__`` only; ``fit(X, y, *, class_counts=None,
-classifier=None, val=None)`` returns self; learned state ends in ``_``; ``decision_function``
-returns logits (N x C, numpy float32); ``predict`` their argmax."""
+Every method is a scikit-learn classifier (``BaseEstimator`` + ``ClassifierMixin``): ``__init__``
+stores hyper-parameters only (declared in ``_parameter_constraints``, checked by :func:`create` and
+by ``fit``); ``fit(X, y, *, class_counts=None, classifier=None, val=None)`` returns self; learned
+state ends in ``_`` (numpy arrays); ``decision_function`` returns logits (N x C, float32, columns in
+``classes_`` order); ``predict`` returns labels from ``y``; ``score`` is accuracy.
+
+Labels: without ``classifier`` / ``class_counts``, ``classes_`` are the sorted unique labels of
+``y`` (strings, any integers). With either, ``y`` holds class indices 0 ... C-1 (the rows of the
+checkpoint's W, the entries of ``class_counts``) and ``classes_`` is ``arange(C)``.
+
+Torch stays inside: the sweep hands tensors (already on the device) straight to ``fit`` and
+``decision_function``, which skips the scikit-learn input checks and their pass over X."""
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from sklearn import exceptions as sklearn_exceptions
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 from featcache.distributed import resolve_device
 from featcache.errors import FeatcacheError
 
+from .params import check_params
+
 REGISTRY: dict[str, type["LTClassifier"]] = {}
 _ROW_CHUNK = 16384
+_FLOAT_DTYPES = (np.float32, np.float64, np.float16)
+
+
+class InvalidInputError(FeatcacheError, ValueError):
+    """Training or inference data that a method cannot use (shape, labels, missing inputs)."""
+
+
+class NotFittedError(FeatcacheError, sklearn_exceptions.NotFittedError):
+    """predict / decision_function before fit."""
 
 
 def register(name: str):
@@ -27,7 +52,8 @@ def register(name: str):
 
 
 def create(name: str, **params) -> "LTClassifier":
-    """An estimator by registered name; unknown names or parameters list the valid ones."""
+    """An estimator by registered name, its parameters checked; unknown names or parameters list
+    the valid ones."""
     if name not in REGISTRY:
         raise FeatcacheError(f"unknown method {name!r}; choose one of {', '.join(REGISTRY)}")
     cls = REGISTRY[name]
@@ -36,7 +62,9 @@ def create(name: str, **params) -> "LTClassifier":
     if unknown:
         raise FeatcacheError(f"method {name!r} has no parameter {', '.join(unknown)}; "
                              f"its parameters are {', '.join(valid)}")
-    return cls(**params)
+    estimator = cls(**params)
+    check_params(estimator)
+    return estimator
 
 
 def available() -> list[dict]:
@@ -47,13 +75,17 @@ def available() -> list[dict]:
 
 def as_tensor(X, device: torch.device, dtype=torch.float32) -> torch.Tensor:
     """numpy or torch input on ``device``; float16 (or float64) features are cast to float32."""
-    tensor = X if isinstance(X, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(X))
-    return tensor.to(device=device, dtype=dtype)
+    if isinstance(X, torch.Tensor):
+        return X.to(device=device, dtype=dtype)
+    X = np.ascontiguousarray(X)
+    with warnings.catch_warnings():  # read-only arrays (memmaps): never written to here
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(X).to(device=device, dtype=dtype)
 
 
 @dataclass
 class FitData:
-    """What ``fit`` receives, validated and on the estimator's device."""
+    """What ``_fit`` receives, validated and on the estimator's device; ``y`` are class indices."""
 
     X: torch.Tensor
     y: torch.Tensor
@@ -64,12 +96,15 @@ class FitData:
     device: torch.device
 
 
-class LTClassifier:
-    """Base class: input validation, device handling, chunked inference."""
+class LTClassifier(ClassifierMixin, BaseEstimator):
+    """Base class: parameter and input validation, label encoding, device handling, chunked inference."""
 
     name = "?"
     needs_classifier = False
     auto_params: tuple[str, ...] = ()  # parameters that accept "auto" (chosen on the val split)
+    _parameter_constraints: dict = {}
+    # scikit-learn estimator checks this method is known to fail, with the reason (see tests)
+    _expected_failed_checks: dict[str, str] = {}
 
     @classmethod
     def param_names(cls) -> list[str]:
@@ -79,89 +114,136 @@ class LTClassifier:
     def defaults(cls) -> dict:
         return {n: p.default for n, p in inspect.signature(cls.__init__).parameters.items() if n != "self"}
 
-    def get_params(self) -> dict:
-        return {name: getattr(self, name) for name in self.param_names()}
-
-    def set_params(self, **params) -> "LTClassifier":
-        for key, value in params.items():
-            if key not in self.param_names():
-                raise FeatcacheError(f"method {self.name!r} has no parameter {key!r}")
-            setattr(self, key, value)
-        return self
-
-    def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
-        return f"{type(self).__name__}({args})"
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.non_deterministic = False
+        return tags
 
     # -- fit ------------------------------------------------------------------------------------
     def fit(self, X, y, *, class_counts=None, classifier=None, val=None) -> "LTClassifier":
+        """Fit on training features ``X`` (N x D) and labels ``y``.
+
+        ``class_counts`` (C,) training images per class (default: counted from ``y``);
+        ``classifier`` the checkpoint's ``(W: C x D, b: C)``; ``val`` ``(X_val, y_val)`` for
+        parameters set to ``"auto"``."""
+        check_params(self)
         device = resolve_device(getattr(self, "device", "auto"))
-        X_t = as_tensor(X, device)
-        y_np = np.asarray(y.cpu() if isinstance(y, torch.Tensor) else y, dtype=np.int64)
-        if X_t.ndim != 2 or len(X_t) != len(y_np):
-            raise FeatcacheError(f"{self.name}: X must be N x D with one label per row "
-                                 f"(got {tuple(X_t.shape)} and {y_np.shape})")
-        if len(y_np) == 0:
-            raise FeatcacheError(f"{self.name}: the training split is empty")
+        if isinstance(X, torch.Tensor):
+            X_t = X.to(device=device, dtype=torch.float32)
+            if X_t.ndim != 2 or len(X_t) != len(y):
+                raise InvalidInputError(f"{self.name}: X must be N x D with one label per row "
+                                        f"(got {tuple(X_t.shape)} and {len(y)} labels)")
+            self.n_features_in_ = int(X_t.shape[1])
+            y = y.cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+            if len(y) == 0:
+                raise InvalidInputError(f"{self.name}: the training split is empty")
+        else:
+            X, y = validate_data(self, X, y, dtype=_FLOAT_DTYPES)
+            check_classification_targets(y)
+            X_t = as_tensor(X, device)
+        index_mode = classifier is not None or class_counts is not None
         if classifier is None and self.needs_classifier:
-            raise FeatcacheError(f"method {self.name!r} needs the checkpoint's classifier (W, b); "
-                                 "this entry has none")
+            raise InvalidInputError(f"method {self.name!r} needs the checkpoint's classifier (W, b) "
+                                    "(fit(..., classifier=(W, b)); this entry has none)")
         clf = None
         if classifier is not None:
             weight, bias = (as_tensor(t, device) for t in classifier)
-            if weight.shape[1] != X_t.shape[1]:
-                raise FeatcacheError(f"feature-dim mismatch: features have {X_t.shape[1]} dims, the stored "
-                                     f"classifier takes {weight.shape[1]}")
+            if weight.ndim != 2 or weight.shape[1] != X_t.shape[1] or bias.shape != (len(weight),):
+                raise InvalidInputError(
+                    f"{self.name}: classifier W must be C x {X_t.shape[1]} and b of length C "
+                    f"(got W {tuple(weight.shape)}, b {tuple(bias.shape)}; features have {X_t.shape[1]} dims)")
             clf = (weight, bias)
-        num_classes = max(int(y_np.max()) + 1, len(class_counts) if class_counts is not None else 0,
-                          len(clf[0]) if clf else 0)
-        counts = (np.bincount(y_np, minlength=num_classes) if class_counts is None
-                  else np.asarray(class_counts, dtype=np.int64))
-        counts = np.pad(counts, (0, num_classes - len(counts)))
+        if index_mode:
+            size = max(len(clf[0]) if clf else 0, len(class_counts) if class_counts is not None else 0)
+            y_idx = _class_indices(y, size, self.name, "y")
+            self.classes_ = np.arange(size)
+        else:
+            self.classes_, y_idx = np.unique(y, return_inverse=True)
+        num_classes = len(self.classes_)
+        counts = (np.bincount(y_idx, minlength=num_classes) if class_counts is None
+                  else np.pad(np.asarray(class_counts, dtype=np.int64), (0, num_classes - len(class_counts))))
         val_t = None
         if val is not None:
             Xv = as_tensor(val[0], device)
-            if Xv.shape[1] != X_t.shape[1]:
-                raise FeatcacheError(f"feature-dim mismatch between train ({X_t.shape[1]}) and val ({Xv.shape[1]})")
-            val_t = (Xv, torch.as_tensor(np.asarray(val[1]), dtype=torch.long, device=device))
-        data = FitData(X_t, torch.from_numpy(y_np).to(device), counts, num_classes, clf, val_t, device)
-        self.num_classes_ = num_classes
-        self.n_features_in_ = int(X_t.shape[1])
+            if Xv.ndim != 2 or Xv.shape[1] != X_t.shape[1]:
+                raise InvalidInputError(f"{self.name}: val features must be N x {X_t.shape[1]} "
+                                        f"(got {tuple(Xv.shape)})")
+            yv = val[1].cpu().numpy() if isinstance(val[1], torch.Tensor) else np.asarray(val[1])
+            yv = _class_indices(yv, num_classes, self.name, "val labels") if index_mode \
+                else self._encode_known(yv, "val labels")
+            val_t = (Xv, torch.from_numpy(yv).to(device))
+        data = FitData(X_t, torch.from_numpy(y_idx).to(device), counts, num_classes, clf, val_t, device)
         self.device_ = device
         self._fit(data)
         return self
+
+    def _encode_known(self, labels: np.ndarray, what: str) -> np.ndarray:
+        """Class indices of ``labels`` under ``classes_``; an unseen label is an error."""
+        position = np.searchsorted(self.classes_, labels).clip(0, len(self.classes_) - 1)
+        unknown = self.classes_[position] != labels
+        if unknown.any():
+            raise InvalidInputError(f"{self.name}: {what} hold {labels[unknown][0]!r}, a class absent from y")
+        return position.astype(np.int64)
 
     def _fit(self, data: FitData) -> None:
         raise NotImplementedError
 
     # -- inference ------------------------------------------------------------------------------
-    def _check_fitted(self):
-        if not hasattr(self, "num_classes_"):
-            raise FeatcacheError(f"this {type(self).__name__} is not fitted yet; call fit first")
-
     def decision_function(self, X) -> np.ndarray:
-        self._check_fitted()
-        X_t = as_tensor(X, self.device_)
-        if X_t.ndim != 2 or X_t.shape[1] != self.n_features_in_:
-            raise FeatcacheError(f"{self.name}: expected N x {self.n_features_in_} features, got {tuple(X_t.shape)}")
-        out = torch.empty((len(X_t), self.num_classes_), dtype=torch.float32, device=self.device_)
+        """Logits, N x C (float32), columns in ``classes_`` order."""
+        try:
+            check_is_fitted(self, "device_")
+        except sklearn_exceptions.NotFittedError as exc:
+            raise NotFittedError(str(exc)) from None
+        if isinstance(X, torch.Tensor):
+            X_t = X.to(device=self.device_, dtype=torch.float32)
+            if X_t.ndim != 2 or X_t.shape[1] != self.n_features_in_:
+                raise InvalidInputError(f"{self.name}: expected N x {self.n_features_in_} features, "
+                                        f"got {tuple(X_t.shape)}")
+        else:
+            X_t = as_tensor(validate_data(self, X, reset=False, dtype=_FLOAT_DTYPES), self.device_)
+        out = torch.empty((len(X_t), len(self.classes_)), dtype=torch.float32, device=self.device_)
         with torch.no_grad():
             for start in range(0, len(X_t), _ROW_CHUNK):
                 self._logits(X_t[start:start + _ROW_CHUNK], out[start:start + _ROW_CHUNK])
         return out.cpu().numpy()
 
+    def predict(self, X) -> np.ndarray:
+        best = self.decision_function(X).argmax(axis=1)
+        return self.classes_[best]
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Softmax of the logits (N x C, rows sum to 1)."""
+        logits = self.decision_function(X).astype(np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        np.exp(logits, out=logits)
+        return logits / logits.sum(axis=1, keepdims=True)
+
     def _set_linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        """Keep W (C x D) as ``weight_`` and a contiguous W^T for inference: x @ W^T runs ~10%
-        faster on CPU when W^T is laid out as D x C."""
-        self.weight_, self.bias_ = weight, bias
+        """Classify with W (C x D) and b: ``weight_`` / ``bias_`` for the user (numpy), and a
+        contiguous W^T for inference (x @ W^T runs ~10% faster on CPU with W^T laid out D x C)."""
+        self._weight, self._bias = weight, bias
         self._weight_t = weight.T.contiguous()
+        self.weight_ = weight.cpu().numpy()
+        self.bias_ = None if bias is None else bias.cpu().numpy()
 
     def _logits(self, X: torch.Tensor, out: torch.Tensor) -> None:
         """Write the logits of the rows ``X`` into ``out`` (rows x C, float32, on the device)."""
         raise NotImplementedError
 
-    def predict(self, X) -> np.ndarray:
-        return self.decision_function(X).argmax(axis=1)
+
+def _class_indices(labels: np.ndarray, num_classes: int, method: str, what: str) -> np.ndarray:
+    """``labels`` as int64 class indices in [0, num_classes) (num_classes 0: no upper bound)."""
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise InvalidInputError(f"{method}: with classifier=(W, b) or class_counts, {what} must be class "
+                                f"indices 0..C-1 (got {labels.dtype} labels)")
+    labels = labels.astype(np.int64, copy=False)
+    if len(labels) and labels.min() < 0:
+        raise InvalidInputError(f"{method}: {what} hold the negative class index {int(labels.min())}")
+    if len(labels) and num_classes and labels.max() >= num_classes:
+        raise InvalidInputError(f"{method}: {what} hold class index {int(labels.max())}, but the classifier / "
+                                f"class_counts cover {num_classes} classes")
+    return labels
 
 
 def balanced_top1(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> float:
@@ -184,12 +266,12 @@ def pick_on_val(scores: dict[float, float]) -> float:
 
 def require_val(data: FitData, method: str, param: str) -> tuple[torch.Tensor, torch.Tensor]:
     if data.val is None:
-        raise FeatcacheError(f"{method}: {param}='auto' needs a validation split (val=...; --val-split)")
+        raise InvalidInputError(f"{method}: {param}='auto' needs a validation split (val=...; --val-split)")
     return data.val
 
 
 def require_all_classes(data: FitData, method: str) -> None:
     empty = np.flatnonzero(data.counts == 0)
     if len(empty):
-        raise FeatcacheError(f"{method}: class {int(empty[0])} has no training samples "
+        raise InvalidInputError(f"{method}: class {int(empty[0])} has no training samples "
                              f"({len(empty)} such class(es)); {method} needs at least one per class")

@@ -3,7 +3,10 @@ import math
 
 import torch
 
+from featcache.sampling import SAMPLERS
+
 from .base import FitData, LTClassifier, register
+from .params import Device, Int, Options, Real
 from .training import Schedule, draw_epochs, sgd_train, softmax_minus_onehot
 
 
@@ -18,6 +21,11 @@ class CRT(LTClassifier):
     ablations. Initialisation as nn.Linear (uniform in +-1/sqrt(D)), from ``seed``.
     Fitted: ``weight_`` (C x D), ``bias_`` (C), ``class_draws_`` (epochs x C).
     """
+
+    _parameter_constraints = {
+        "epochs": [Int(1)], "lr": [Real(0, closed="neither")], "momentum": [Real(0, 1, closed="left")],
+        "weight_decay": [Real(0)], "batch_size": [Int(1)], "sampler": [Options(*SAMPLERS)], "seed": [Int(0)],
+        "device": [Device()]}
 
     def __init__(self, epochs=10, lr=0.2, momentum=0.9, weight_decay=5e-4, batch_size=512,
                  sampler="class", seed=0, device="auto"):
@@ -53,4 +61,4 @@ class CRT(LTClassifier):
         self._set_linear(weight_t.T.contiguous(), bias)
 
     def _logits(self, X, out):
-        torch.addmm(self.bias_, X, self._weight_t, out=out)
+        torch.addmm(self._bias, X, self._weight_t, out=out)

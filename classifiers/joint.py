@@ -2,6 +2,7 @@
 import torch
 
 from .base import FitData, LTClassifier, register
+from .params import Device
 
 
 @register("joint")
@@ -12,6 +13,7 @@ class Joint(LTClassifier):
     (the jointly trained baseline)."""
 
     needs_classifier = True
+    _parameter_constraints = {"device": [Device()]}
 
     def __init__(self, device="auto"):
         self.device = device
@@ -20,4 +22,4 @@ class Joint(LTClassifier):
         self._set_linear(*data.classifier)
 
     def _logits(self, X, out):
-        torch.addmm(self.bias_, X, self._weight_t, out=out)
+        torch.addmm(self._bias, X, self._weight_t, out=out)

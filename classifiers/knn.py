@@ -2,10 +2,9 @@
 import numpy as np
 import torch
 
-from featcache.errors import FeatcacheError
-
 from .base import FitData, LTClassifier, register
 from .ncm import normalise
+from .params import Device, Int, Options, Real
 
 
 @register("knn")
@@ -20,6 +19,9 @@ class KNN(LTClassifier):
     chunks. The decision values are the vote scores.
     """
 
+    _parameter_constraints = {"k": [Int(1)], "temperature": [Real(0, closed="neither")],
+                              "feature_norm": [Options("l2n", "cl2n")], "chunk_size": [Int(1)], "device": [Device()]}
+
     def __init__(self, k=20, temperature=0.07, feature_norm="l2n", chunk_size=4096, device="auto"):
         self.k = k
         self.temperature = temperature
@@ -28,31 +30,47 @@ class KNN(LTClassifier):
         self.device = device
 
     def _fit(self, data: FitData) -> None:
-        if self.feature_norm not in ("l2n", "cl2n"):
-            raise FeatcacheError(f"knn: feature_norm {self.feature_norm!r}; choose l2n or cl2n")
-        if int(self.k) < 1:
-            raise FeatcacheError(f"knn: k must be >= 1 (got {self.k})")
-        self.mean_ = data.X.mean(dim=0)
-        self.train_labels_ = data.y
+        mean = data.X.mean(dim=0)
+        self._mean, self.mean_ = mean, mean.cpu().numpy()
+        self._train_labels = data.y
         if data.device.type == "cpu":  # faiss keeps its own copy, filled chunk by chunk
             import faiss
-            self.index_ = faiss.IndexFlatIP(data.X.shape[1])
-            for start in range(0, len(data.X), int(self.chunk_size)):
-                chunk = normalise(data.X[start:start + int(self.chunk_size)], self.feature_norm, self.mean_)
-                self.index_.add(np.ascontiguousarray(chunk.numpy()))
+            self._index = faiss.IndexFlatIP(data.X.shape[1])
+            for start in range(0, len(data.X), self.chunk_size):
+                chunk = normalise(data.X[start:start + self.chunk_size], self.feature_norm, mean)
+                self._index.add(np.ascontiguousarray(chunk.numpy()))
         else:
-            self.index_ = normalise(data.X, self.feature_norm, self.mean_).contiguous()
+            self._index = normalise(data.X, self.feature_norm, mean).contiguous()
 
     def _logits(self, X, scores):
-        queries = normalise(X, self.feature_norm, self.mean_).contiguous()
-        k = min(int(self.k), len(self.train_labels_))
+        queries = normalise(X, self.feature_norm, self._mean).contiguous()
+        k = min(self.k, len(self._train_labels))
         scores.zero_()
-        for start in range(0, len(queries), int(self.chunk_size)):
-            chunk = queries[start:start + int(self.chunk_size)]
-            if isinstance(self.index_, torch.Tensor):
-                sims, ids = (chunk @ self.index_.T).topk(k, dim=1)
+        for start in range(0, len(queries), self.chunk_size):
+            chunk = queries[start:start + self.chunk_size]
+            if isinstance(self._index, torch.Tensor):
+                sims, ids = (chunk @ self._index.T).topk(k, dim=1)
             else:
-                sims, ids = self.index_.search(np.ascontiguousarray(chunk.numpy()), k)
+                sims, ids = self._index.search(np.ascontiguousarray(chunk.numpy()), k)
                 sims, ids = torch.from_numpy(sims), torch.from_numpy(ids)
-            votes = torch.exp(sims / float(self.temperature))
-            scores[start:start + len(chunk)].scatter_add_(1, self.train_labels_[ids.to(scores.device)], votes.to(scores.device))
+            votes = torch.exp(sims / self.temperature)
+            scores[start:start + len(chunk)].scatter_add_(1, self._train_labels[ids.to(scores.device)],
+                                                          votes.to(scores.device))
+
+    def predict_proba(self, X) -> np.ndarray:
+        """The normalised vote: each class's share of the k neighbours' weights."""
+        votes = self.decision_function(X).astype(np.float64)
+        return votes / votes.sum(axis=1, keepdims=True)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        if "_index" in state and not isinstance(state["_index"], torch.Tensor):
+            import faiss  # a faiss index does not pickle; its serialised bytes do
+            state["_index"] = faiss.serialize_index(state["_index"])
+        return state
+
+    def __setstate__(self, state):
+        if isinstance(state.get("_index"), np.ndarray):
+            import faiss
+            state["_index"] = faiss.deserialize_index(state["_index"])
+        super().__setstate__(state)

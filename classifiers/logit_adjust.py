@@ -3,6 +3,7 @@ import numpy as np
 import torch
 
 from .base import TAU_GRID, FitData, LTClassifier, balanced_top1, pick_on_val, register, require_all_classes, require_val
+from .params import Device, Options, Real, RealSequence
 
 
 @register("logit_adjust")
@@ -18,6 +19,7 @@ class LogitAdjust(LTClassifier):
 
     needs_classifier = True
     auto_params = ("tau",)
+    _parameter_constraints = {"tau": [Real(), Options("auto")], "grid": [RealSequence(Real())], "device": [Device()]}
 
     def __init__(self, tau=1.0, grid=TAU_GRID, device="auto"):
         self.tau = tau
@@ -31,14 +33,14 @@ class LogitAdjust(LTClassifier):
         self.val_curve_ = {}
         if self.tau == "auto":
             X_val, y_val = require_val(data, "logit_adjust", "tau")
-            val_logits = torch.addmm(self.bias_, X_val, self._weight_t)
+            val_logits = torch.addmm(self._bias, X_val, self._weight_t)
             self.val_curve_ = {float(t): balanced_top1(val_logits - t * log_prior, y_val, data.num_classes)
                                for t in self.grid}
             self.tau_ = pick_on_val(self.val_curve_)
         else:
             self.tau_ = float(self.tau)
         self.selected_ = {"tau": self.tau_} if self.tau == "auto" else {}
-        self.offset_ = -self.tau_ * log_prior
+        self._offset = -self.tau_ * log_prior
 
     def _logits(self, X, out):
-        torch.addmm(self.bias_ + self.offset_, X, self._weight_t, out=out)
+        torch.addmm(self._bias + self._offset, X, self._weight_t, out=out)

@@ -3,6 +3,7 @@ import numpy as np
 import torch
 
 from .base import FitData, LTClassifier, register
+from .params import Bool, Device, Int, Real
 
 
 @register("logreg")
@@ -10,6 +11,9 @@ class BalancedLogReg(LTClassifier):
     """scikit-learn balanced logistic regression: a reference linear probe.
 
     LogisticRegression(class_weight="balanced") on standardised features (CPU only). Classes absent from training get logit -1e9."""
+
+    _parameter_constraints = {"C": [Real(0, closed="neither")], "max_iter": [Int(1)], "standardize": [Bool()],
+                              "device": [Device()]}
 
     def __init__(self, C=1.0, max_iter=300, standardize=True, device="auto"):
         self.C = C
@@ -26,12 +30,12 @@ class BalancedLogReg(LTClassifier):
         self.model_ = make_pipeline(*steps, LogisticRegression(C=float(self.C), class_weight="balanced",
                                                                max_iter=int(self.max_iter)))
         self.model_.fit(data.X.cpu().numpy(), data.y.cpu().numpy())
-        self.classes_ = self.model_.classes_
+        self._trained_classes = self.model_.classes_
 
     def _logits(self, X, out):
         scores = self.model_.decision_function(X.cpu().numpy())
         if scores.ndim == 1:  # two classes: sklearn returns one column
             scores = np.stack([-scores, scores], axis=1)
-        full = np.full((len(X), self.num_classes_), -1e9, dtype=np.float32)
-        full[:, self.classes_] = scores
+        full = np.full((len(X), len(self.classes_)), -1e9, dtype=np.float32)
+        full[:, self._trained_classes] = scores
         out.copy_(torch.from_numpy(full))

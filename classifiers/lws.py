@@ -2,6 +2,8 @@
 import torch
 
 from .base import FitData, LTClassifier, register
+from .crt import CRT
+from .params import Int
 from .training import Schedule, draw_epochs, sgd_train
 
 _CHUNK_ROWS = 8192
@@ -19,6 +21,7 @@ class LWS(LTClassifier):
     """
 
     needs_classifier = True
+    _parameter_constraints = {**CRT._parameter_constraints, "epochs": [Int(0)]}  # 0 epochs: the joint classifier
 
     def __init__(self, epochs=5, lr=0.2, momentum=0.9, weight_decay=5e-4, batch_size=512,
                  sampler="class", seed=0, device="auto"):
@@ -50,7 +53,8 @@ class LWS(LTClassifier):
             return [g.div_(len(batch))]
 
         sgd_train([scales], grad, list(local.split([len(e) for e in epochs])), schedule)
-        self.scales_ = scales
+        self._scales = scales
+        self.scales_ = scales.cpu().numpy()
 
     def _logits(self, X, out):
-        torch.addmm(self.bias_, X, self._weight_t, out=out).mul_(self.scales_)
+        torch.addmm(self._bias, X, self._weight_t, out=out).mul_(self._scales)

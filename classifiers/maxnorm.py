@@ -3,6 +3,7 @@ import torch
 
 from .base import register
 from .crt import CRT
+from .params import Real
 
 
 @register("maxnorm")
@@ -15,6 +16,8 @@ class MaxNormCRT(CRT):
     Alshammari et al., "Long-Tailed Recognition via Weight Balancing", CVPR 2022 (the classifier
     stage: weight decay + MaxNorm constraint, here on frozen features).
     """
+
+    _parameter_constraints = {**CRT._parameter_constraints, "max_norm": [Real(0, closed="neither")]}
 
     def __init__(self, max_norm=1.0, epochs=10, lr=0.2, momentum=0.9, weight_decay=5e-3, batch_size=512,
                  sampler="class", seed=0, device="auto"):

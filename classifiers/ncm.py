@@ -1,9 +1,8 @@
 """Nearest class mean."""
 import torch
 
-from featcache.errors import FeatcacheError
-
 from .base import FitData, LTClassifier, register, require_all_classes
+from .params import Device, Options
 
 FEATURE_NORMS = ("cl2n", "l2n", "un")
 _CHUNK_ROWS = 2048
@@ -37,40 +36,41 @@ class NCM(LTClassifier):
     L2-normalised). Fitted: ``mean_`` (D), ``centroids_`` (C x D).
     """
 
+    _parameter_constraints = {"feature_norm": [Options(*FEATURE_NORMS)], "metric": [Options(*METRICS)],
+                              "device": [Device()]}
+
     def __init__(self, feature_norm="cl2n", metric="l2", device="auto"):
         self.feature_norm = feature_norm
         self.metric = metric
         self.device = device
 
     def _fit(self, data: FitData) -> None:
-        if self.feature_norm not in FEATURE_NORMS:
-            raise FeatcacheError(f"ncm: feature_norm {self.feature_norm!r}; choose one of {', '.join(FEATURE_NORMS)}")
-        if self.metric not in METRICS:
-            raise FeatcacheError(f"ncm: metric {self.metric!r}; choose one of {', '.join(METRICS)}")
         seen = torch.bincount(data.y, minlength=data.num_classes)
         data.counts = seen.cpu().numpy()
         require_all_classes(data, "ncm")
-        self.mean_ = data.X.mean(dim=0)
+        mean = data.X.mean(dim=0)
         sums = torch.zeros(data.num_classes, data.X.shape[1], device=data.device)
         for start in range(0, len(data.X), _CHUNK_ROWS):  # normalised chunk by chunk, in cache
             rows = slice(start, start + _CHUNK_ROWS)
-            sums.index_add_(0, data.y[rows], normalise(data.X[rows], self.feature_norm, self.mean_))
-        self.centroids_ = sums / seen.unsqueeze(1)
+            sums.index_add_(0, data.y[rows], normalise(data.X[rows], self.feature_norm, mean))
+        centroids = sums / seen.unsqueeze(1)
         if self.metric == "cos":
-            self.centroids_ = self.centroids_ / self.centroids_.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        self._centroid_sq = (self.centroids_ ** 2).sum(1)
+            centroids = centroids / centroids.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self._mean, self._centroids = mean, centroids
+        self._centroid_sq = (centroids ** 2).sum(1)
+        self.mean_, self.centroids_ = mean.cpu().numpy(), centroids.cpu().numpy()
 
     def _logits(self, X, out):
         for start in range(0, len(X), _CHUNK_ROWS):
             rows = slice(start, start + _CHUNK_ROWS)
-            features, squared = normalise_with_norms(X[rows], self.feature_norm, self.mean_)
+            features, squared = normalise_with_norms(X[rows], self.feature_norm, self._mean)
             if self.metric == "cos":
                 features = features / features.norm(dim=1, keepdim=True).clamp_min(1e-12)
-                torch.mm(features, self.centroids_.T, out=out[rows])
+                torch.mm(features, self._centroids.T, out=out[rows])
                 continue
             # -||x - c||^2 = 2 x.c - ||c||^2 - ||x||^2; for normalised rows ||x||^2 = 1 joins ||c||^2
             if self.feature_norm == "un" or not bool(squared.all()):
-                torch.addmm(self._centroid_sq, features, self.centroids_.T, beta=-1, alpha=2, out=out[rows])
+                torch.addmm(self._centroid_sq, features, self._centroids.T, beta=-1, alpha=2, out=out[rows])
                 out[rows].sub_(squared.unsqueeze(1))
             else:
-                torch.addmm(self._centroid_sq + 1.0, features, self.centroids_.T, beta=-1, alpha=2, out=out[rows])
+                torch.addmm(self._centroid_sq + 1.0, features, self._centroids.T, beta=-1, alpha=2, out=out[rows])

@@ -134,10 +134,11 @@ def load_records(path: Path) -> list[dict]:
 
 def effective_weight_norms(estimator) -> np.ndarray | None:
     """Per-class norm of the weights the method classifies with (for the paper's Fig. 2)."""
-    if estimator.name == "lws":
-        return (estimator.weight_.norm(dim=1) * estimator.scales_.abs()).cpu().numpy()
     weight = getattr(estimator, "weight_", None)
-    return None if weight is None else weight.norm(dim=1).cpu().numpy()
+    if weight is None:
+        return None
+    norms = np.linalg.norm(weight, axis=1)
+    return norms * np.abs(estimator.scales_) if estimator.name == "lws" else norms
 
 
 class Sweeper:
@@ -219,7 +220,7 @@ class Sweeper:
             labels = torch.as_tensor(y_eval, device=X_eval.device)
             grid = list(estimator.val_curve_)
             curve = {str(t): 100 * a for t, a in zip(grid, tau_curve(X_eval, labels, weight, norms, grid,
-                                                                      estimator.num_classes_))}
+                                                                      len(estimator.classes_)))}
             self.diagnostics["tau_curve"] = {"val": {str(k): 100 * v for k, v in estimator.val_curve_.items()},
                                              self.spec.eval_split: curve, "chosen": estimator.tau_}
         (self.out / DIAGNOSTICS_FILE).write_text(json.dumps(self.diagnostics))

@@ -2,6 +2,7 @@
 import torch
 
 from .base import TAU_GRID, FitData, LTClassifier, pick_on_val, register, require_val
+from .params import Device, Options, Real, RealSequence
 
 _CHUNK_ROWS = 512  # a chunk of logits stays in cache while every tau is tried on it
 
@@ -54,6 +55,7 @@ class TauNorm(LTClassifier):
 
     needs_classifier = True
     auto_params = ("tau",)
+    _parameter_constraints = {"tau": [Real(), Options("auto")], "grid": [RealSequence(Real())], "device": [Device()]}
 
     def __init__(self, tau=1.0, grid=TAU_GRID, device="auto"):
         self.tau = tau
