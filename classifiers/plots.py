@@ -4,40 +4,59 @@ accuracy against training count for each method."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 
 from featcache.errors import FeatcacheError
 
-from .sweep import DIAGNOSTICS_FILE
-from .tables import DISPLAY
+from .sweep import DIAGNOSTICS_FILE, RESULTS_FILE, load_records
+from .tables import DISPLAY, aggregate
 
 
 def plot_sweep(directory: str | Path) -> list[Path]:
-    """Write the PNGs next to the sweep's diagnostics; return their paths."""
+    """Write the PNGs next to the sweep's diagnostics; return their paths. With several
+    representations each gets its own set (file names suffixed with its label) and the
+    representation x classifier bars (the paper's Fig. 1) are drawn from the records."""
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     directory = Path(directory)
     source = directory / DIAGNOSTICS_FILE
     if not source.is_file():
         raise FeatcacheError(f"{directory} has no {DIAGNOSTICS_FILE} (run `lt-cls sweep --out {directory}` first)")
-    diagnostics = json.loads(source.read_text())
+    try:
+        representations = json.loads(source.read_text())["representations"]
+        assert isinstance(representations, dict)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError):
+        raise FeatcacheError(f"{source} is damaged or not a sweep's diagnostics file "
+                             "(rerun the sweep with --overwrite to rebuild it)") from None
+    written = []
+    for label, diagnostics in representations.items():
+        suffix = "" if len(representations) == 1 else "-" + re.sub(r"[^A-Za-z0-9._-]+", "_", label)
+        written += _plot_representation(diagnostics, directory, suffix, "" if not suffix else f" ({label})")
+    records = load_records(directory / RESULTS_FILE)
+    if len({r["representation"] for r in records}) > 1:
+        written.append(_plot_grid(records, directory / "representations.png"))
+    return written
+
+
+def _plot_representation(diagnostics: dict, directory: Path, suffix: str, title: str) -> list[Path]:
+    import matplotlib.pyplot as plt
+
     counts = np.asarray(diagnostics["train_counts"])
     order = np.argsort(-counts, kind="stable")
     written = []
-
     if diagnostics.get("weight_norms"):
         fig, ax = plt.subplots(figsize=(7, 4))
         for method, norms in diagnostics["weight_norms"].items():
             norms = np.asarray(norms)
             ax.plot(np.arange(len(order)), norms[order] / norms.max(), label=DISPLAY.get(method, method))
         ax.set(xlabel="class index, sorted by training count (head -> tail)", ylabel="weight norm (/ max)",
-               title="Per-class classifier weight norms")
+               title="Per-class classifier weight norms" + title)
         ax.legend()
-        written.append(_save(fig, directory / "weight_norms.png"))
+        written.append(_save(fig, directory / f"weight_norms{suffix}.png"))
 
     if diagnostics.get("tau_curve"):
         curve = diagnostics["tau_curve"]
@@ -48,9 +67,9 @@ def plot_sweep(directory: str | Path) -> list[Path]:
             taus = sorted(values, key=float)
             ax.plot([float(t) for t in taus], [values[t] for t in taus], marker="o", ms=3, label=split)
         ax.axvline(curve["chosen"], color="grey", linestyle="--", label=f"chosen tau = {curve['chosen']:g} (on val)")
-        ax.set(xlabel="tau", ylabel="balanced top-1 (%)", title="tau-normalisation")
+        ax.set(xlabel="tau", ylabel="balanced top-1 (%)", title="tau-normalisation" + title)
         ax.legend()
-        written.append(_save(fig, directory / "tau_curve.png"))
+        written.append(_save(fig, directory / f"tau_curve{suffix}.png"))
 
     if diagnostics.get("per_class"):
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -59,10 +78,35 @@ def plot_sweep(directory: str | Path) -> list[Path]:
             ax.plot(counts[order], 100 * acc[order], marker=".", label=DISPLAY.get(method, method))
         ax.set_xscale("log")
         ax.set(xlabel="training images of the class (log scale)", ylabel="accuracy (%)",
-               title="Per-class accuracy against training count")
+               title="Per-class accuracy against training count" + title)
         ax.legend(fontsize=8)
-        written.append(_save(fig, directory / "per_class_accuracy.png"))
+        written.append(_save(fig, directory / f"per_class_accuracy{suffix}.png"))
     return written
+
+
+def _plot_grid(records: list[dict], path: Path) -> Path:
+    """The paper's Fig. 1: one group of bars per representation, one bar per method (and parameters),
+    mean over seeds with the std as error bar, for Many / Medium / Few / All."""
+    import matplotlib.pyplot as plt
+
+    rows = aggregate(records)
+    representations = list(dict.fromkeys(r.representation for r in rows))
+    methods = list(dict.fromkeys(r.label for r in rows))
+    cells = {(r.representation, r.label): r for r in rows}
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4), sharey=True)
+    width = 0.8 / len(methods)
+    for ax, (column, title) in zip(axes, (("many", "Many"), ("medium", "Medium"), ("few", "Few"), ("top1", "All"))):
+        for i, method in enumerate(methods):
+            stats = [getattr(cells.get((rep, method)), "stats", {}).get(column) for rep in representations]
+            ax.bar(np.arange(len(representations)) + (i - (len(methods) - 1) / 2) * width,
+                   [np.nan if s is None else s[0] for s in stats], width,
+                   yerr=[0.0 if s is None else s[1] for s in stats], label=method, capsize=2)
+        ax.set_xticks(np.arange(len(representations)), representations, rotation=20, ha="right")
+        ax.set_title(title)
+    axes[0].set_ylabel("accuracy (%)")
+    axes[-1].legend(fontsize=8, loc="lower right")
+    fig.suptitle("Representation x classifier (mean over seeds)")
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> Path:

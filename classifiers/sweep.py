@@ -1,12 +1,18 @@
-"""Sweeps: methods x hyper-parameter grid x seeds on one cache entry, one JSON record per run.
+"""Sweeps: representations (cache entries) x methods x hyper-parameter grid x seeds, one JSON record
+per run.
 
-Each split is loaded once (and moved to the device once); every run reuses it. Records are
-appended to ``results.jsonl`` as runs finish, so an interrupted sweep keeps its work and
-``resume`` skips runs already recorded. The record schema is documented in docs/records.md."""
+Entries are loaded one at a time (peak memory is one entry's); within an entry each split is loaded
+once and every run reuses it. Records are appended to ``results.jsonl`` as runs finish, so an
+interrupted sweep keeps its work and ``resume`` skips runs already recorded under the same key. The
+output directory is locked while a sweep writes to it. The record schema is documented in
+docs/records.md."""
 from __future__ import annotations
 
+import fcntl
 import itertools
 import json
+import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,11 +29,18 @@ from .base import REGISTRY, as_tensor, create
 from .metrics import evaluate, per_class_accuracy
 from .tau_norm import tau_curve
 
-RECORD_FIELDS = ("method", "params", "seed", "eval_split", "selected_on", "top1", "accuracy", "top5", "many",
-                 "medium", "few", "n_many", "n_medium", "n_few", "macro_f1", "ece", "fit_seconds",
-                 "eval_seconds", "cache_key", "version")
+RECORD_FIELDS = ("method", "params", "seed", "representation", "eval_split", "selected_on", "status", "failure",
+                 "top1", "accuracy", "top5", "many", "medium", "few", "n_many", "n_medium", "n_few",
+                 "many_threshold", "few_threshold", "macro_f1", "ece", "fit_seconds", "eval_seconds", "cache_key",
+                 "version")
+METRIC_FIELDS = ("top1", "accuracy", "top5", "many", "medium", "few", "n_many", "n_medium", "n_few", "macro_f1", "ece")
+# what makes two records the same experiment, seed aside (tables never average across these); records
+# of one representation label may come from several cache entries when each entry has its own seeds
+# (e.g. a backbone trained per seed), never when two of them share a seed
+IDENTITY_FIELDS = ("representation", "eval_split", "many_threshold", "few_threshold")
 RESULTS_FILE = "results.jsonl"
 DIAGNOSTICS_FILE = "diagnostics.json"
+LOCK_FILE = ".sweep.lock"
 
 
 @dataclass
@@ -41,16 +54,43 @@ class SweepSpec:
     many: int = 100
     few: int = 20
 
+    def check(self) -> list[str]:
+        """Refuse what cannot be a sweep; drop repeated methods / seeds and return a note for each."""
+        if not self.methods:
+            raise FeatcacheError("no methods to sweep (--methods)")
+        if not self.seeds:
+            raise FeatcacheError("no seeds to sweep (--seeds)")
+        for seed in self.seeds:
+            if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+                raise FeatcacheError(f"--seeds: {seed!r} is not a non-negative integer")
+        if self.few < 0 or self.many < 0:
+            raise FeatcacheError(f"--many {self.many} / --few {self.few}: thresholds must be >= 0")
+        if self.few > self.many:
+            raise FeatcacheError(f"--few {self.few} is above --many {self.many}: the Many-, Medium- and Few-shot "
+                                 "groups would overlap (Few = fewer than --few, Many = more than --many)")
+        notes = []
+        for name, values in (("--methods", self.methods), ("--seeds", self.seeds)):
+            repeated = sorted({v for v in values if values.count(v) > 1}, key=values.index)
+            if repeated:
+                notes.append(f"{name}: {', '.join(map(str, repeated))} given more than once; each runs once")
+        self.methods = list(dict.fromkeys(self.methods))
+        self.seeds = list(dict.fromkeys(self.seeds))
+        return notes
+
 
 @dataclass(frozen=True)
 class Run:
+    representation: str
+    cache_key: str
     method: str
     params: tuple  # sorted (name, value) pairs, every hyper-parameter but the device
     seed: int
 
-    @property
-    def key(self) -> str:
-        return json.dumps([self.method, list(self.params), self.seed], sort_keys=True, default=str)
+
+def run_key(representation: str, cache_key: str, eval_split: str, shots: tuple, method: str, params: tuple,
+            seed: int) -> str:
+    return json.dumps([representation, cache_key, eval_split, list(shots), method, list(params), seed],
+                      sort_keys=True, default=str)
 
 
 def parse_value(text: str):
@@ -82,7 +122,9 @@ def _hashable(value):
     return tuple(value) if isinstance(value, list) else value
 
 
-def expand_runs(spec: SweepSpec) -> list[Run]:
+def expand_grid(spec: SweepSpec) -> list[tuple[str, tuple, int]]:
+    """(method, params, seed) of every run; each parameter combination is checked by ``create`` now,
+    so a bad value stops the sweep before anything runs."""
     for method in spec.params:
         if method not in spec.methods:
             raise FeatcacheError(f"--param for method {method!r}, which is not in --methods "
@@ -90,7 +132,8 @@ def expand_runs(spec: SweepSpec) -> list[Run]:
     runs = []
     for method in spec.methods:
         grid = spec.params.get(method, {})
-        create(method, **{k: v[0] for k, v in grid.items()})  # unknown method / parameter: clear error now
+        if method not in REGISTRY:
+            create(method)  # the error that lists the registered methods
         names = list(grid)
         for combo in itertools.product(*(grid[n] for n in names)):
             params = {k: v for k, v in REGISTRY[method].defaults().items() if k not in ("device", "seed")}
@@ -98,7 +141,8 @@ def expand_runs(spec: SweepSpec) -> list[Run]:
             has_seed = "seed" in REGISTRY[method].param_names()
             for seed in spec.seeds:
                 run_params = {**params, "seed": seed} if has_seed else params
-                runs.append(Run(method, tuple(sorted((k, _hashable(v)) for k, v in run_params.items())), seed))
+                create(method, **run_params)
+                runs.append((method, tuple(sorted((k, _hashable(v)) for k, v in run_params.items())), seed))
     return runs
 
 
@@ -113,23 +157,46 @@ def requested_params(record: dict) -> dict:
 
 def record_key(record: dict) -> str:
     params = tuple(sorted((k, _hashable(v)) for k, v in requested_params(record).items()))
-    return Run(record["method"], params, record["seed"]).key
+    return run_key(record["representation"], record["cache_key"], record["eval_split"],
+                   (record["many_threshold"], record["few_threshold"]), record["method"], params, record["seed"])
+
+
+_REQUIRED = {"method": str, "params": dict, "seed": int, "eval_split": str, "cache_key": str}
 
 
 def load_records(path: Path) -> list[dict]:
+    """The records of a results file; a half-written last line (an interrupted run) is skipped.
+    Records written before the ``representation`` / ``status`` fields existed get their defaults."""
     if not path.is_file():
         return []
-    lines = path.read_text().splitlines()
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FeatcacheError(f"{path} cannot be read as a results file ({exc})") from None
     records = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number != len(lines):  # only the last line may be half-written (an interrupted run)
-                raise FeatcacheError(f"{path}:{number} is not valid JSON") from None
+            record = json.loads(line, parse_constant=_refuse_constant)
+        except (json.JSONDecodeError, ValueError):
+            if number != len(lines):  # only the last line may be half-written
+                raise FeatcacheError(f"{path}:{number} is not a valid JSON record") from None
+            continue
+        if not isinstance(record, dict) or any(not isinstance(record.get(k), t) for k, t in _REQUIRED.items()):
+            raise FeatcacheError(f"{path}:{number} is not a sweep record (needs {', '.join(_REQUIRED)}; "
+                                 "see docs/records.md)")
+        record.setdefault("representation", record["cache_key"][:12])
+        record.setdefault("status", "ok")
+        record.setdefault("failure", None)
+        record.setdefault("many_threshold", 100)
+        record.setdefault("few_threshold", 20)
+        records.append(record)
     return records
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"non-standard JSON constant {name}")
 
 
 def effective_weight_norms(estimator) -> np.ndarray | None:
@@ -141,53 +208,203 @@ def effective_weight_norms(estimator) -> np.ndarray | None:
     return norms * np.abs(estimator.scales_) if estimator.name == "lws" else norms
 
 
-class Sweeper:
-    """Runs a sweep on a cache entry; yields each record as it is written."""
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise FeatcacheError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
-    def __init__(self, cache, spec: SweepSpec, out_dir: Path, resume: bool = False):
-        self.cache, self.spec, self.out = cache, spec, Path(out_dir)
+
+@dataclass
+class Representation:
+    """One cache entry of a sweep and the label its records carry."""
+
+    label: str
+    cache: object  # featcache.store.FeatureCache
+
+
+def default_label(cache) -> str:
+    """The entry's name, else a short form of the training run that made its checkpoint
+    (``tinycnn/instance/e12/s0``), else the first 12 digits of its key."""
+    meta = cache.meta
+    if meta.get("name"):
+        return meta["name"]
+    training = (meta.get("checkpoint") or {}).get("training")
+    if training:
+        return f"{meta.get('arch')}/{training['sampler']}/e{training['epochs']}/s{training['seed']}"
+    return cache.key[:12]
+
+
+class Sweeper:
+    """Runs a sweep over one or more representations; yields each record as it is written.
+
+    ``mode``: "new" refuses an output directory that already holds records, "resume" adds the
+    runs not recorded yet, "overwrite" starts the results over. Use as a context manager (the
+    output directory stays locked until it exits)."""
+
+    def __init__(self, representations: list[Representation], spec: SweepSpec, out_dir: Path, mode: str = "new"):
+        if mode not in ("new", "resume", "overwrite"):
+            raise ValueError(f"mode {mode!r}")
+        self.representations, self.spec, self.out, self.mode = representations, spec, Path(out_dir), mode
+        self.notes = spec.check()
         self.device = resolve_device(spec.device)
-        if spec.eval_split not in cache.splits:
-            raise FeatcacheError(f"--eval-split {spec.eval_split!r}: entry {cache.path} has {', '.join(cache.splits)}")
-        self.val_split = spec.val_split if spec.val_split in cache.splits else None
-        if spec.val_split and spec.val_split not in cache.splits and spec.val_split != "val":
-            raise FeatcacheError(f"--val-split {spec.val_split!r}: entry {cache.path} has {', '.join(cache.splits)}")
-        self.runs = expand_runs(spec)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.val_split = self._check_entries()
+        self.grid = expand_grid(spec)
+        self.shots = (spec.many, spec.few)
+        self.runs = [Run(r.label, r.cache.key, method, params, seed)
+                     for r in representations for method, params, seed in self.grid]
         self.results = self.out / RESULTS_FILE
-        kept = load_records(self.results) if resume else []
-        # rewrite what is kept: drops a line half-written by an interrupted run
-        self.results.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        done = {record_key(r) for r in kept if r.get("cache_key") == cache.key and r.get("eval_split") == spec.eval_split}
-        self.pending = [run for run in self.runs if run.key not in done]
-        self.diagnostics = self._load_diagnostics() if resume else {}
+        self._lock = None
+        self.pending: list[Run] = []
+        self.diagnostics: dict = {}
+
+    def _check_entries(self) -> str | None:
+        """Same classes and the splits the sweep uses in every entry; the val split to use, if any."""
+        reps = self.representations
+        if not reps:
+            raise FeatcacheError("no cache entry to sweep (--cache)")
+        labels = [r.label for r in reps]
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise FeatcacheError(f"--cache: the label {repeated[0]!r} names two entries; give LABEL=ENTRY")
+        first = reps[0]
+        for rep in reps:
+            cache = rep.cache
+            if "train" not in cache.splits:
+                raise FeatcacheError(f"entry {rep.label!r} ({cache.path}) has no train split")
+            if self.spec.eval_split not in cache.splits:
+                raise FeatcacheError(f"--eval-split {self.spec.eval_split!r}: entry {rep.label!r} ({cache.path}) "
+                                     f"has {', '.join(cache.splits)}")
+            if cache.num_classes != first.cache.num_classes:
+                raise FeatcacheError(f"entry {rep.label!r} ({cache.path}) has {cache.num_classes} classes, entry "
+                                     f"{first.label!r} has {first.cache.num_classes}: representations must share "
+                                     "their classes")
+        val = self.spec.val_split
+        if not val:
+            return None
+        having = [r.label for r in reps if val in r.cache.splits]
+        if val != "val" and len(having) < len(reps):
+            missing = next(r for r in reps if val not in r.cache.splits)
+            raise FeatcacheError(f"--val-split {val!r}: entry {missing.label!r} ({missing.cache.path}) has "
+                                 f"{', '.join(missing.cache.splits)}")
+        if 0 < len(having) < len(reps):
+            missing = next(r.label for r in reps if val not in r.cache.splits)
+            raise FeatcacheError(f"entry {missing!r} has no {val!r} split but entry {having[0]!r} has: every "
+                                 "representation must choose on the same split")
+        return val if having else None
+
+    # -- output directory -----------------------------------------------------------------------
+    def __enter__(self) -> "Sweeper":
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._lock = open(self.out / LOCK_FILE, "w")
+        except OSError as exc:
+            raise FeatcacheError(f"--out {self.out}: cannot create the output directory ({exc.strerror or exc})") \
+                from None
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            self._lock = None
+            raise FeatcacheError(f"--out {self.out}: another sweep is writing there; wait for it or use another "
+                                 "--out") from None
+        try:
+            self._prepare()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
+
+    def _prepare(self) -> None:
+        existing = load_records(self.results)
+        if self.mode == "new" and (existing or self.results.is_file() and self.results.stat().st_size):
+            raise FeatcacheError(f"{self.results} already holds {len(existing)} record(s): --resume adds the "
+                                 "missing runs, --overwrite starts over, or choose another --out")
+        if self.mode == "overwrite":
+            _atomic_write(self.results, "")
+            (self.out / DIAGNOSTICS_FILE).unlink(missing_ok=True)
+            existing = []
+        elif self.results.is_file() and not self.results.read_bytes().endswith(b"\n") and self.results.stat().st_size:
+            # a line half-written by an interrupted run: drop it, atomically
+            _atomic_write(self.results, "".join(json.dumps(r, allow_nan=False) + "\n" for r in existing))
+        done = {record_key(r) for r in existing}
+        self.pending = [run for run in self.runs if self._key(run) not in done]
+        self.diagnostics = self._load_diagnostics() if self.mode == "resume" else {}
+
+    def _key(self, run: Run) -> str:
+        return run_key(run.representation, run.cache_key, self.spec.eval_split, self.shots, run.method, run.params,
+                       run.seed)
 
     def _load_diagnostics(self) -> dict:
         path = self.out / DIAGNOSTICS_FILE
-        return json.loads(path.read_text()) if path.is_file() else {}
+        if not path.is_file():
+            return {}
+        try:
+            diagnostics = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise FeatcacheError(f"{path} is damaged (not JSON); delete it to resume (it only feeds the plots)") \
+                from None
+        if not isinstance(diagnostics.get("representations", {}), dict):
+            raise FeatcacheError(f"{path} is not a sweep's diagnostics file; delete it to resume")
+        return diagnostics
 
-    def _split(self, name: str):
-        split = self.cache.split(name)
+    # -- running --------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict]:
+        if self._lock is None:
+            raise RuntimeError("use the Sweeper as a context manager: with Sweeper(...) as sweeper")
+        for rep in self.representations:
+            runs = [run for run in self.pending if run.representation == rep.label]
+            if runs:
+                yield from self._sweep_entry(rep, runs)
+
+    def _split(self, cache, name: str):
+        split = cache.split(name)
         return as_tensor(split.features, self.device), split.labels
 
-    def __iter__(self) -> Iterator[dict]:
-        if not self.pending:
-            return
-        X, y = self._split("train")
-        counts = self.cache.class_counts("train")
-        X_eval, y_eval = self._split(self.spec.eval_split)
-        val = self._split(self.val_split) if self.val_split else None
-        classifier = self.cache.classifier
-        self.diagnostics.setdefault("train_counts", counts.tolist())
-        self.diagnostics.setdefault("cache_key", self.cache.key)
-        for run in self.pending:
-            record, estimator, logits = self._run(run, X, y, counts, classifier, val, X_eval, y_eval)
-            with open(self.results, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
-            self._diagnose(run, estimator, logits, y_eval, X_eval)
-            yield record
+    def _sweep_entry(self, rep: Representation, runs: list[Run]) -> Iterator[dict]:
+        cache = rep.cache
+        X, y = self._split(cache, "train")
+        counts = cache.class_counts("train")
+        X_eval, y_eval = self._split(cache, self.spec.eval_split)
+        val = self._split(cache, self.val_split) if self.val_split else None
+        classifier = cache.classifier
+        diagnostics = self.diagnostics.setdefault("representations", {}).setdefault(rep.label, {})
+        diagnostics.setdefault("train_counts", counts.tolist())
+        diagnostics.setdefault("cache_key", cache.key)
+        try:
+            for run in runs:
+                record, estimator, logits = self._run(run, X, y, counts, classifier, val, X_eval, y_eval)
+                self._append(record)
+                if record["status"] == "ok":
+                    self._diagnose(diagnostics, cache, run, estimator, logits, y_eval, X_eval)
+                yield record
+        finally:
+            cache.release()  # one entry in memory at a time
 
-    def _run(self, run, X, y, counts, classifier, val, X_eval, y_eval):
+    def _append(self, record: dict) -> None:
+        line = json.dumps(record, allow_nan=False) + "\n"
+        try:
+            with open(self.results, "a") as handle:
+                handle.write(line)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            raise FeatcacheError(f"cannot write {self.results}: {exc.strerror or exc}") from None
+
+    def _run(self, run: Run, X, y, counts, classifier, val, X_eval, y_eval):
         params = dict(run.params)
         estimator = create(run.method, **params, device=str(self.device))
         began = time.perf_counter()
@@ -196,35 +413,46 @@ class Sweeper:
         logits = estimator.decision_function(X_eval)
         evaluated = time.perf_counter()
         selected = getattr(estimator, "selected_", {}) or {}
-        metrics = evaluate(logits, y_eval, counts, self.spec.many, self.spec.few)
         record = {"method": run.method, "params": {**_jsonable(params), **selected}, "seed": run.seed,
-                  "eval_split": self.spec.eval_split, "selected_on": self.val_split if selected else None,
-                  **metrics, "fit_seconds": round(fitted - began, 4), "eval_seconds": round(evaluated - fitted, 4),
-                  "cache_key": self.cache.key, "version": __version__}
+                  "representation": run.representation, "eval_split": self.spec.eval_split,
+                  "selected_on": self.val_split if selected else None,
+                  "many_threshold": self.spec.many, "few_threshold": self.spec.few,
+                  "fit_seconds": round(fitted - began, 4), "eval_seconds": round(evaluated - fitted, 4),
+                  "cache_key": run.cache_key, "version": __version__}
+        bad = int((~np.isfinite(logits)).any(axis=1).sum())
+        if bad:
+            record.update(status="failed", failure=f"non-finite logits on {bad} of {len(logits)} eval rows "
+                                                   "(the fit diverged?)", **dict.fromkeys(METRIC_FIELDS))
+        else:
+            record.update(status="ok", failure=None, **evaluate(logits, y_eval, counts, self.spec.many,
+                                                                self.spec.few))
+            if not all(v is None or math.isfinite(v) for v in (record[k] for k in METRIC_FIELDS)):
+                record.update(status="failed", failure="a metric is not finite", **dict.fromkeys(METRIC_FIELDS))
         return {k: record[k] for k in RECORD_FIELDS}, estimator, logits
 
-    def _diagnose(self, run: Run, estimator, logits, y_eval, X_eval) -> None:
+    def _diagnose(self, diagnostics: dict, cache, run: Run, estimator, logits, y_eval, X_eval) -> None:
         """Keep what the plots need, for the first seed of each method: weight norms, per-class
         accuracy, and for tau the val and eval curves over its grid."""
-        label = run.method if run.seed == self.spec.seeds[0] else None
-        if label is None or label in self.diagnostics.get("per_class", {}):
+        label = run.method
+        if run.seed != self.spec.seeds[0] or label in diagnostics.get("per_class", {}):
             return
         per_class = per_class_accuracy(logits.argmax(1), y_eval, logits.shape[1])
-        self.diagnostics.setdefault("per_class", {})[label] = [None if np.isnan(a) else float(a) for a in per_class]
+        diagnostics.setdefault("per_class", {})[label] = [None if np.isnan(a) else float(a) for a in per_class]
         norms = effective_weight_norms(estimator)
         if norms is not None and run.method in ("joint", "crt", "tau", "lws"):
-            self.diagnostics.setdefault("weight_norms", {})[label] = norms.tolist()
+            diagnostics.setdefault("weight_norms", {})[label] = norms.tolist()
         if run.method == "tau" and getattr(estimator, "val_curve_", None):
-            weight = torch.as_tensor(self.cache.classifier[0], device=X_eval.device)
+            weight = torch.as_tensor(cache.classifier[0], device=X_eval.device)
             norms = weight.norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
             labels = torch.as_tensor(y_eval, device=X_eval.device)
             grid = list(estimator.val_curve_)
             curve = {str(t): 100 * a for t, a in zip(grid, tau_curve(X_eval, labels, weight, norms, grid,
                                                                       len(estimator.classes_)))}
-            self.diagnostics["tau_curve"] = {"val": {str(k): 100 * v for k, v in estimator.val_curve_.items()},
-                                             self.spec.eval_split: curve, "chosen": estimator.tau_}
-        (self.out / DIAGNOSTICS_FILE).write_text(json.dumps(self.diagnostics))
+            diagnostics["tau_curve"] = {"val": {str(k): 100 * v for k, v in estimator.val_curve_.items()},
+                                        self.spec.eval_split: curve, "chosen": estimator.tau_}
+        _atomic_write(self.out / DIAGNOSTICS_FILE, json.dumps(self.diagnostics))
 
 
 def _jsonable(params: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}
+

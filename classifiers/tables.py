@@ -1,10 +1,20 @@
-"""Ablation tables from sweep records: one row per method + requested parameters, seeds
-aggregated as mean ± std (sample std), sorted like the paper (joint first), best per column marked."""
+"""Ablation tables from sweep records. Tables pivot records; they never recompute.
+
+Records are grouped by everything but the seed (representation, eval split, shot thresholds,
+method, requested parameters); a group's seeds are aggregated as mean ± sample std. One label may
+cover several cache entries only as seeds (a backbone per seed): where two entries of a group
+share a seed, the group is split by entry (its rows name the key).
+A group with a failed run (non-finite logits) shows ``failed`` and is never marked best.
+
+Layouts: ``rows`` (one row per representation x method + parameters, sorted like the paper, joint
+first; a Representation column when there are several) and ``grid`` (one row per representation,
+one column per method, one metric; the best cell of each row and of each column marked)."""
 from __future__ import annotations
 
 import csv
 import io
 import json
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,21 +22,26 @@ import numpy as np
 from featcache.errors import FeatcacheError
 
 from .base import REGISTRY
-from .sweep import requested_params
+from .sweep import IDENTITY_FIELDS, record_key, requested_params
 
 COLUMNS = (("many", "Many"), ("medium", "Medium"), ("few", "Few"), ("top1", "All"))
+METRICS = {"top1": "All", "many": "Many", "medium": "Medium", "few": "Few"}
 DISPLAY = {"joint": "Joint", "ncm": "NCM", "crt": "cRT", "tau": "tau-norm", "lws": "LWS", "knn": "kNN",
            "logit_adjust": "Logit adjustment", "bsce": "cRT + balanced softmax", "maxnorm": "cRT + MaxNorm",
            "logreg": "LogReg (sklearn)"}
 FORMATS = ("md", "csv", "latex", "json")
+LAYOUTS = ("rows", "grid")
 
 
 @dataclass
 class Row:
-    label: str
+    label: str  # method and parameters, as shown
     method: str
     seeds: int
     stats: dict  # column -> (mean, std) or None
+    representation: str = ""
+    context: str = ""  # eval split / shot thresholds, when they differ between rows
+    failed: int = 0  # runs of the group that failed
 
 
 def _label(method: str, params: dict, chosen: dict) -> str:
@@ -44,50 +59,94 @@ def _label(method: str, params: dict, chosen: dict) -> str:
     return f"{name} ({', '.join(shown)})" if shown else name
 
 
+def merge_records(sources: list[list[dict]]) -> list[dict]:
+    """Records of several results files as one list; a run recorded twice is kept once (said once)."""
+    seen, merged, repeated = set(), [], 0
+    for records in sources:
+        for record in records:
+            key = record_key(record)
+            if key in seen:
+                repeated += 1
+                continue
+            seen.add(key)
+            merged.append(record)
+    if repeated:
+        print(f"note: {repeated} record(s) appear in more than one results file; each is counted once",
+              file=sys.stderr)
+    return merged
+
+
 def aggregate(records: list[dict]) -> list[Row]:
     if not records:
         raise FeatcacheError("no records to tabulate")
     groups: dict[str, list[dict]] = {}
     for record in records:
         params = {k: v for k, v in requested_params(record).items() if k != "seed"}
-        key = json.dumps([record["method"], params], sort_keys=True, default=str)
+        identity = [record.get(f) for f in IDENTITY_FIELDS]
+        key = json.dumps([identity, record["method"], params], sort_keys=True, default=str)
         groups.setdefault(key, []).append(record)
+    groups = {f"{key}\t{entry}": members for key, group in groups.items() for entry, members in _by_entry(group)}
+    varying = {f for f in IDENTITY_FIELDS if len({json.dumps(r.get(f)) for r in records}) > 1}
     order = {name: i for i, name in enumerate(REGISTRY)}
+    representations = list(dict.fromkeys(r["representation"] for r in records))
     rows = []
-    for key, members in sorted(groups.items(), key=lambda kv: (order.get(json.loads(kv[0])[0], 99), kv[0])):
-        method, params = json.loads(key)
+    for key, members in groups.items():
+        group_key, entry = key.split("\t")
+        identity, method, params = json.loads(group_key)
+        fields = dict(zip(IDENTITY_FIELDS, identity))
         chosen = {}
         for record in members:
             if record.get("selected_on"):
                 for name in getattr(REGISTRY.get(method), "auto_params", ()):
                     chosen.setdefault(name, []).append(record["params"][name])
+        failed = sum(r.get("status") != "ok" for r in members)
         stats = {}
-        for column, _ in COLUMNS:
+        for column in METRICS:
             values = [r[column] for r in members if r.get(column) is not None]
-            stats[column] = None if not values else (float(np.mean(values)),
-                                                     float(np.std(values, ddof=1)) if len(values) > 1 else 0.0)
-        rows.append(Row(_label(method, params, chosen), method, len(members), stats))
+            stats[column] = None if failed or not values else (
+                float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0)
+        context = []
+        if "eval_split" in varying:
+            context.append(f"eval {fields['eval_split']}")
+        if "many_threshold" in varying or "few_threshold" in varying:
+            context.append(f">{fields['many_threshold']}/<{fields['few_threshold']}")
+        if entry:
+            context.append(f"entry {entry[:8]}")
+        rows.append(Row(_label(method, params, chosen), method, len(members), stats, fields["representation"],
+                        ", ".join(context), failed))
+    rows.sort(key=lambda r: (representations.index(r.representation), r.context, order.get(r.method, 99), r.label))
     return rows
 
 
-def _best(rows: list[Row]) -> dict[str, float]:
-    best = {}
-    for column, _ in COLUMNS:
-        means = [r.stats[column][0] for r in rows if r.stats[column] is not None]
-        if means:
-            best[column] = max(means)
-    return best
+def _by_entry(group: list[dict]) -> list[tuple[str, list[dict]]]:
+    """The group whole when its seeds are distinct, else one part per cache entry."""
+    seeds = [r["seed"] for r in group]
+    if len(seeds) == len(set(seeds)):
+        return [("", group)]
+    entries: dict[str, list[dict]] = {}
+    for record in group:
+        entries.setdefault(record["cache_key"], []).append(record)
+    return list(entries.items())
 
 
-def _cell(stat, seeds: int, bold: bool, fmt: str) -> str:
+def _best(rows: list[Row], column: str) -> float | None:
+    means = [r.stats[column][0] for r in rows if r.stats[column] is not None]
+    return max(means) if means else None
+
+
+def _cell(row: Row, column: str, bold: bool, fmt: str, mark: str = "") -> str:
+    if row.failed:
+        return f"failed ({row.failed}/{row.seeds})" if row.seeds > 1 else "failed"
+    stat = row.stats[column]
     if stat is None:
         return "-"
     mean, std = stat
     if fmt == "latex":
-        text = f"{mean:.1f} \\pm {std:.1f}" if seeds > 1 else f"{mean:.1f}"
-        return f"$\\mathbf{{{text}}}$" if bold else f"${text}$"
-    text = f"{mean:.1f} ± {std:.1f}" if seeds > 1 else f"{mean:.1f}"
-    return f"**{text}**" if bold else text
+        text = f"{mean:.1f} \\pm {std:.1f}" if row.seeds > 1 else f"{mean:.1f}"
+        text = f"\\mathbf{{{text}}}" if bold else text
+        return f"\\underline{{${text}$}}" if mark else f"${text}$"
+    text = f"{mean:.1f} ± {std:.1f}" if row.seeds > 1 else f"{mean:.1f}"
+    return (f"**{text}**" if bold else text) + mark
 
 
 def _latex_escape(text: str) -> str:
@@ -97,34 +156,102 @@ def _latex_escape(text: str) -> str:
     return text.replace("tau", r"$\tau$")
 
 
-def render(records: list[dict], fmt: str = "md") -> str:
+def render(records: list[dict], fmt: str = "md", layout: str = "rows", metric: str = "top1") -> str:
     """The table of sweep records as Markdown, CSV, a LaTeX tabular, or JSON."""
-    return render_rows(aggregate(records), fmt)
+    if layout not in LAYOUTS:
+        raise FeatcacheError(f"--layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
+    rows = aggregate(records)
+    return render_rows(rows, fmt) if layout == "rows" else render_grid(rows, fmt, metric)
 
 
 def render_rows(rows: list[Row], fmt: str = "md") -> str:
     """Aggregated rows (see :func:`aggregate`; labels may be changed) as a table."""
     if fmt not in FORMATS:
         raise FeatcacheError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    best = _best(rows)
-    is_best = {(id(r), c): r.stats[c] is not None and r.stats[c][0] == best.get(c) for r in rows for c, _ in COLUMNS}
+    best = {c: _best(rows, c) for c, _ in COLUMNS}
+    is_best = {(id(r), c): r.stats[c] is not None and r.stats[c][0] == best[c] for r in rows for c, _ in COLUMNS}
+    several = len({r.representation for r in rows}) > 1
+    context = any(r.context for r in rows)
     if fmt == "json":
-        return json.dumps([{"method": r.method, "label": r.label, "seeds": r.seeds,
+        return json.dumps([{"representation": r.representation, "context": r.context, "method": r.method,
+                            "label": r.label, "seeds": r.seeds, "failed": r.failed,
                             **{c: None if r.stats[c] is None else {"mean": r.stats[c][0], "std": r.stats[c][1],
                                                                   "best": is_best[(id(r), c)]}
                                for c, _ in COLUMNS}} for r in rows], indent=1)
+    lead = (["Representation"] if several else []) + (["Setting"] if context else [])
+
+    def leading(r: Row) -> list[str]:
+        return ([r.representation] if several else []) + ([r.context] if context else [])
+
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["method", "seeds"] + [f"{h.lower()}_{s}" for _, h in COLUMNS for s in ("mean", "std")])
+        writer.writerow([h.lower() for h in lead] + ["method", "seeds", "failed"]
+                        + [f"{h.lower()}_{s}" for _, h in COLUMNS for s in ("mean", "std")])
         for r in rows:
-            writer.writerow([r.label, r.seeds] + [("" if r.stats[c] is None else f"{r.stats[c][i]:.4f}")
-                                                  for c, _ in COLUMNS for i in (0, 1)])
+            writer.writerow(leading(r) + [r.label, r.seeds, r.failed]
+                            + [("" if r.stats[c] is None else f"{r.stats[c][i]:.4f}") for c, _ in COLUMNS for i in (0, 1)])
         return buffer.getvalue().rstrip("\n")
     from tabulate import tabulate
-    headers = ["Method", "Seeds"] + [h for _, h in COLUMNS]
-    body = [[r.label if fmt == "md" else _latex_escape(r.label), r.seeds]
-            + [_cell(r.stats[c], r.seeds, is_best[(id(r), c)], fmt) for c, _ in COLUMNS] for r in rows]
+    headers = lead + ["Method", "Seeds"] + [h for _, h in COLUMNS]
+    escape = (lambda t: t) if fmt == "md" else _latex_escape
+    body = [[escape(t) for t in leading(r)] + [escape(r.label), r.seeds]
+            + [_cell(r, c, is_best[(id(r), c)], fmt) for c, _ in COLUMNS] for r in rows]
+    return tabulate(body, headers=headers, tablefmt="github" if fmt == "md" else "latex_raw", disable_numparse=True)
+
+
+def render_grid(rows: list[Row], fmt: str = "md", metric: str = "top1") -> str:
+    """One row per representation, one column per method (+ parameters): ``metric`` as mean ± std.
+    Marked: the best cell of each row (bold) and of each column (†; underlined in LaTeX)."""
+    if fmt not in FORMATS:
+        raise FeatcacheError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if metric not in METRICS:
+        raise FeatcacheError(f"--metric {metric!r}: choose one of {', '.join(METRICS)}")
+    if any(r.context for r in rows):
+        raise FeatcacheError("--layout grid needs records of one eval split and one set of shot thresholds "
+                             f"(these differ: {sorted({r.context for r in rows})}); tabulate them separately")
+    representations = list(dict.fromkeys(r.representation for r in rows))
+    methods = list(dict.fromkeys(r.label for r in rows))
+    cells = {(r.representation, r.label): r for r in rows}
+    row_best = {rep: _best([cells[rep, m] for m in methods if (rep, m) in cells], metric) for rep in representations}
+    col_best = {m: _best([cells[rep, m] for rep in representations if (rep, m) in cells], metric) for m in methods}
+
+    def flags(rep, method):
+        row = cells.get((rep, method))
+        value = None if row is None or row.stats[metric] is None else row.stats[metric][0]
+        return row, value is not None and value == row_best[rep], value is not None and value == col_best[method]
+
+    if fmt == "json":
+        return json.dumps({"metric": metric, "rows": [
+            {"representation": rep, "cells": {m: None if (row := cells.get((rep, m))) is None else {
+                "mean": None if row.stats[metric] is None else row.stats[metric][0],
+                "std": None if row.stats[metric] is None else row.stats[metric][1],
+                "seeds": row.seeds, "failed": row.failed,
+                "best_in_row": flags(rep, m)[1], "best_in_column": flags(rep, m)[2]} for m in methods}}
+            for rep in representations]}, indent=1)
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["representation"] + methods)
+        for rep in representations:
+            values = []
+            for m in methods:
+                row = cells.get((rep, m))
+                values.append("failed" if row is not None and row.failed else
+                              "" if row is None or row.stats[metric] is None else f"{row.stats[metric][0]:.4f}")
+            writer.writerow([rep] + values)
+        return buffer.getvalue().rstrip("\n")
+    from tabulate import tabulate
+    escape = (lambda t: t) if fmt == "md" else _latex_escape
+    body = []
+    for rep in representations:
+        line = [escape(rep)]
+        for m in methods:
+            row, in_row, in_column = flags(rep, m)
+            line.append("-" if row is None else _cell(row, metric, in_row, fmt, ("†" if fmt == "md" else "u") if in_column else ""))
+        body.append(line)
+    headers = [f"Representation ({METRICS[metric]})"] + [escape(m) for m in methods]
+    table = tabulate(body, headers=headers, tablefmt="github" if fmt == "md" else "latex_raw", disable_numparse=True)
     if fmt == "md":
-        return tabulate(body, headers=headers, tablefmt="github", disable_numparse=True)
-    return tabulate(body, headers=headers, tablefmt="latex_raw", disable_numparse=True)
+        table += "\n\nBold: best classifier of the representation (row). †: best representation for the classifier (column)."
+    return table

@@ -1,9 +1,12 @@
 """`lt-cls`: Stage 2, classifier strategies on cached features, sweeps and ablation tables."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
+
+from featcache.errors import FeatcacheError
 
 from .common import Group, comma_list, data_options, device_option
 
@@ -34,13 +37,34 @@ def _load_config(path: str | None) -> dict:
         import tomli as tomllib
     try:
         with open(path, "rb") as handle:
-            return tomllib.load(handle)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise click.BadParameter(f"{path}: {exc}", param_hint="--config") from None
+            settings = tomllib.load(handle)
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise FeatcacheError(f"--config {path}: {exc}") from None
+    unknown = sorted(set(settings) - {"methods", "seeds", "eval_split", "val_split", "params"})
+    if unknown:
+        raise FeatcacheError(f"--config {path}: unknown key {unknown[0]!r} (known: methods, seeds, eval_split, "
+                             "val_split, [params.METHOD])")
+    methods = settings.get("methods", [])
+    if isinstance(methods, str):  # methods = "crt,tau" reads as the comma list it looks like
+        settings["methods"] = comma_list([methods])
+    elif not (isinstance(methods, list) and all(isinstance(m, str) for m in methods)):
+        raise FeatcacheError(f"--config {path}: methods must be a list of method names")
+    seeds = settings.get("seeds", [0])
+    settings["seeds"] = seeds if isinstance(seeds, list) else [seeds]
+    for key in ("eval_split", "val_split"):
+        if key in settings and not isinstance(settings[key], str):
+            raise FeatcacheError(f"--config {path}: {key} must be a split name")
+    params = settings.get("params", {})
+    if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
+        raise FeatcacheError(f"--config {path}: params must be tables [params.METHOD] of name = value(s)")
+    return settings
 
 
 @main.command()
-@click.option("--cache", "cache_ref", help="Cache entry: a path, key, key prefix or entry name.")
+@click.option("--cache", "cache_refs", multiple=True, metavar="[LABEL=]ENTRY",
+              help="Cache entry (path, key, key prefix or name), one per representation; repeat to compare "
+                   "representations. LABEL names it in the records (default: the entry's name, else its "
+                   "training run, else its key).")
 @click.option("--ckpt", type=click.Path(), help="Instead of --cache: get or extract the entry for this checkpoint.")
 @click.option("--arch", help="With --ckpt: architecture when the checkpoint does not record it.")
 @data_options
@@ -57,46 +81,61 @@ def _load_config(path: str | None) -> dict:
 @click.option("--out", default="runs/sweep", show_default=True, type=click.Path(), help="Output directory.")
 @click.option("--format", "fmt", type=click.Choice(["md", "csv", "latex", "json"]), default="md", show_default=True,
               help="Format of the table printed to stdout.")
-@click.option("--resume", is_flag=True, help="Skip runs already recorded in OUT/results.jsonl.")
+@click.option("--resume", is_flag=True, help="Add the runs not yet recorded in OUT/results.jsonl.")
+@click.option("--overwrite", is_flag=True, help="Start OUT/results.jsonl over (its records are lost).")
 @click.option("--no-plots", is_flag=True, help="Do not draw the PNG plots.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @device_option
-def sweep(cache_ref, ckpt, arch, data_spec, cache_dir, methods, params, config, seeds, eval_split, val_split,
-          many, few, out, fmt, resume, no_plots, quiet, device):
-    """Run methods x parameters x seeds on one cache entry and print the ablation table.
+def sweep(cache_refs, ckpt, arch, data_spec, cache_dir, methods, params, config, seeds, eval_split, val_split,
+          many, few, out, fmt, resume, overwrite, no_plots, quiet, device):
+    """Run representations x methods x parameters x seeds and print the ablation table.
 
     Writes OUT/results.jsonl (one record per run, appended as it finishes), OUT/table.md,
-    table.csv, table.tex and the plots."""
+    table.csv, table.tex (and grid.* with several representations) and the plots. An OUT that
+    already holds records needs --resume or --overwrite."""
     from tqdm.auto import tqdm
 
-    from classifiers.sweep import SweepSpec, Sweeper, parse_param_flags, parse_value
+    from classifiers.sweep import Representation, SweepSpec, Sweeper, default_label, parse_param_flags, parse_value
     from featcache.store import FeatureCache, cache_root, resolve_entry
 
     settings = _load_config(config)
-    if bool(cache_ref) == bool(ckpt):
-        raise click.UsageError("give exactly one of --cache ENTRY or --ckpt CKPT")
-    method_list = comma_list([methods]) if methods else list(settings.get("methods", []))
+    if bool(cache_refs) == bool(ckpt):
+        raise FeatcacheError("give --cache ENTRY (one or more) or --ckpt CKPT")
+    if resume and overwrite:
+        raise FeatcacheError("--resume and --overwrite exclude each other")
+    method_list = comma_list([methods]) if methods else settings.get("methods", [])
     if not method_list:
-        raise click.UsageError("--methods is required (or `methods = [...]` in --config)")
+        raise FeatcacheError("--methods is required (or `methods = [...]` in --config)")
     grid = {m: {k: v if isinstance(v, list) else [v] for k, v in p.items()}
             for m, p in settings.get("params", {}).items()}
     for method, values in parse_param_flags(list(params)).items():
         grid.setdefault(method, {}).update(values)
-    seed_list = ([parse_value(s) for s in comma_list([seeds])] if seeds else list(settings.get("seeds", [0])))
-    spec = SweepSpec(method_list, grid, [int(s) for s in seed_list], eval_split or settings.get("eval_split", "test"),
+    seed_list = [parse_value(s) for s in comma_list([seeds])] if seeds else settings.get("seeds", [0])
+    spec = SweepSpec(list(method_list), grid, list(seed_list), eval_split or settings.get("eval_split", "test"),
                      val_split or settings.get("val_split", "val"), device, many, few)
     if ckpt:
         from featcache.extract import ExtractRequest, extract
         path = extract(ExtractRequest(ckpt, arch, data_spec, cache_dir=cache_dir, device=device, progress=not quiet))
+        entries = [(None, path)]
     else:
-        path = resolve_entry(cache_ref, cache_root(cache_dir))
-    sweeper = Sweeper(FeatureCache.open(path), spec, Path(out), resume=resume)
-    with tqdm(total=len(sweeper.runs), initial=len(sweeper.runs) - len(sweeper.pending), unit="run", desc="sweep",
-              disable=quiet, dynamic_ncols=True) as bar:
+        entries = [_split_label(ref, cache_root(cache_dir)) for ref in cache_refs]
+    representations = []
+    for label, path in entries:
+        cache = FeatureCache.open(path)
+        representations.append(Representation(label or default_label(cache), cache))
+    sweeper = Sweeper(representations, spec, Path(out), mode="resume" if resume else "overwrite" if overwrite else "new")
+    for message in sweeper.notes:
+        click.echo(f"note: {message}", err=True)
+    with sweeper, tqdm(total=len(sweeper.runs), initial=len(sweeper.runs) - len(sweeper.pending), unit="run",
+                       desc="sweep", disable=quiet, dynamic_ncols=True) as bar:
         for record in sweeper:
-            bar.set_postfix_str(f"{record['method']} top1 {record['top1']:.1f}")
+            shown = f"top1 {record['top1']:.1f}" if record["status"] == "ok" else "FAILED"
+            bar.set_postfix_str(f"{record['representation']} {record['method']} {shown}")
             bar.update()
-    _write_tables(Path(out), fmt)
+            if record["status"] != "ok":
+                bar.write(f"warning: {record['representation']} {record['method']} seed {record['seed']}: "
+                          f"{record['failure']}", file=sys.stderr)
+        _write_tables(Path(out), fmt)
     if not no_plots:
         from classifiers.plots import plot_sweep
         pictures = plot_sweep(out)
@@ -104,24 +143,57 @@ def sweep(cache_ref, ckpt, arch, data_spec, cache_dir, methods, params, config, 
     click.echo(f"results: {Path(out) / 'results.jsonl'}")
 
 
+def _split_label(ref: str, root: Path):
+    """``LABEL=ENTRY`` -> (LABEL, entry path); a plain ENTRY -> (None, entry path)."""
+    from featcache.store import resolve_entry
+    label, sep, entry = ref.partition("=")
+    if sep and label and "/" not in label:
+        if not entry:
+            raise FeatcacheError(f"--cache {ref!r}: expected LABEL=ENTRY")
+        return label, resolve_entry(entry, root)
+    return None, resolve_entry(ref, root)
+
+
 def _write_tables(out: Path, fmt: str) -> None:
     from classifiers.sweep import load_records
     from classifiers.tables import render
 
     records = load_records(out / "results.jsonl")
-    for name, table_fmt in (("table.md", "md"), ("table.csv", "csv"), ("table.tex", "latex")):
-        (out / name).write_text(render(records, table_fmt) + "\n")
+    outputs = {"table.md": render(records, "md"), "table.csv": render(records, "csv"),
+               "table.tex": render(records, "latex")}
+    if len({r["representation"] for r in records}) > 1:
+        outputs.update({"grid.md": render(records, "md", "grid"), "grid.csv": render(records, "csv", "grid"),
+                        "grid.tex": render(records, "latex", "grid")})
+    try:
+        for name, text in outputs.items():
+            (out / name).write_text(text + "\n")
+    except OSError as exc:
+        raise FeatcacheError(f"cannot write the tables into {out}: {exc.strerror or exc}") from None
     click.echo(render(records, fmt))
 
 
 @main.command()
-@click.argument("results", type=click.Path(exists=True, dir_okay=False))
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--format", "fmt", type=click.Choice(["md", "csv", "latex", "json"]), default="md", show_default=True)
-def table(results, fmt):
-    """Print the ablation table of a results.jsonl: seeds as mean ± std, joint first, best marked."""
-    from classifiers.sweep import load_records
-    from classifiers.tables import render
-    click.echo(render(load_records(Path(results)), fmt))
+@click.option("--layout", type=click.Choice(["rows", "grid"]), default="rows", show_default=True,
+              help="rows: one row per representation x method; grid: representations x methods, one metric.")
+@click.option("--metric", type=click.Choice(["top1", "many", "medium", "few"]), default="top1", show_default=True,
+              help="The metric of a grid's cells.")
+def table(results, fmt, layout, metric):
+    """Print the ablation table of one or more results.jsonl files or sweep directories (merged):
+    seeds as mean ± std, joint first, best marked."""
+    from classifiers.sweep import RESULTS_FILE, load_records
+    from classifiers.tables import merge_records, render
+
+    sources = []
+    for item in results:
+        path = Path(item)
+        if path.is_dir():
+            path = path / RESULTS_FILE
+            if not path.is_file():
+                raise FeatcacheError(f"{item} is a directory without {RESULTS_FILE}")
+        sources.append(load_records(path))
+    click.echo(render(merge_records(sources), fmt, layout, metric))
 
 
 @main.command()

@@ -148,6 +148,10 @@ class FeatureCache:
             self._loaded[name] = self._read_split(name)
         return self._loaded[name]
 
+    def release(self) -> None:
+        """Forget the loaded splits (their memory goes back once no caller holds them)."""
+        self._loaded.clear()
+
     @property
     def classifier(self) -> tuple[np.ndarray, np.ndarray] | None:
         """The checkpoint's final linear layer ``(W: C x D, b: C)`` as float32, or None."""

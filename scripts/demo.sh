@@ -14,5 +14,5 @@ featcache info "$ENTRY"
 
 echo "== Stage 2: classifier strategies on the cached features (tau picked on val)"
 lt-cls sweep --cache "$ENTRY" --methods joint,crt,tau,lws,ncm,knn --param tau.tau=auto --seeds 0,1,2 \
-  --out "$RUN/sweep" --quiet
+  --out "$RUN/sweep" --overwrite --quiet
 echo "Tables: $RUN/sweep/table.{md,csv,tex}; plots: $RUN/sweep/*.png"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from classifiers import REGISTRY
-from classifiers.sweep import RECORD_FIELDS, SweepSpec, Sweeper, load_records
+from classifiers.sweep import RECORD_FIELDS, Representation, SweepSpec, Sweeper, load_records
 from cli.featcache_cmd import main as featcache
 from cli.lt_cls_cmd import main as lt_cls
 from featcache import FeatureCache
@@ -118,12 +118,12 @@ def test_latex_table_is_a_valid_tabular(entry, runner, tmp_path):
 def test_interrupt_and_resume_does_not_repeat_runs(entry, tmp_path, runner, monkeypatch):
     spec = SweepSpec(["joint", "crt", "ncm", "knn"], seeds=[0, 1])
     out = tmp_path / "resume"
-    first = Sweeper(FeatureCache.open(entry), spec, out)
     finished = []
-    for record in first:  # interrupted after three runs
-        finished.append(record)
-        if len(finished) == 3:
-            break
+    with Sweeper([Representation("synthetic", FeatureCache.open(entry))], spec, out) as first:
+        for record in first:  # interrupted after three runs
+            finished.append(record)
+            if len(finished) == 3:
+                break
     assert len(load_records(out / "results.jsonl")) == 3
     with open(out / "results.jsonl", "a") as handle:  # a half-written line from the kill
         handle.write('{"method": "cr')
@@ -151,7 +151,7 @@ def test_plots_include_the_tau_curve(entry, runner, tmp_path):
     out = tmp_path / "plots"
     invoke(runner, lt_cls, ["sweep", "--cache", entry, "--out", out, "--quiet", "--methods", "joint,crt,tau,lws",
                             "--param", "tau.tau=auto"])
-    diagnostics = json.loads((out / "diagnostics.json").read_text())
+    diagnostics = json.loads((out / "diagnostics.json").read_text())["representations"]["synthetic"]
     assert set(diagnostics["weight_norms"]) == {"joint", "crt", "tau", "lws"}
     assert len(diagnostics["tau_curve"]["val"]) == 21 and len(diagnostics["tau_curve"]["test"]) == 21
     pictures = invoke(runner, lt_cls, ["plot", out]).output.split()
