@@ -3,8 +3,10 @@
 Every method is a scikit-learn classifier (``BaseEstimator`` + ``ClassifierMixin``): ``__init__``
 stores hyper-parameters only (declared in ``_parameter_constraints``, checked by :func:`create` and
 by ``fit``); ``fit(X, y, *, class_counts=None, classifier=None, val=None)`` returns self; learned
-state ends in ``_`` (numpy arrays); ``decision_function`` returns logits (N x C, float32, columns in
-``classes_`` order); ``predict`` returns labels from ``y``; ``score`` is accuracy.
+state ends in ``_`` (numpy arrays); ``logits`` returns the logits (N x C, float32, columns in
+``classes_`` order); ``decision_function`` the same, except that for two classes it follows
+scikit-learn's convention (one column: logit of ``classes_[1]`` minus logit of ``classes_[0]``);
+``predict`` returns labels from ``y``; ``predict_proba`` the softmax; ``score`` is accuracy.
 
 Labels: without ``classifier`` / ``class_counts``, ``classes_`` are the sorted unique labels of
 ``y`` (strings, any integers). With either, ``y`` holds class indices 0 ... C-1 (the rows of the
@@ -190,7 +192,12 @@ class LTClassifier(ClassifierMixin, BaseEstimator):
 
     # -- inference ------------------------------------------------------------------------------
     def decision_function(self, X) -> np.ndarray:
-        """Logits, N x C (float32), columns in ``classes_`` order."""
+        """The logits (N x C); for two classes scikit-learn's margin ``logit_1 - logit_0`` (N,)."""
+        logits = self.logits(X)
+        return logits[:, 1] - logits[:, 0] if logits.shape[1] == 2 else logits
+
+    def logits(self, X) -> np.ndarray:
+        """Logits, N x C (float32), columns in ``classes_`` order (whatever the number of classes)."""
         try:
             check_is_fitted(self, "device_")
         except sklearn_exceptions.NotFittedError as exc:
@@ -209,12 +216,12 @@ class LTClassifier(ClassifierMixin, BaseEstimator):
         return out.cpu().numpy()
 
     def predict(self, X) -> np.ndarray:
-        best = self.decision_function(X).argmax(axis=1)
+        best = self.logits(X).argmax(axis=1)
         return self.classes_[best]
 
     def predict_proba(self, X) -> np.ndarray:
         """Softmax of the logits (N x C, rows sum to 1)."""
-        logits = self.decision_function(X).astype(np.float64)
+        logits = self.logits(X).astype(np.float64)
         logits -= logits.max(axis=1, keepdims=True)
         np.exp(logits, out=logits)
         return logits / logits.sum(axis=1, keepdims=True)

@@ -12,11 +12,13 @@ class KNN(LTClassifier):
     """Cosine kNN with DINO's weighted vote (k=20, T=0.07).
 
     score_c = sum over the k nearest training features of
-    class c of exp(sim / T); features L2-normalised ("l2n", or "cl2n" to centre first).
+    class c of exp(sim / T), normalised to sum 1 over the classes; features L2-normalised ("l2n",
+    or "cl2n" to centre first).
 
     Caron et al., "Emerging Properties in Self-Supervised Vision Transformers", ICCV 2021
     (eval_knn.py). Search: faiss exact inner product on CPU, torch matmul + topk on GPU, queries in
-    chunks. The decision values are the vote scores.
+    chunks. The logits and ``predict_proba`` are the normalised votes, computed as
+    exp((sim - max sim) / T) so that no temperature overflows.
     """
 
     _parameter_constraints = {"k": [Int(1)], "temperature": [Real(0, closed="neither")],
@@ -53,17 +55,17 @@ class KNN(LTClassifier):
             else:
                 sims, ids = self._index.search(np.ascontiguousarray(chunk.numpy()), k)
                 sims, ids = torch.from_numpy(sims), torch.from_numpy(ids)
-            votes = torch.exp(sims / self.temperature)
-            scores[start:start + len(chunk)].scatter_add_(1, self._train_labels[ids.to(scores.device)],
-                                                          votes.to(scores.device))
+            votes = torch.exp((sims - sims[:, :1]) / self.temperature)  # topk: column 0 is the largest
+            rows = scores[start:start + len(chunk)]
+            rows.scatter_add_(1, self._train_labels[ids.to(scores.device)], votes.to(scores.device))
+            rows.div_(rows.sum(1, keepdim=True))
 
     def predict_proba(self, X) -> np.ndarray:
         """The normalised vote: each class's share of the k neighbours' weights."""
-        votes = self.decision_function(X).astype(np.float64)
-        return votes / votes.sum(axis=1, keepdims=True)
+        return self.logits(X).astype(np.float64)
 
     def __getstate__(self):
-        state = super().__getstate__()
+        state = dict(super().__getstate__())
         if "_index" in state and not isinstance(state["_index"], torch.Tensor):
             import faiss  # a faiss index does not pickle; its serialised bytes do
             state["_index"] = faiss.serialize_index(state["_index"])

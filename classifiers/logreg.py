@@ -31,6 +31,7 @@ class BalancedLogReg(LTClassifier):
                                                                max_iter=int(self.max_iter)))
         self.model_.fit(data.X.cpu().numpy(), data.y.cpu().numpy())
         self._trained_classes = self.model_.classes_
+        self.n_iter_ = int(np.max(self.model_[-1].n_iter_))
 
     def _logits(self, X, out):
         scores = self.model_.decision_function(X.cpu().numpy())

@@ -410,7 +410,7 @@ class Sweeper:
         began = time.perf_counter()
         estimator.fit(X, y, class_counts=counts, classifier=classifier, val=val)
         fitted = time.perf_counter()
-        logits = estimator.decision_function(X_eval)
+        logits = estimator.logits(X_eval)
         evaluated = time.perf_counter()
         selected = getattr(estimator, "selected_", {}) or {}
         record = {"method": run.method, "params": {**_jsonable(params), **selected}, "seed": run.seed,

@@ -123,8 +123,11 @@ def test_knn_weighted_vote_matches_formula(data):
     for i in range(len(X)):
         for j in top[i]:
             scores[i, ytr[j]] += np.exp(sims[i, j] / 0.07)
-    got = fit("knn", data, chunk_size=37).decision_function(X)
-    np.testing.assert_allclose(got, scores, rtol=1e-3)
+    scores /= scores.sum(axis=1, keepdims=True)  # the normalised vote
+    model = fit("knn", data, chunk_size=37)
+    got = model.decision_function(X)
+    np.testing.assert_allclose(got, scores, rtol=1e-3, atol=1e-7)
+    np.testing.assert_allclose(model.predict_proba(X), scores, rtol=1e-3, atol=1e-7)
     assert abs(balanced(got.argmax(1), y) - balanced(scores.argmax(1), y)) <= 1e-4
 
 
