@@ -90,23 +90,27 @@ REMAPS = {"featcache": remap_own, "classifier-balancing": remap_official,
           "torchvision": remap_torchvision}
 
 HF_HUB_PREFIX = "hf-hub:"
-HF_WEIGHT_FILES = ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin",
-                   "open_clip_pytorch_model.bin")
+# The weight files a hub repository holds, by library (timm's repos of CLIP models hold both).
+HF_WEIGHT_FILES = {"timm": ("model.safetensors", "pytorch_model.bin"),
+                   "open_clip": ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")}
 
 
-def resolve_hf_hub(reference: str) -> Path:
-    """The weights file of ``hf-hub:ORG/NAME`` in the local Hugging Face cache; never downloads."""
+def resolve_hf_hub(reference: str, library: str = "timm") -> Path:
+    """The weights file of ``hf-hub:ORG/NAME`` in the local Hugging Face cache (``library``'s
+    files first); never downloads."""
     from huggingface_hub import constants, try_to_load_from_cache
 
     repo = reference[len(HF_HUB_PREFIX):]
     if repo.count("/") != 1 or not all(repo.split("/")):
         raise FeatcacheError(f"--ckpt {reference}: expected hf-hub:ORG/NAME")
-    for filename in HF_WEIGHT_FILES:
+    filenames = HF_WEIGHT_FILES[library] + tuple(f for files in HF_WEIGHT_FILES.values() for f in files
+                                                 if f not in HF_WEIGHT_FILES[library])
+    for filename in filenames:
         found = try_to_load_from_cache(repo, filename)
         if isinstance(found, str):
             return Path(found)
     raise FeatcacheError(f"--ckpt {reference}: not in the local Hugging Face cache {constants.HF_HUB_CACHE} "
-                         f"(looked for {', '.join(HF_WEIGHT_FILES)}); featcache never downloads: fetch it "
+                         f"(looked for {', '.join(filenames)}); featcache never downloads: fetch it "
                          f"where there is internet (`hf download {repo}`) and copy the cache, or set HF_HUB_CACHE")
 
 

@@ -19,7 +19,7 @@ import torch
 from . import __version__
 from .backbones import get_arch, model_channels
 from .batches import iterate_batches
-from .checkpoints import Checkpoint, load_checkpoint, load_model
+from .checkpoints import HF_HUB_PREFIX, Checkpoint, load_checkpoint, load_model, resolve_hf_hub
 from .datasets import DataSource, DataSpec
 from .distributed import Dist, resolve_device
 from .errors import FeatcacheError
@@ -82,7 +82,10 @@ def _check_labels(source: DataSource, splits: list[str], num_classes: int | None
 def extract(request: ExtractRequest) -> Path:
     """Return the entry directory holding every requested split, computing only what is missing."""
     dist = Dist.from_env()
-    checkpoint = load_checkpoint(request.ckpt)
+    ckpt = request.ckpt
+    if str(ckpt).startswith(HF_HUB_PREFIX) and (request.arch or "").startswith(OPEN_CLIP):
+        ckpt = resolve_hf_hub(str(ckpt), "open_clip")
+    checkpoint = load_checkpoint(ckpt)
     arch = request.arch or checkpoint.arch
     if not arch:
         raise FeatcacheError(f"--arch is required: checkpoint {checkpoint.path} ({checkpoint.format}) "

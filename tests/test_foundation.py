@@ -255,3 +255,19 @@ def test_zeroshot_options_are_checked(tiny_clip, image_tree, cache_dir, runner, 
     for extra, message in cases:
         result = runner.invoke(featcache, base + extra)
         assert result.exit_code == 1 and message in result.output, (extra, result.output)
+
+
+def test_open_clip_hf_hub_prefers_open_clip_weights(tiny_clip, image_tree, cache_dir, runner, tmp_path, monkeypatch):
+    """timm's hub repositories of CLIP models hold timm weights and open_clip weights side by side."""
+    import huggingface_hub.constants
+    _, _, ckpt = tiny_clip
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--timm--tiny-clip"
+    (repo / "snapshots" / "c0ffee").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("c0ffee")
+    save_file(random_timm("test_vit").state_dict(), repo / "snapshots" / "c0ffee" / "model.safetensors")
+    (repo / "snapshots" / "c0ffee" / "open_clip_model.safetensors").write_bytes(ckpt.read_bytes())
+    direct = extract(runner, ckpt, "open_clip/featcache-tiny-clip", image_tree)
+    hub = extract(runner, "hf-hub:timm/tiny-clip", "open_clip/featcache-tiny-clip", image_tree)
+    assert hub.path == direct.path  # the same bytes: the same entry
