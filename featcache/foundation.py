@@ -271,7 +271,8 @@ def open_clip_backbone(arch: str, checkpoint, resize: int | None, crop: int | No
     meta = {"library": "open_clip", "version": open_clip.__version__, "model": name, "pretrained_tag": tag or None,
             "features": "encode_image(x), L2-normalised", "head": note,
             "logit_scale": float(model.logit_scale.detach().exp()),
-            "templates": zeroshot.templates if zeroshot else None}
+            "templates": zeroshot.templates if zeroshot else None,
+            "class_names": zeroshot.class_names if zeroshot else None}
     return Backbone(model, features, int(open_clip.get_model_config(name)["embed_dim"]),
                     len(zeroshot.class_names) if zeroshot else None, classifier, note,
                     transform=(transform, size), transform_description=_describe(transform), key=key, meta=meta)

@@ -224,6 +224,7 @@ def test_open_clip_zeroshot_head_equals_open_clip_logits(tiny_clip, image_tree, 
     backbone = entry.meta["backbone"]
     assert backbone["model"] == "featcache-tiny-clip" and backbone["pretrained_tag"] is None
     assert backbone["templates"] == ["a photo of a {}.", "a drawing of the {}."]
+    assert backbone["class_names"] == names
     assert entry.meta["transform"] == " ".join(repr(preprocess).split())
 
 
