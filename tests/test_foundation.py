@@ -272,3 +272,20 @@ def test_open_clip_hf_hub_prefers_open_clip_weights(tiny_clip, image_tree, cache
     direct = extract(runner, ckpt, "open_clip/featcache-tiny-clip", image_tree)
     hub = extract(runner, "hf-hub:timm/tiny-clip", "open_clip/featcache-tiny-clip", image_tree)
     assert hub.path == direct.path  # the same bytes: the same entry
+
+
+def test_timm_on_in_memory_gray_images(cache_dir, runner, tmp_path):
+    """Array data sets (digits) go through timm's transform too, as RGB PIL images."""
+    from featcache.datasets import load_digits_lt
+    model = random_timm("test_resnet", num_classes=10)
+    save_file(model.state_dict(), tmp_path / "m.safetensors")
+    result = invoke(runner, featcache, ["extract", "--ckpt", tmp_path / "m.safetensors", "--arch", "timm/test_resnet",
+                                        "--data", "digits-lt", "--max-per-class", 5,
+                                        "--split", "val", "--quiet"])
+    entry = FeatureCache.open(result.output.strip().splitlines()[-1])
+    samples = load_digits_lt(max_per_class=5).split("val")
+    transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model), is_training=False)
+    with torch.no_grad():
+        x = torch.stack([transform(Image.fromarray(image).convert("RGB")) for image in samples.images])
+        expected = model.forward_head(model.forward_features(x), pre_logits=True).numpy()
+    assert_close(entry.split("val").features, expected)
