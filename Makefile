@@ -6,7 +6,7 @@ STAMP := .make-installed
 .PHONY: demo test install docs-cli reproduce clean
 
 $(STAMP): pyproject.toml
-	$(PIP) install --quiet --disable-pip-version-check -e ".[dev]"
+	$(PIP) install --quiet --disable-pip-version-check -e ".[dev,clip]"
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -18,7 +18,8 @@ def main(debug):
 
 @main.command()
 @data_options
-@click.option("--arch", required=True, help="Architecture; see `featcache archs`.")
+@click.option("--arch", required=True, help="Architecture; see `featcache archs` (also timm/NAME).")
+@click.option("--init", type=click.Path(), help="timm/ archs: start from this checkpoint's weights, head re-initialised.")
 @click.option("--sampler", type=click.Choice(["instance", "class", "sqrt", "progressive"]), default="instance",
               show_default=True, help="Class-sampling strategy (p_j ~ n_j^q; progressive moves IB -> CB).")
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
@@ -34,26 +35,30 @@ def main(debug):
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
 @device_option
-def train(data_spec, arch, sampler, epochs, batch_size, lr, wd, momentum, seed, epoch_draws, no_augment,
+def train(data_spec, arch, init, sampler, epochs, batch_size, lr, wd, momentum, seed, epoch_draws, no_augment,
           num_workers, out, resume, quiet, device):
     """Train a backbone + linear classifier jointly (Stage 1). Prints OUT/last.pt last."""
     from featcache.distributed import Dist
     from featcache.train import TrainConfig, train as run_train
     from featcache.backbones import get_arch
+    from featcache.foundation import TIMM
 
     if data_spec is None:
         raise click.UsageError("--data is required")
-    get_arch(arch)
+    if not arch.startswith(TIMM):
+        get_arch(arch)
     config = TrainConfig(data_spec, arch, out, sampler, epochs, batch_size, lr, wd, momentum, seed, device,
-                         epoch_draws, not no_augment, num_workers, resume, not quiet)
+                         epoch_draws, not no_augment, num_workers, resume, not quiet, init)
     path = run_train(config)
     if Dist.from_env().is_main:
         click.echo(str(path))
 
 
 @main.command()
-@click.option("--ckpt", required=True, type=click.Path(), help="Checkpoint (own, torchvision state_dict, or classifier-balancing).")
-@click.option("--arch", help="Architecture (default: recorded in the checkpoint). See `featcache archs`.")
+@click.option("--ckpt", required=True, help="Checkpoint: own, state_dict (.pt/.pth/.bin, .safetensors), "
+              "classifier-balancing, or hf-hub:ORG/NAME from the local Hugging Face cache.")
+@click.option("--arch", help="Architecture (default: recorded in the checkpoint): see `featcache archs`; "
+              "timm/NAME[.TAG], open_clip/MODEL[.TAG].")
 @data_options
 @click.option("--split", "splits", multiple=True, help="Split(s) to extract; repeat or comma list (default train,val,test).")
 @CACHE_DIR
@@ -65,10 +70,15 @@ def train(data_spec, arch, sampler, epochs, batch_size, lr, wd, momentum, seed, 
 @click.option("--allow-nonfinite", is_flag=True, help="Store NaN/Inf features instead of refusing.")
 @click.option("--on-bad-image", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
               help="An image that cannot be decoded: fail naming it, or leave it out with a warning.")
+@click.option("--zeroshot-head", is_flag=True, help="open_clip: store the zero-shot head (class names x templates) "
+              "as the entry's classifier.")
+@click.option("--class-names", type=click.Path(), help="Zero-shot head: one class name per line (default: the data set's).")
+@click.option("--templates", type=click.Path(), help="Zero-shot head: one prompt template per line, the class as {} "
+              "(default: 8 built-in, 'a photo of a {}.' first).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @device_option
 def extract(ckpt, arch, data_spec, splits, cache_dir, dtype, compression, batch_size, num_workers,
-            shard_rows, allow_nonfinite, on_bad_image, quiet, device):
+            shard_rows, allow_nonfinite, on_bad_image, zeroshot_head, class_names, templates, quiet, device):
     """Run the backbone over each split and cache its penultimate features.
 
     The last line printed is the entry directory; an identical second call is a hit."""
@@ -77,7 +87,7 @@ def extract(ckpt, arch, data_spec, splits, cache_dir, dtype, compression, batch_
 
     request = ExtractRequest(ckpt, arch, data_spec, comma_list(splits) or None, cache_dir, dtype, batch_size,
                              num_workers, shard_rows, compression, device, allow_nonfinite, not quiet,
-                             on_bad_image)
+                             on_bad_image, zeroshot_head, class_names, templates)
     path = run_extract(request)
     if Dist.from_env().is_main:
         click.echo(str(path))
@@ -141,7 +151,12 @@ def info(entry, cache_dir):
     click.echo(f"features     dim {meta['feature_dim']}, {meta['dtype']}, compression {meta.get('compression')}")
     click.echo(f"checkpoint   {(meta.get('checkpoint') or {}).get('sha256') or '-'}")
     classifier = meta.get("classifier")
-    click.echo(f"classifier   {'W ' + 'x'.join(map(str, classifier['shape'])) + ' and b' if classifier else 'none'}")
+    head = (meta.get("backbone") or {}).get("head")  # timm / open_clip: what the classifier is, or why none
+    if classifier:
+        shown = "W " + "x".join(map(str, classifier["shape"])) + " and b" + (f"  ({head})" if head else "")
+    else:
+        shown = head or "none"
+    click.echo(f"classifier   {shown}")
     click.echo(f"classes      {meta['num_classes']}")
     for name in cache.splits:
         counts = cache.class_counts(name)
@@ -179,11 +194,30 @@ def rm(entry, cache_dir):
 
 
 @main.command()
-def archs():
-    """List the architectures."""
+@click.option("--timm", "timm_", is_flag=True, help="List timm's models instead (timm/NAME).")
+@click.option("--open-clip", is_flag=True, help="List open_clip's models and pretrained tags (open_clip/MODEL.TAG).")
+@click.argument("pattern", required=False)
+def archs(timm_, open_clip, pattern):
+    """List the architectures; with --timm / --open-clip, the library's (PATTERN: a wildcard like 'convnext*')."""
+    import fnmatch
+    if timm_:
+        import timm
+        for name in timm.list_models(pattern or "*"):
+            click.echo(f"timm/{name}")
+        return
+    if open_clip:
+        from featcache.foundation import import_open_clip
+        for name, tag in import_open_clip().list_pretrained():
+            if fnmatch.fnmatch(f"{name}.{tag}", pattern or "*"):
+                click.echo(f"open_clip/{name}.{tag}")
+        return
     from featcache.backbones import ARCHS
     for spec in ARCHS.values():
-        click.echo(f"{spec.name:<18} {spec.feature_dim:>5}-d  {spec.description}")
+        if fnmatch.fnmatch(spec.name, pattern or "*"):
+            click.echo(f"{spec.name:<18} {spec.feature_dim:>5}-d  {spec.description}")
+    if not pattern:
+        click.echo(f"{'timm/NAME[.TAG]':<26}any timm model (featcache archs --timm PATTERN)")
+        click.echo(f"{'open_clip/MODEL[.TAG]':<26}an open_clip image tower (featcache archs --open-clip PATTERN)")
 
 
 @main.command()

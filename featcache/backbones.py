@@ -119,7 +119,7 @@ ARCHS: dict[str, ArchSpec] = {spec.name: spec for spec in [
 
 def get_arch(name: str) -> ArchSpec:
     if name not in ARCHS:
-        raise FeatcacheError(f"unknown --arch {name!r}; choose one of {', '.join(ARCHS)}")
+        raise FeatcacheError(f"unknown --arch {name!r}; choose one of {', '.join(ARCHS)}, timm/NAME or open_clip/MODEL")
     return ARCHS[name]
 
 

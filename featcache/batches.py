@@ -5,7 +5,7 @@ vectorised augmentation, no per-sample Python; file data sets go through a DataL
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -14,19 +14,31 @@ from .datasets import DataSource, SplitSamples
 from .errors import FeatcacheError
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Transform = tuple[Callable, int]  # (RGB PIL image -> tensor, output side), e.g. timm's or open_clip's
 
 
 def iterate_batches(source: DataSource, samples: SplitSamples, order: np.ndarray, batch_size: int, *,
                     augment: bool = False, channels: int | None = None, num_workers: int = 0,
-                    generator: torch.Generator | None = None) -> Iterator[Batch]:
+                    generator: torch.Generator | None = None, transform: Transform | None = None) -> Iterator[Batch]:
     """Yield ``(images, labels, ids)`` for the rows ``order`` of ``samples``, in that order.
 
-    ``channels`` is what the backbone expects (gray images are repeated to 3 channels)."""
+    ``channels`` is what the backbone expects (gray images are repeated to 3 channels). ``transform``
+    replaces the data set's own (and its augmentation): every image goes through it as RGB."""
     order = np.asarray(order, dtype=np.int64)
-    if samples.images is not None:
+    if samples.images is not None and transform is not None:
+        yield from _array_batches_transformed(samples, order, batch_size, transform[0])
+    elif samples.images is not None:
         yield from _array_batches(source, samples, order, batch_size, augment, channels, generator)
     else:
-        yield from _file_batches(source, samples, order, batch_size, augment, num_workers)
+        yield from _file_batches(source, samples, order, batch_size, augment, num_workers, transform)
+
+
+def _array_batches_transformed(samples, order, batch_size, transform):
+    from PIL import Image
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        x = torch.stack([transform(Image.fromarray(samples.images[row]).convert("RGB")) for row in rows])
+        yield x, torch.from_numpy(samples.labels[rows]), torch.from_numpy(samples.ids[rows])
 
 
 def _array_batches(source, samples, order, batch_size, augment, channels, generator):
@@ -63,9 +75,12 @@ def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator | None
 
 
 class _FileDataset(torch.utils.data.Dataset):
-    def __init__(self, source: DataSource, samples: SplitSamples, augment: bool):
+    def __init__(self, source: DataSource, samples: SplitSamples, augment: bool, transform: Transform | None = None):
         from torchvision import transforms
         self.paths, self.labels, self.ids = samples.paths, samples.labels, samples.ids
+        if transform is not None:
+            self.transform, self.size = transform
+            return
         normalize = transforms.Normalize(source.mean, source.std)
         if augment:
             steps = [transforms.RandomResizedCrop(source.image_size), transforms.RandomHorizontalFlip()]
@@ -104,8 +119,8 @@ def drop_undecodable(samples: SplitSamples) -> tuple[SplitSamples, list[str]]:
                         paths=[samples.paths[i] for i in keep]), bad
 
 
-def _file_batches(source, samples, order, batch_size, augment, num_workers):
-    dataset = _FileDataset(source, samples, augment)
+def _file_batches(source, samples, order, batch_size, augment, num_workers, transform=None):
+    dataset = _FileDataset(source, samples, augment, transform)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order.tolist(),
                                          num_workers=num_workers, pin_memory=torch.cuda.is_available())
     for images, labels, ids, errors in loader:

@@ -3,7 +3,9 @@ backbone keys as in torchvision's ResNet, classifier ``fc.weight`` / ``fc.bias``
 
 Formats: this project's own (``featcache train``; or any dict with ``arch`` and ``state_dict``),
 a plain torchvision ``state_dict``, and the official classifier-balancing checkpoints
-(``state_dict_best`` -> ``feat_model`` / ``classifier``, keys prefixed ``module.``).
+(``state_dict_best`` -> ``feat_model`` / ``classifier``, keys prefixed ``module.``). For timm /
+open_clip models also ``.safetensors``, state dicts wrapped as ``{"model": ...}`` or prefixed
+``model.``, and ``hf-hub:ORG/NAME`` read from the local Hugging Face cache (never downloaded).
 """
 from __future__ import annotations
 
@@ -38,8 +40,20 @@ def strip_prefixes(state_dict: dict) -> dict:
     return out
 
 
+def strip_model_prefix(state_dict: dict) -> dict:
+    """Remove a ``model.`` prefix that every key carries (timm / DeiT / MAE training wrappers)."""
+    if state_dict and all(key.startswith("model.") for key in state_dict):
+        return {key[len("model."):]: value for key, value in state_dict.items()}
+    return state_dict
+
+
 def remap_torchvision(payload: dict) -> dict:
-    return strip_prefixes(payload)
+    return strip_model_prefix(strip_prefixes(payload))
+
+
+def remap_model_wrapped(payload: dict) -> dict:
+    """``{"model": state_dict, "optimizer": ..., ...}`` as DeiT / MAE / DINOv2 training scripts save."""
+    return strip_model_prefix(strip_prefixes(payload["model"]))
 
 
 def remap_official(payload: dict) -> dict:
@@ -64,13 +78,57 @@ def detect_format(payload) -> str:
         return "classifier-balancing"
     if isinstance(payload.get("state_dict"), dict):
         return "state_dict-wrapped"
+    if isinstance(payload.get("model"), dict) and all(isinstance(v, torch.Tensor) for v in payload["model"].values()):
+        return "model-wrapped"
     if payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
         return "torchvision"
     raise TypeError
 
 
 REMAPS = {"featcache": remap_own, "classifier-balancing": remap_official,
-          "state_dict-wrapped": lambda p: strip_prefixes(p["state_dict"]), "torchvision": remap_torchvision}
+          "state_dict-wrapped": lambda p: remap_torchvision(p["state_dict"]), "model-wrapped": remap_model_wrapped,
+          "torchvision": remap_torchvision}
+
+HF_HUB_PREFIX = "hf-hub:"
+# The weight files a hub repository holds, by library (timm's repos of CLIP models hold both).
+HF_WEIGHT_FILES = {"timm": ("model.safetensors", "pytorch_model.bin"),
+                   "open_clip": ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")}
+
+
+def resolve_hf_hub(reference: str, library: str = "timm") -> Path:
+    """The weights file of ``hf-hub:ORG/NAME`` in the local Hugging Face cache (``library``'s
+    files first); never downloads."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    repo = reference[len(HF_HUB_PREFIX):]
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise FeatcacheError(f"--ckpt {reference}: expected hf-hub:ORG/NAME")
+    filenames = HF_WEIGHT_FILES[library] + tuple(f for files in HF_WEIGHT_FILES.values() for f in files
+                                                 if f not in HF_WEIGHT_FILES[library])
+    for filename in filenames:
+        found = try_to_load_from_cache(repo, filename)
+        if isinstance(found, str):
+            return Path(found)
+    raise FeatcacheError(f"--ckpt {reference}: not in the local Hugging Face cache {constants.HF_HUB_CACHE} "
+                         f"(looked for {', '.join(filenames)}); featcache never downloads: fetch it "
+                         f"where there is internet (`hf download {repo}`) and copy the cache, or set HF_HUB_CACHE")
+
+
+def load_safetensors_checkpoint(path: Path) -> Checkpoint:
+    """A ``.safetensors`` file: tensors only, nothing to unpickle."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise FeatcacheError(f"checkpoint {path} cannot be read: {exc.strerror or exc}") from None
+    try:
+        state_dict = load(raw)
+    except (SafetensorError, ValueError, RuntimeError):
+        raise FeatcacheError(f"{path} is not a safetensors file") from None
+    return Checkpoint(path, hashlib.sha256(raw).hexdigest(), "safetensors",
+                      strip_model_prefix(strip_prefixes(state_dict)))
 
 
 @dataclass
@@ -103,7 +161,11 @@ class Checkpoint:
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
+    if str(path).startswith(HF_HUB_PREFIX):
+        path = resolve_hf_hub(str(path))
     path = Path(path)
+    if path.suffix == ".safetensors" and path.is_file():
+        return load_safetensors_checkpoint(path)
     if not path.exists():
         raise FeatcacheError(f"checkpoint {path} does not exist")
     try:

@@ -1,6 +1,9 @@
 """``featcache extract``: run a backbone in eval mode over a data set's splits and store the pooled
 penultimate features in the cache. Identical requests are hits; interrupted ones resume shard by
-shard; under ``torchrun`` each rank writes its own shards and rank 0 writes the manifest."""
+shard; under ``torchrun`` each rank writes its own shards and rank 0 writes the manifest.
+
+Backbones are this project's (``featcache archs``) or delegated to timm / open_clip
+(``timm/NAME``, ``open_clip/MODEL``; see foundation.py), with the library's own eval transform."""
 from __future__ import annotations
 
 import contextlib
@@ -16,10 +19,11 @@ import torch
 from . import __version__
 from .backbones import get_arch, model_channels
 from .batches import iterate_batches
-from .checkpoints import Checkpoint, load_checkpoint, load_model
+from .checkpoints import HF_HUB_PREFIX, Checkpoint, load_checkpoint, load_model, resolve_hf_hub
 from .datasets import DataSource, DataSpec
 from .distributed import Dist, resolve_device
 from .errors import FeatcacheError
+from .foundation import OPEN_CLIP, TIMM, Backbone, is_foundation, open_clip_backbone, timm_backbone, zeroshot_inputs
 from .store import EntryWriter, cache_root, content_key, entry_lock
 
 DEFAULT_SPLITS = ("train", "val", "test")
@@ -41,6 +45,9 @@ class ExtractRequest:
     allow_nonfinite: bool = False
     progress: bool = True
     on_bad_image: str = "fail"
+    zeroshot_head: bool = False  # open_clip: store the zero-shot head as the entry's classifier
+    class_names: str | None = None  # file, one class name per line (default: the data set's)
+    templates: str | None = None  # file, one prompt template per line (default: DEFAULT_TEMPLATES)
 
 
 def resolve_data(checkpoint: Checkpoint, data: DataSpec | None) -> DataSpec:
@@ -75,12 +82,20 @@ def _check_labels(source: DataSource, splits: list[str], num_classes: int | None
 def extract(request: ExtractRequest) -> Path:
     """Return the entry directory holding every requested split, computing only what is missing."""
     dist = Dist.from_env()
-    checkpoint = load_checkpoint(request.ckpt)
+    ckpt = request.ckpt
+    if str(ckpt).startswith(HF_HUB_PREFIX) and (request.arch or "").startswith(OPEN_CLIP):
+        ckpt = resolve_hf_hub(str(ckpt), "open_clip")
+    checkpoint = load_checkpoint(ckpt)
     arch = request.arch or checkpoint.arch
     if not arch:
         raise FeatcacheError(f"--arch is required: checkpoint {checkpoint.path} ({checkpoint.format}) "
                              "does not record its architecture")
-    spec = get_arch(arch)
+    if not is_foundation(arch):
+        get_arch(arch)
+    if (request.zeroshot_head or request.class_names or request.templates) and not arch.startswith(OPEN_CLIP):
+        raise FeatcacheError(f"--zeroshot-head / --class-names / --templates need an open_clip/ arch, not {arch}")
+    if (request.class_names or request.templates) and not request.zeroshot_head:
+        raise FeatcacheError("--class-names / --templates are the zero-shot head's: add --zeroshot-head")
     data_spec = resolve_data(checkpoint, request.data)
     source = data_spec.load()
     splits = request.splits or [s for s in DEFAULT_SPLITS if s in source.splits]
@@ -89,23 +104,28 @@ def extract(request: ExtractRequest) -> Path:
                              f"name them with --split (it has: {', '.join(source.splits)})")
     for name in splits:
         source.split(name)
-    _check_labels(source, splits, checkpoint.num_classes, checkpoint.path)
-    num_classes = max(checkpoint.num_classes or 0, source.num_classes)
+    device = dist.device(resolve_device(request.device))
+    backbone = load_backbone(checkpoint, arch, source, data_spec, request, device)
+    _check_labels(source, splits, backbone.num_classes, checkpoint.path)
+    num_classes = max(backbone.num_classes or 0, source.num_classes)
+    transform = backbone.transform_description or source.transform_description
     identity = {"checkpoint_sha256": checkpoint.sha256, "arch": arch, "data": source.identity,
-                "transform": source.transform_description, "dtype": request.dtype}
+                "transform": transform, "dtype": request.dtype, **backbone.key}
     if request.on_bad_image == "skip":
         identity["on_bad_image"] = "skip"
     elif request.on_bad_image != "fail":
         raise FeatcacheError(f"--on-bad-image {request.on_bad_image!r}: choose fail or skip")
     key = content_key(identity)
     root = cache_root(request.cache_dir)
-    base_meta = {"kind": "extract", "name": None, "arch": arch, "feature_dim": spec.feature_dim,
+    base_meta = {"kind": "extract", "name": None, "arch": arch, "feature_dim": backbone.feature_dim,
                  "dtype": request.dtype, "compression": request.compression, "num_classes": num_classes,
                  "checkpoint": {"sha256": checkpoint.sha256, "path": str(checkpoint.path),
                                 "format": checkpoint.format},
                  "data": {"spec": data_spec.to_dict(), "identity": source.identity},
-                 "transform": source.transform_description, "class_names": source.class_names,
+                 "transform": transform, "class_names": source.class_names,
                  "versions": versions()}
+    if backbone.meta:
+        base_meta["backbone"] = backbone.meta
     writer = EntryWriter(root, key, base_meta)
     lock = entry_lock(root, key) if dist.is_main else contextlib.nullcontext()
     with lock:
@@ -119,12 +139,29 @@ def extract(request: ExtractRequest) -> Path:
         if request.on_bad_image == "skip":
             _skip_undecodable(source, todo)
         try:
-            _extract_splits(request, writer, checkpoint, arch, source, todo, num_classes, dist)
+            _extract_splits(request, writer, checkpoint, backbone, source, todo, num_classes, dist, device)
         except Exception:
             if dist.is_main:
                 writer.discard_incomplete()
             raise
     return writer.path
+
+
+def load_backbone(checkpoint: Checkpoint, arch: str, source: DataSource, data_spec: DataSpec,
+                  request: ExtractRequest, device: torch.device) -> Backbone:
+    """The network with the checkpoint's weights on ``device``, its classifier and transform."""
+    resize, crop = data_spec.options.get("resize"), data_spec.options.get("crop")
+    if arch.startswith(TIMM):
+        return timm_backbone(arch, checkpoint, resize, crop, device)
+    if arch.startswith(OPEN_CLIP):
+        zeroshot = zeroshot_inputs(source.class_names, source.num_classes, request.class_names,
+                                   request.templates) if request.zeroshot_head else None
+        return open_clip_backbone(arch, checkpoint, resize, crop, zeroshot, device)
+    model = load_model(checkpoint, arch, max(checkpoint.num_classes or 0, source.num_classes)).to(device)
+    return Backbone(model, model.forward_features, get_arch(arch).feature_dim, checkpoint.num_classes,
+                    (lambda: checkpoint.classifier) if checkpoint.num_classes else None,
+                    "fc" if checkpoint.num_classes else "none: the checkpoint has no fc layer",
+                    channels=model_channels(arch, source.channels))
 
 
 def _skip_undecodable(source: DataSource, splits: list[str]) -> None:
@@ -139,21 +176,18 @@ def _skip_undecodable(source: DataSource, splits: list[str]) -> None:
         source.split(name)  # an all-bad split is an empty split: a clear error
 
 
-def _extract_splits(request, writer, checkpoint, arch, source, todo, num_classes, dist) -> None:
+def _extract_splits(request, writer, checkpoint, backbone, source, todo, num_classes, dist, device) -> None:
     from tqdm.auto import tqdm
 
-    device = dist.device(resolve_device(request.device))
-    model = load_model(checkpoint, arch, num_classes).to(device)
-    channels = model_channels(arch, source.channels)
     classifier_record = None
-    if dist.is_main and checkpoint.classifier is not None and writer.existing_manifest() is None:
-        classifier_record = writer.write_classifier(*checkpoint.classifier)
+    if dist.is_main and backbone.num_classes is not None and writer.existing_manifest() is None:
+        classifier_record = writer.write_classifier(*backbone.classifier())
     total = sum(len(source.split(s)) for s in todo)
     with tqdm(total=total, unit="img", desc="extract", disable=not (request.progress and dist.is_main),
               dynamic_ncols=True, leave=False) as bar, ThreadPoolExecutor(max_workers=1) as pool:
         for name in todo:
             samples = source.split(name)
-            split = writer.split_writer(name, rows=len(samples), dim=get_arch(arch).feature_dim,
+            split = writer.split_writer(name, rows=len(samples), dim=backbone.feature_dim,
                                         dtype=request.dtype, shard_rows=request.shard_rows,
                                         compression=request.compression)
             mine = [i for i in range(split.num_shards) if i % dist.world_size == dist.rank]
@@ -162,8 +196,8 @@ def _extract_splits(request, writer, checkpoint, arch, source, todo, num_classes
             writing: Future | None = None
             for index in pending:
                 start, stop = split.shard_range(index)
-                features, labels, ids = _forward(model, source, samples, np.arange(start, stop), request,
-                                                 channels, device, bar, dist.world_size)
+                features, labels, ids = _forward(backbone, source, samples, np.arange(start, stop), request,
+                                                 device, bar, dist.world_size)
                 if not request.allow_nonfinite and not np.isfinite(features).all():
                     bad = int(np.flatnonzero(~np.isfinite(features).all(axis=1))[0]) + start
                     raise FeatcacheError(f"non-finite features in split {name!r} (row {bad}) from checkpoint "
@@ -181,12 +215,13 @@ def _extract_splits(request, writer, checkpoint, arch, source, todo, num_classes
 
 
 @torch.no_grad()
-def _forward(model, source, samples, rows, request, channels, device, bar, world_size):
+def _forward(backbone, source, samples, rows, request, device, bar, world_size):
     chunks, labels, ids = [], [], []
     for images, batch_labels, batch_ids in iterate_batches(source, samples, rows, request.batch_size,
-                                                           channels=channels,
-                                                           num_workers=request.num_workers):
-        features = model.forward_features(images.to(device, non_blocking=True))
+                                                           channels=backbone.channels,
+                                                           num_workers=request.num_workers,
+                                                           transform=backbone.transform):
+        features = backbone.features(images.to(device, non_blocking=True))
         chunks.append(features.float().cpu().numpy())
         labels.append(batch_labels.numpy())
         ids.append(batch_ids.numpy())

@@ -21,6 +21,7 @@ from .datasets import DataSpec
 from .distributed import Dist, resolve_device
 from .errors import FeatcacheError
 from .extract import versions
+from .foundation import OPEN_CLIP, TIMM, timm_for_training, timm_transform
 from .sampling import SAMPLERS, ClassSampler, class_probabilities
 
 CHECKPOINT_FORMAT = "featcache-checkpoint"
@@ -45,6 +46,7 @@ class TrainConfig:
     num_workers: int = 0
     resume: bool = False
     progress: bool = True
+    init: str | None = None  # timm/ archs: start from this checkpoint (head re-initialised)
 
     def to_dict(self) -> dict:
         payload = asdict(self)
@@ -63,12 +65,30 @@ def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
 
 
 @torch.no_grad()
-def evaluate_model(model, source, samples, train_counts, device, channels, batch_size=512) -> dict:
+def evaluate_model(model, source, samples, train_counts, device, channels, batch_size=512, transform=None) -> dict:
     from classifiers.metrics import evaluate
     model.eval()
     logits = [model(x.to(device)).float().cpu().numpy()
-              for x, _, _ in iterate_batches(source, samples, np.arange(len(samples)), batch_size, channels=channels)]
+              for x, _, _ in iterate_batches(source, samples, np.arange(len(samples)), batch_size, channels=channels,
+                                             transform=transform)]
     return evaluate(np.concatenate(logits), samples.labels, train_counts)
+
+
+def _build(config: TrainConfig, source):
+    """(model, channels, train transform, eval transform); the transforms are timm's for timm/ archs
+    (with the data set's own augmentation switch), else None: the data set's."""
+    if config.arch.startswith(OPEN_CLIP):
+        raise FeatcacheError(f"--arch {config.arch}: open_clip towers are for extraction; train a timm/ arch")
+    if not config.arch.startswith(TIMM):
+        if config.init:
+            raise FeatcacheError(f"--init works with timm/ archs, not {config.arch}")
+        return build_model(config.arch, source.num_classes, source.channels), \
+            model_channels(config.arch, source.channels), None, None
+    model = timm_for_training(config.arch, source.num_classes, config.init)
+    eval_tf = timm_transform(model, config.data.options.get("resize"),
+                             config.data.options.get("crop"))
+    train_tf = timm_transform(model, None, None, training=True) if config.augment else eval_tf
+    return model, 3, train_tf, eval_tf
 
 
 def train(config: TrainConfig) -> Path:
@@ -91,8 +111,8 @@ def train(config: TrainConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(config.seed)
-    model = build_model(config.arch, source.num_classes, source.channels).to(device)
-    channels = model_channels(config.arch, source.channels)
+    model, channels, train_tf, eval_tf = _build(config, source)
+    model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
@@ -133,7 +153,8 @@ def train(config: TrainConfig) -> Path:
         bar = tqdm(total=len(mine), unit="img", desc=f"epoch {epoch + 1}/{config.epochs}",
                    disable=not (config.progress and dist.is_main), dynamic_ncols=True, leave=False)
         for x, y, _ in iterate_batches(source, train_split, mine, per_rank_batch, augment=config.augment,
-                                       channels=channels, num_workers=config.num_workers, generator=augment_gen):
+                                       channels=channels, num_workers=config.num_workers, generator=augment_gen,
+                                       transform=train_tf):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -152,7 +173,8 @@ def train(config: TrainConfig) -> Path:
         dist.barrier()
         if not dist.is_main:
             continue
-        val = evaluate_model(model, source, val_split, counts, device, channels) if val_split is not None else {}
+        val = (evaluate_model(model, source, val_split, counts, device, channels, transform=eval_tf)
+               if val_split is not None else {})
         record = {"epoch": epoch + 1, "loss": total_loss / max(seen, 1), "lr": lr, "seconds": round(seconds, 3),
                   "images_per_s": round(seen * dist.world_size / max(seconds, 1e-9), 1),
                   "val": {k: val.get(k) for k in ("top1", "many", "medium", "few")},
