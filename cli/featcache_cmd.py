@@ -75,10 +75,11 @@ def train(data_spec, arch, init, sampler, epochs, batch_size, lr, wd, momentum, 
 @click.option("--class-names", type=click.Path(), help="Zero-shot head: one class name per line (default: the data set's).")
 @click.option("--templates", type=click.Path(), help="Zero-shot head: one prompt template per line, the class as {} "
               "(default: 8 built-in, 'a photo of a {}.' first).")
+@click.option("--name", help="A name for the entry (usable wherever an entry is asked for; labels it in sweeps).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @device_option
 def extract(ckpt, arch, data_spec, splits, cache_dir, dtype, compression, batch_size, num_workers,
-            shard_rows, allow_nonfinite, on_bad_image, zeroshot_head, class_names, templates, quiet, device):
+            shard_rows, allow_nonfinite, on_bad_image, zeroshot_head, class_names, templates, name, quiet, device):
     """Run the backbone over each split and cache its penultimate features.
 
     The last line printed is the entry directory; an identical second call is a hit."""
@@ -87,7 +88,7 @@ def extract(ckpt, arch, data_spec, splits, cache_dir, dtype, compression, batch_
 
     request = ExtractRequest(ckpt, arch, data_spec, comma_list(splits) or None, cache_dir, dtype, batch_size,
                              num_workers, shard_rows, compression, device, allow_nonfinite, not quiet,
-                             on_bad_image, zeroshot_head, class_names, templates)
+                             on_bad_image, zeroshot_head, class_names, templates, name)
     path = run_extract(request)
     if Dist.from_env().is_main:
         click.echo(str(path))

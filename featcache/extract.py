@@ -48,6 +48,7 @@ class ExtractRequest:
     zeroshot_head: bool = False  # open_clip: store the zero-shot head as the entry's classifier
     class_names: str | None = None  # file, one class name per line (default: the data set's)
     templates: str | None = None  # file, one prompt template per line (default: DEFAULT_TEMPLATES)
+    name: str | None = None  # a name for the entry (not part of the key)
 
 
 def resolve_data(checkpoint: Checkpoint, data: DataSpec | None) -> DataSpec:
@@ -117,10 +118,10 @@ def extract(request: ExtractRequest) -> Path:
         raise FeatcacheError(f"--on-bad-image {request.on_bad_image!r}: choose fail or skip")
     key = content_key(identity)
     root = cache_root(request.cache_dir)
-    base_meta = {"kind": "extract", "name": None, "arch": arch, "feature_dim": backbone.feature_dim,
+    base_meta = {"kind": "extract", "name": request.name, "arch": arch, "feature_dim": backbone.feature_dim,
                  "dtype": request.dtype, "compression": request.compression, "num_classes": num_classes,
                  "checkpoint": {"sha256": checkpoint.sha256, "path": str(checkpoint.path),
-                                "format": checkpoint.format},
+                                "format": checkpoint.format, "training": training_summary(checkpoint)},
                  "data": {"spec": data_spec.to_dict(), "identity": source.identity},
                  "transform": transform, "class_names": source.class_names,
                  "versions": versions()}
@@ -131,6 +132,8 @@ def extract(request: ExtractRequest) -> Path:
     with lock:
         if dist.is_main:
             writer.remove_stale_temporaries()
+            if request.name:
+                writer.set_name(request.name)
         dist.barrier()
         todo = [s for s in splits if s not in writer.complete_splits()]
         dist.barrier()
@@ -145,6 +148,14 @@ def extract(request: ExtractRequest) -> Path:
                 writer.discard_incomplete()
             raise
     return writer.path
+
+
+def training_summary(checkpoint: Checkpoint) -> dict | None:
+    """Sampler, epochs trained and seed of a ``featcache train`` checkpoint (None for other formats)."""
+    args = checkpoint.meta.get("args") or {}
+    if "sampler" not in args or "epoch" not in checkpoint.meta:
+        return None
+    return {"sampler": args["sampler"], "epochs": int(checkpoint.meta["epoch"]) + 1, "seed": args.get("seed")}
 
 
 def load_backbone(checkpoint: Checkpoint, arch: str, source: DataSource, data_spec: DataSpec,

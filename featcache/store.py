@@ -293,6 +293,20 @@ class EntryWriter:
             return None
         return FeatureCache.open(self.path).meta
 
+    def set_name(self, name: str) -> None:
+        """Name the entry (before it exists: in its first manifest; after: by rewriting the manifest).
+        A name another entry already carries is refused."""
+        if not name or "/" in name or name in (".", ".."):
+            raise FeatcacheError(f"--name {name!r}: a name is a non-empty word without '/'")
+        taken = [e for e in list_entries(self.root) if e.meta.get("name") == name and e.key != self.key]
+        if taken:
+            raise FeatcacheError(f"--name {name!r} already names entry {taken[0].key}; choose another name")
+        self.base_meta["name"] = name
+        manifest = self.existing_manifest()
+        if manifest is not None and manifest.get("name") != name:
+            manifest["name"] = name
+            _atomic_write_json(self.path / MANIFEST, manifest)
+
     def complete_splits(self) -> list[str]:
         manifest = self.existing_manifest()
         return list(manifest["splits"]) if manifest else []

@@ -281,3 +281,19 @@ def test_one_label_over_several_entries_averages_only_distinct_seeds(entries, ru
     assert sweep(runner, mixed, "--cache", f"IB={second}", "--methods", "ncm", "--seeds", "0", "--resume").exit_code == 0
     rows = json.loads(invoke(runner, lt_cls, ["table", mixed, "--format", "json"]).output)
     assert len(rows) == 2 and all(r["seeds"] == 1 and r["context"].startswith("entry ") for r in rows)
+
+
+def test_extract_names_and_the_training_run_label_representations(tmp_path, cache_dir, runner):
+    ckpt = invoke(runner, featcache, ["train", "--data", "digits-lt", "--arch", "tinycnn", "--epochs", "1",
+                                      "--sampler", "sqrt", "--seed", "3", "--out", tmp_path / "run", "--quiet"]
+                  ).output.split()[-1]
+    entry = invoke(runner, featcache, ["extract", "--ckpt", ckpt, "--quiet"]).output.split()[-1]
+    assert sweep(runner, tmp_path / "unnamed", "--cache", entry, "--methods", "ncm").exit_code == 0
+    assert load_records(tmp_path / "unnamed" / "results.jsonl")[0]["representation"] == "tinycnn/sqrt/e1/s3"
+    assert invoke(runner, featcache, ["extract", "--ckpt", ckpt, "--name", "sr", "--quiet"]).output.split()[-1] == entry
+    assert sweep(runner, tmp_path / "named", "--cache", "sr", "--methods", "ncm").exit_code == 0
+    assert load_records(tmp_path / "named" / "results.jsonl")[0]["representation"] == "sr"
+    other = tmp_path / "other"
+    import_entry(runner, other, "taken")
+    clash = runner.invoke(featcache, ["extract", "--ckpt", ckpt, "--name", "taken", "--quiet"])
+    assert clash.exit_code == 1 and "already names entry" in clash.output
