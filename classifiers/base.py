@@ -85,9 +85,25 @@ def as_tensor(X, device: torch.device, dtype=torch.float32) -> torch.Tensor:
         return torch.from_numpy(X).to(device=device, dtype=dtype)
 
 
+def as_features(X, device: torch.device) -> torch.Tensor:
+    """Features on ``device``: float16 stays float16 (half the memory; methods upcast each chunk or
+    batch they use with ``.float()``), anything else becomes float32."""
+    half = X.dtype in (torch.float16, np.float16)
+    return as_tensor(X, device, torch.float16 if half else torch.float32)
+
+
+def feature_mean(X: torch.Tensor, chunk: int = _ROW_CHUNK) -> torch.Tensor:
+    """Mean row of X (N x D), accumulated chunk by chunk in float32 (X may be float16)."""
+    total = torch.zeros(X.shape[1], dtype=torch.float32, device=X.device)
+    for start in range(0, len(X), chunk):
+        total += X[start:start + chunk].float().sum(0)
+    return total / len(X)
+
+
 @dataclass
 class FitData:
-    """What ``_fit`` receives, validated and on the estimator's device; ``y`` are class indices."""
+    """What ``_fit`` receives, validated and on the estimator's device; ``y`` are class indices.
+    ``X`` (and the val features) are float32 or float16: upcast chunks / batches with ``.float()``."""
 
     X: torch.Tensor
     y: torch.Tensor
@@ -131,7 +147,7 @@ class LTClassifier(ClassifierMixin, BaseEstimator):
         check_params(self)
         device = resolve_device(getattr(self, "device", "auto"))
         if isinstance(X, torch.Tensor):
-            X_t = X.to(device=device, dtype=torch.float32)
+            X_t = as_features(X, device)
             if X_t.ndim != 2 or len(X_t) != len(y):
                 raise InvalidInputError(f"{self.name}: X must be N x D with one label per row "
                                         f"(got {tuple(X_t.shape)} and {len(y)} labels)")
@@ -142,7 +158,7 @@ class LTClassifier(ClassifierMixin, BaseEstimator):
         else:
             X, y = validate_data(self, X, y, dtype=_FLOAT_DTYPES)
             check_classification_targets(y)
-            X_t = as_tensor(X, device)
+            X_t = as_features(X, device)
         index_mode = classifier is not None or class_counts is not None
         if classifier is None and self.needs_classifier:
             raise InvalidInputError(f"method {self.name!r} needs the checkpoint's classifier (W, b) "
@@ -166,7 +182,7 @@ class LTClassifier(ClassifierMixin, BaseEstimator):
                   else np.pad(np.asarray(class_counts, dtype=np.int64), (0, num_classes - len(class_counts))))
         val_t = None
         if val is not None:
-            Xv = as_tensor(val[0], device)
+            Xv = as_features(val[0], device)
             if Xv.ndim != 2 or Xv.shape[1] != X_t.shape[1]:
                 raise InvalidInputError(f"{self.name}: val features must be N x {X_t.shape[1]} "
                                         f"(got {tuple(Xv.shape)})")
@@ -203,16 +219,16 @@ class LTClassifier(ClassifierMixin, BaseEstimator):
         except sklearn_exceptions.NotFittedError as exc:
             raise NotFittedError(str(exc)) from None
         if isinstance(X, torch.Tensor):
-            X_t = X.to(device=self.device_, dtype=torch.float32)
+            X_t = as_features(X, self.device_)
             if X_t.ndim != 2 or X_t.shape[1] != self.n_features_in_:
                 raise InvalidInputError(f"{self.name}: expected N x {self.n_features_in_} features, "
                                         f"got {tuple(X_t.shape)}")
         else:
-            X_t = as_tensor(validate_data(self, X, reset=False, dtype=_FLOAT_DTYPES), self.device_)
+            X_t = as_features(validate_data(self, X, reset=False, dtype=_FLOAT_DTYPES), self.device_)
         out = torch.empty((len(X_t), len(self.classes_)), dtype=torch.float32, device=self.device_)
         with torch.no_grad():
             for start in range(0, len(X_t), _ROW_CHUNK):
-                self._logits(X_t[start:start + _ROW_CHUNK], out[start:start + _ROW_CHUNK])
+                self._logits(X_t[start:start + _ROW_CHUNK].float(), out[start:start + _ROW_CHUNK])
         return out.cpu().numpy()
 
     def predict(self, X) -> np.ndarray:

@@ -49,7 +49,7 @@ class CRT(LTClassifier):
         offset = self._train_logit_offset(data)
 
         def grad(batch):
-            features = data.X.index_select(0, batch)
+            features = data.X.index_select(0, batch).float()
             logits = torch.addmm(bias if offset is None else bias + offset, features, weight_t)
             g = softmax_minus_onehot(logits, data.y.index_select(0, batch))
             return [torch.mm(features.T, g).div_(len(batch)), g.sum(0).div_(len(batch))]

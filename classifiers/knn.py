@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from .base import FitData, LTClassifier, register
+from .base import FitData, LTClassifier, feature_mean, register
 from .ncm import normalise
 from .params import Device, Int, Options, Real
 
@@ -32,17 +32,17 @@ class KNN(LTClassifier):
         self.device = device
 
     def _fit(self, data: FitData) -> None:
-        mean = data.X.mean(dim=0)
+        mean = feature_mean(data.X)
         self._mean, self.mean_ = mean, mean.cpu().numpy()
         self._train_labels = data.y
         if data.device.type == "cpu":  # faiss keeps its own copy, filled chunk by chunk
             import faiss
             self._index = faiss.IndexFlatIP(data.X.shape[1])
             for start in range(0, len(data.X), self.chunk_size):
-                chunk = normalise(data.X[start:start + self.chunk_size], self.feature_norm, mean)
+                chunk = normalise(data.X[start:start + self.chunk_size].float(), self.feature_norm, mean)
                 self._index.add(np.ascontiguousarray(chunk.numpy()))
         else:
-            self._index = normalise(data.X, self.feature_norm, mean).contiguous()
+            self._index = normalise(data.X.float(), self.feature_norm, mean).contiguous()
 
     def _logits(self, X, scores):
         queries = normalise(X, self.feature_norm, self._mean).contiguous()

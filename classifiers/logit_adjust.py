@@ -33,7 +33,7 @@ class LogitAdjust(LTClassifier):
         self.val_curve_ = {}
         if self.tau == "auto":
             X_val, y_val = require_val(data, "logit_adjust", "tau")
-            val_logits = torch.addmm(self._bias, X_val, self._weight_t)
+            val_logits = torch.addmm(self._bias, X_val.float(), self._weight_t)
             self.val_curve_ = {float(t): balanced_top1(val_logits - t * log_prior, y_val, data.num_classes)
                                for t in self.grid}
             self.tau_ = pick_on_val(self.val_curve_)

@@ -29,7 +29,7 @@ class BalancedLogReg(LTClassifier):
         steps = [StandardScaler()] if self.standardize else []
         self.model_ = make_pipeline(*steps, LogisticRegression(C=float(self.C), class_weight="balanced",
                                                                max_iter=int(self.max_iter)))
-        self.model_.fit(data.X.cpu().numpy(), data.y.cpu().numpy())
+        self.model_.fit(data.X.float().cpu().numpy(), data.y.cpu().numpy())
         self._trained_classes = self.model_.classes_
         self.n_iter_ = int(np.max(self.model_[-1].n_iter_))
 

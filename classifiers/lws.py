@@ -1,9 +1,10 @@
 """Learnable weight scaling."""
 import torch
 
+from featcache.sampling import SAMPLERS
+
 from .base import FitData, LTClassifier, register
-from .crt import CRT
-from .params import Int
+from .params import Device, Int, Options, Real
 from .training import Schedule, draw_epochs, sgd_train
 
 _CHUNK_ROWS = 8192
@@ -16,17 +17,24 @@ class LWS(LTClassifier):
     W, b frozen; f learned with class-balanced sampling (official defaults: 5 epochs of N draws, SGD lr 0.2, momentum 0.9,
     wd 5e-4, batch 512, cosine schedule).
 
-    Kang et al. ICLR 2020, Sec. 4. The frozen logits x W^T + b are computed once; training the
-    scales then touches only those. Fitted: ``scales_`` (C,), ``class_draws_`` (epochs x C).
+    Kang et al. ICLR 2020, Sec. 4. The frozen logits x W^T + b of the rows the epochs draw are
+    computed once when they fit in ``memory_budget`` bytes (then training the scales touches only
+    those); otherwise each batch's logits are recomputed from its features (same result, one
+    B x D x C matmul per step). ``memory_budget=0`` never caches. Fitted: ``scales_`` (C,),
+    ``class_draws_`` (epochs x C), ``cached_logits_`` (whether the cache was used).
     """
 
     needs_classifier = True
-    _parameter_constraints = {**CRT._parameter_constraints, "epochs": [Int(0)]}  # 0 epochs: the joint classifier
+    _parameter_constraints = {
+        "epochs": [Int(0)], "lr": [Real(0, closed="neither")], "momentum": [Real(0, 1, closed="left")],
+        "weight_decay": [Real(0)], "batch_size": [Int(1)], "sampler": [Options(*SAMPLERS)], "seed": [Int(0)],
+        "memory_budget": [Int(0)], "device": [Device()]}  # 0 epochs: the joint classifier
 
     def __init__(self, epochs=5, lr=0.2, momentum=0.9, weight_decay=5e-4, batch_size=512,
-                 sampler="class", seed=0, device="auto"):
+                 sampler="class", seed=0, memory_budget=2**29, device="auto"):
         self.epochs, self.lr, self.momentum, self.weight_decay = epochs, lr, momentum, weight_decay
         self.batch_size, self.sampler, self.seed, self.device = batch_size, sampler, seed, device
+        self.memory_budget = memory_budget
 
     def _fit(self, data: FitData) -> None:
         weight, bias = data.classifier
@@ -34,25 +42,36 @@ class LWS(LTClassifier):
         schedule = Schedule(self.epochs, self.lr, self.momentum, self.weight_decay, self.batch_size,
                             self.sampler, self.seed)
         epochs, self.class_draws_ = draw_epochs(data.y, data.counts, schedule)
-        # frozen logits x W^T + b, once, for the rows the epochs actually draw (class-balanced
-        # sampling leaves many head-class rows undrawn)
+        # class-balanced sampling leaves many head-class rows undrawn: only drawn rows are needed
         rows, local = torch.unique(torch.cat(epochs), return_inverse=True) if epochs else (data.y[:0], data.y[:0])
-        frozen = torch.empty(len(rows), data.num_classes, device=data.device)
-        for start in range(0, len(rows), _CHUNK_ROWS):  # no full copy of the gathered features
-            chunk = rows[start:start + _CHUNK_ROWS]
-            torch.addmm(bias, data.X.index_select(0, chunk), self._weight_t, out=frozen[start:start + len(chunk)])
-        labels_of_rows = data.y.index_select(0, rows)
+        self.cached_logits_ = len(rows) * data.num_classes * 4 <= self.memory_budget
+        if self.cached_logits_:
+            frozen = torch.empty(len(rows), data.num_classes, device=data.device)
+            for start in range(0, len(rows), _CHUNK_ROWS):  # no full copy of the gathered features
+                chunk = rows[start:start + _CHUNK_ROWS]
+                torch.addmm(bias, data.X.index_select(0, chunk).float(), self._weight_t,
+                            out=frozen[start:start + len(chunk)])
+            labels_of_rows = data.y.index_select(0, rows)
+            batches = list(local.split([len(e) for e in epochs]))
+
+            def batch_logits(batch):
+                return frozen.index_select(0, batch), labels_of_rows.index_select(0, batch)
+        else:
+            batches = epochs
+
+            def batch_logits(batch):
+                return (torch.addmm(bias, data.X.index_select(0, batch).float(), self._weight_t),
+                        data.y.index_select(0, batch))
         scales = torch.ones(data.num_classes, device=data.device)
 
         def grad(batch):
-            logits = frozen.index_select(0, batch)
-            labels = labels_of_rows.index_select(0, batch)
+            logits, labels = batch_logits(batch)
             # d/df_j of the summed cross-entropy: sum_i (p_ij - [y_i = j]) z_ij
             g = torch.softmax(logits * scales, dim=1).mul_(logits).sum(0)
             g.index_add_(0, labels, logits.gather(1, labels.unsqueeze(1)).squeeze(1), alpha=-1.0)
             return [g.div_(len(batch))]
 
-        sgd_train([scales], grad, list(local.split([len(e) for e in epochs])), schedule)
+        sgd_train([scales], grad, batches, schedule)
         self._scales = scales
         self.scales_ = scales.cpu().numpy()
 

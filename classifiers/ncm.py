@@ -1,7 +1,7 @@
 """Nearest class mean."""
 import torch
 
-from .base import FitData, LTClassifier, register, require_all_classes
+from .base import FitData, LTClassifier, feature_mean, register, require_all_classes
 from .params import Device, Options
 
 FEATURE_NORMS = ("cl2n", "l2n", "un")
@@ -48,11 +48,11 @@ class NCM(LTClassifier):
         seen = torch.bincount(data.y, minlength=data.num_classes)
         data.counts = seen.cpu().numpy()
         require_all_classes(data, "ncm")
-        mean = data.X.mean(dim=0)
+        mean = feature_mean(data.X)
         sums = torch.zeros(data.num_classes, data.X.shape[1], device=data.device)
         for start in range(0, len(data.X), _CHUNK_ROWS):  # normalised chunk by chunk, in cache
             rows = slice(start, start + _CHUNK_ROWS)
-            sums.index_add_(0, data.y[rows], normalise(data.X[rows], self.feature_norm, mean))
+            sums.index_add_(0, data.y[rows], normalise(data.X[rows].float(), self.feature_norm, mean))
         centroids = sums / seen.unsqueeze(1)
         if self.metric == "cos":
             centroids = centroids / centroids.norm(dim=1, keepdim=True).clamp_min(1e-12)

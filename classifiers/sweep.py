@@ -25,7 +25,7 @@ from featcache import __version__
 from featcache.distributed import resolve_device
 from featcache.errors import FeatcacheError
 
-from .base import REGISTRY, as_tensor, create
+from .base import REGISTRY, as_features, create
 from .metrics import evaluate, per_class_accuracy
 from .tau_norm import tau_curve
 
@@ -372,7 +372,7 @@ class Sweeper:
 
     def _split(self, cache, name: str):
         split = cache.split(name)
-        return as_tensor(split.features, self.device), split.labels
+        return as_features(split.features, self.device), split.labels
 
     def _sweep_entry(self, rep: Representation, runs: list[Run]) -> Iterator[dict]:
         cache = rep.cache

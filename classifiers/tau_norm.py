@@ -15,7 +15,7 @@ def tau_curve(X, y, weight, norms, grid, num_classes) -> list[float]:
     scaled = torch.empty(_CHUNK_ROWS, num_classes, device=X.device)
     weight_t = weight.T.contiguous()
     for start in range(0, len(X), _CHUNK_ROWS):
-        logits = X[start:start + _CHUNK_ROWS] @ weight_t
+        logits = X[start:start + _CHUNK_ROWS].float() @ weight_t
         labels = y[start:start + _CHUNK_ROWS]
         for index, scale in enumerate(scales):
             correct = argmax_is(torch.mul(logits, scale, out=scaled[:len(labels)]), labels)

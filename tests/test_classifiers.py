@@ -241,3 +241,11 @@ def test_argmax_is_matches_argmax_including_ties():
     scores = torch.randint(0, 4, (2000, 7), generator=generator).float()  # many ties
     labels = torch.randint(0, 7, (2000,), generator=generator)
     assert torch.equal(argmax_is(scores.clone(), labels), scores.argmax(1) == labels)
+
+
+def test_lws_memory_budget_caches_or_recomputes_with_the_same_result(data):
+    X, _ = data["test"]
+    cached, recomputed = fit("lws", data, memory_budget=10**15), fit("lws", data, memory_budget=0)
+    assert cached.cached_logits_ and not recomputed.cached_logits_
+    np.testing.assert_allclose(recomputed.scales_, cached.scales_, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(recomputed.predict(X), cached.predict(X))
