@@ -124,6 +124,11 @@ class LTClassifier(ClassifierMixin, BaseEstimator):
     # scikit-learn estimator checks this method is known to fail, with the reason (see tests)
     _expected_failed_checks: dict[str, str] = {}
 
+    def memory_estimate(self, rows: int, dim: int, num_classes: int) -> int:
+        """Bytes ``fit`` + inference need beyond the features and the returned logits, for ``rows``
+        training rows (the sweep's memory check): a few C x D matrices unless a method says more."""
+        return 4 * num_classes * dim * 4 + 8 * _ROW_CHUNK * num_classes
+
     @classmethod
     def param_names(cls) -> list[str]:
         return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]

@@ -60,6 +60,10 @@ class KNN(LTClassifier):
             rows.scatter_add_(1, self._train_labels[ids.to(scores.device)], votes.to(scores.device))
             rows.div_(rows.sum(1, keepdim=True))
 
+    def memory_estimate(self, rows: int, dim: int, num_classes: int) -> int:
+        """faiss (or the GPU index) holds a float32 copy of the normalised training features."""
+        return super().memory_estimate(rows, dim, num_classes) + 4 * rows * dim
+
     def predict_proba(self, X) -> np.ndarray:
         """The normalised vote: each class's share of the k neighbours' weights."""
         return self.logits(X).astype(np.float64)

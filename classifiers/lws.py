@@ -36,6 +36,11 @@ class LWS(LTClassifier):
         self.batch_size, self.sampler, self.seed, self.device = batch_size, sampler, seed, device
         self.memory_budget = memory_budget
 
+    def memory_estimate(self, rows: int, dim: int, num_classes: int) -> int:
+        """At most the frozen-logit cache's budget, plus the drawn indices."""
+        cache = min(self.memory_budget, 4 * rows * num_classes)
+        return super().memory_estimate(rows, dim, num_classes) + cache + 16 * rows * max(1, self.epochs)
+
     def _fit(self, data: FitData) -> None:
         weight, bias = data.classifier
         self._set_linear(weight, bias)

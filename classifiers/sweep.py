@@ -208,6 +208,21 @@ def effective_weight_norms(estimator) -> np.ndarray | None:
     return norms * np.abs(estimator.scales_) if estimator.name == "lws" else norms
 
 
+def available_memory(device: torch.device) -> tuple[int, str]:
+    """Bytes free for the sweep, and where: the GPU's free memory, else MemAvailable (Linux) or the
+    free physical pages."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], f"GPU {device}"
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "this machine"
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"), "this machine"
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -249,7 +264,8 @@ class Sweeper:
     runs not recorded yet, "overwrite" starts the results over. Use as a context manager (the
     output directory stays locked until it exits)."""
 
-    def __init__(self, representations: list[Representation], spec: SweepSpec, out_dir: Path, mode: str = "new"):
+    def __init__(self, representations: list[Representation], spec: SweepSpec, out_dir: Path, mode: str = "new",
+                 memory_check: bool = True):
         if mode not in ("new", "resume", "overwrite"):
             raise ValueError(f"mode {mode!r}")
         self.representations, self.spec, self.out, self.mode = representations, spec, Path(out_dir), mode
@@ -257,6 +273,8 @@ class Sweeper:
         self.device = resolve_device(spec.device)
         self.val_split = self._check_entries()
         self.grid = expand_grid(spec)
+        if memory_check:
+            self._check_memory()
         self.shots = (spec.many, spec.few)
         self.runs = [Run(r.label, r.cache.key, method, params, seed)
                      for r in representations for method, params, seed in self.grid]
@@ -299,6 +317,35 @@ class Sweeper:
             raise FeatcacheError(f"entry {missing!r} has no {val!r} split but entry {having[0]!r} has: every "
                                  "representation must choose on the same split")
         return val if having else None
+
+    def memory_needed(self, rep: Representation) -> dict[str, int]:
+        """Bytes one entry's sweep needs at its peak, by part: the splits as stored, the eval logits
+        and the metrics' float64 softmax, and the hungriest method beyond them."""
+        meta, cache = rep.cache.meta, rep.cache
+        itemsize = 2 if meta.get("dtype") == "float16" else 4
+        dim, classes = int(meta["feature_dim"]), cache.num_classes
+        splits = {"train", self.spec.eval_split} | ({self.val_split} if self.val_split else set())
+        rows = {name: int(meta["splits"][name]["rows"]) for name in splits}
+        methods = {}
+        for method, params, _ in self.grid:
+            estimator = create(method, **dict(params))
+            methods[method] = max(methods.get(method, 0), estimator.memory_estimate(rows["train"], dim, classes))
+        hungriest = max(methods, key=methods.get)
+        return {"features": sum(rows.values()) * dim * itemsize,
+                "eval logits": rows[self.spec.eval_split] * classes * (4 + 16),
+                f"method {hungriest}": methods[hungriest]}
+
+    def _check_memory(self) -> None:
+        available, where = available_memory(self.device)
+        for rep in self.representations:
+            parts = self.memory_needed(rep)
+            need = sum(parts.values())
+            if need > 0.9 * available:
+                shown = ", ".join(f"{name} {size / 2**30:.2f}" for name, size in parts.items())
+                raise FeatcacheError(
+                    f"entry {rep.label!r} needs about {need / 2**30:.1f} GiB ({shown} GiB) but {where} has "
+                    f"{available / 2**30:.1f} GiB available: use a float16 entry (featcache extract --dtype "
+                    "float16), a smaller eval split, lws.memory_budget=0, fewer methods, or --no-memory-check")
 
     # -- output directory -----------------------------------------------------------------------
     def __enter__(self) -> "Sweeper":

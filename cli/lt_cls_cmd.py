@@ -84,10 +84,11 @@ def _load_config(path: str | None) -> dict:
 @click.option("--resume", is_flag=True, help="Add the runs not yet recorded in OUT/results.jsonl.")
 @click.option("--overwrite", is_flag=True, help="Start OUT/results.jsonl over (its records are lost).")
 @click.option("--no-plots", is_flag=True, help="Do not draw the PNG plots.")
+@click.option("--no-memory-check", is_flag=True, help="Run even when the estimate says the sweep will not fit in memory.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @device_option
 def sweep(cache_refs, ckpt, arch, data_spec, cache_dir, methods, params, config, seeds, eval_split, val_split,
-          many, few, out, fmt, resume, overwrite, no_plots, quiet, device):
+          many, few, out, fmt, resume, overwrite, no_plots, no_memory_check, quiet, device):
     """Run representations x methods x parameters x seeds and print the ablation table.
 
     Writes OUT/results.jsonl (one record per run, appended as it finishes), OUT/table.md,
@@ -123,7 +124,8 @@ def sweep(cache_refs, ckpt, arch, data_spec, cache_dir, methods, params, config,
     for label, path in entries:
         cache = FeatureCache.open(path)
         representations.append(Representation(label or default_label(cache), cache))
-    sweeper = Sweeper(representations, spec, Path(out), mode="resume" if resume else "overwrite" if overwrite else "new")
+    sweeper = Sweeper(representations, spec, Path(out), mode="resume" if resume else "overwrite" if overwrite else "new",
+                      memory_check=not no_memory_check)
     for message in sweeper.notes:
         click.echo(f"note: {message}", err=True)
     with sweeper, tqdm(total=len(sweeper.runs), initial=len(sweeper.runs) - len(sweeper.pending), unit="run",

@@ -297,3 +297,14 @@ def test_extract_names_and_the_training_run_label_representations(tmp_path, cach
     import_entry(runner, other, "taken")
     clash = runner.invoke(featcache, ["extract", "--ckpt", ckpt, "--name", "taken", "--quiet"])
     assert clash.exit_code == 1 and "already names entry" in clash.output
+
+
+def test_a_sweep_that_cannot_fit_in_memory_is_refused_with_the_numbers(entries, runner, tmp_path, monkeypatch):
+    import classifiers.sweep
+    monkeypatch.setattr(classifiers.sweep, "available_memory", lambda device: (50_000, "this machine"))
+    out = tmp_path / "oom"
+    result = sweep(runner, out, "--cache", entries[0][0], "--methods", "joint,knn")
+    assert result.exit_code == 1 and "GiB" in result.output and "method knn" in result.output
+    assert "float16" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (out / "results.jsonl").exists()
+    assert sweep(runner, out, "--cache", entries[0][0], "--methods", "joint,knn", "--no-memory-check").exit_code == 0
