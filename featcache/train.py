@@ -66,7 +66,7 @@ def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
 
 @torch.no_grad()
 def evaluate_model(model, source, samples, train_counts, device, channels, batch_size=512, transform=None) -> dict:
-    from classifiers.metrics import evaluate
+    from .metrics import evaluate
     model.eval()
     logits = [model(x.to(device)).float().cpu().numpy()
               for x, _, _ in iterate_batches(source, samples, np.arange(len(samples)), batch_size, channels=channels,

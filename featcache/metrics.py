@@ -1,0 +1,85 @@
+"""Evaluation metrics, pure numpy, shared by Stage 1 (val during training) and Stage 2.
+Accuracies are fractions here; records multiply by 100.
+
+Many / Medium / Few-shot: classes with > many / many..few / < few training images (defaults
+100 and 20, as in Kang et al. 2020 and Liu et al. 2019). Classes absent from the evaluation split
+are left out of every mean, and each group reports how many classes it averaged."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def per_class_accuracy(pred: np.ndarray, y: np.ndarray, num_classes: int) -> np.ndarray:
+    """Accuracy of each class on the evaluation split; NaN for classes it does not contain."""
+    seen = np.bincount(y, minlength=num_classes).astype(np.float64)
+    hits = np.bincount(y[pred == y], minlength=num_classes).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(seen > 0, hits / np.maximum(seen, 1), np.nan)
+
+
+def balanced_accuracy(pred, y, num_classes) -> float:
+    return float(np.nanmean(per_class_accuracy(pred, y, num_classes)))
+
+
+def accuracy(pred, y) -> float:
+    return float(np.mean(pred == y))
+
+
+def topk_accuracy(logits: np.ndarray, y: np.ndarray, k: int = 5) -> float:
+    k = min(k, logits.shape[1])
+    top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+    return float(np.mean((top == y[:, None]).any(axis=1)))
+
+
+def shot_groups(train_counts, many: int = 100, few: int = 20) -> dict[str, np.ndarray]:
+    counts = np.asarray(train_counts)
+    return {"many": counts > many, "medium": (counts >= few) & (counts <= many), "few": counts < few}
+
+
+def macro_f1(pred, y, num_classes) -> float:
+    """Mean F1 over the classes present in the evaluation split."""
+    true = np.bincount(y, minlength=num_classes).astype(np.float64)
+    predicted = np.bincount(pred, minlength=num_classes).astype(np.float64)
+    hits = np.bincount(y[pred == y], minlength=num_classes).astype(np.float64)
+    denominator = true + predicted
+    f1 = np.divide(2 * hits, denominator, out=np.zeros_like(hits), where=denominator > 0)
+    return float(f1[true > 0].mean())
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def expected_calibration_error(logits: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
+    """ECE with ``bins`` equal-width confidence bins over (0, 1] of the softmax's top probability."""
+    probs = softmax(logits.astype(np.float64))
+    confidence, pred = probs.max(axis=1), probs.argmax(axis=1)
+    correct = (pred == y).astype(np.float64)
+    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            total += mask.mean() * abs(correct[mask].mean() - confidence[mask].mean())
+    return float(total)
+
+
+def evaluate(logits: np.ndarray, y: np.ndarray, train_counts, many: int = 100, few: int = 20) -> dict:
+    """Every metric of a record (percentages), with the number of classes in each shot group."""
+    num_classes = logits.shape[1]
+    y = np.asarray(y, dtype=np.int64)
+    pred = logits.argmax(axis=1)
+    per_class = per_class_accuracy(pred, y, num_classes)
+    present = ~np.isnan(per_class)
+    out = {"top1": 100 * float(np.nanmean(per_class)), "accuracy": 100 * accuracy(pred, y),
+           "top5": 100 * topk_accuracy(logits, y, 5)}
+    for group, mask in shot_groups(np.pad(train_counts, (0, num_classes - len(train_counts))), many, few).items():
+        chosen = mask & present
+        out[group] = 100 * float(per_class[chosen].mean()) if chosen.any() else None
+        out[f"n_{group}"] = int(chosen.sum())
+    out["macro_f1"] = 100 * macro_f1(pred, y, num_classes)
+    out["ece"] = 100 * expected_calibration_error(logits, y)
+    return out
+
