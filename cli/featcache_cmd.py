@@ -103,22 +103,25 @@ def import_(splits, classifier, name, cache_dir, dtype, allow_nonfinite):
 @main.command(name="ls")
 @CACHE_DIR
 def ls(cache_dir):
-    """List complete cache entries."""
+    """List every cache entry with its status: ok, incomplete, or damaged (with the reason)."""
     from tabulate import tabulate
-    from featcache.store import cache_root, list_entries
+    from featcache.store import cache_root, scan_entries
 
     root = cache_root(cache_dir)
-    rows = [[e.key, e.meta.get("name") or "", e.meta.get("arch") or "", _data_name(e.meta),
-             ",".join(e.splits), e.meta["feature_dim"], e.meta["dtype"], e.meta.get("created", "")]
-            for e in list_entries(root)]
+    rows = []
+    for entry in scan_entries(root):
+        meta = entry.cache.meta if entry.cache else {}
+        rows.append([entry.path.name, meta.get("name") or "", meta.get("arch") or "", _data_name(meta),
+                     ",".join(meta.get("splits", {})), meta.get("feature_dim", ""), meta.get("dtype", ""),
+                     meta.get("created", ""), entry.status])
     if not rows:
         click.echo(f"no entries under {root}")
         return
-    click.echo(tabulate(rows, headers=["key", "name", "arch", "data", "splits", "dim", "dtype", "created"]))
+    click.echo(tabulate(rows, headers=["key", "name", "arch", "data", "splits", "dim", "dtype", "created", "status"]))
 
 
 def _data_name(meta: dict) -> str:
-    spec = meta.get("data", {}).get("spec")
+    spec = (meta.get("data") or {}).get("spec")
     return spec["name"] if spec else meta.get("kind", "")
 
 
@@ -154,24 +157,51 @@ def info(entry, cache_dir):
 
 
 @main.command()
-@click.argument("entry")
+@click.argument("entry", required=False)
+@click.option("--all", "all_entries", is_flag=True, help="Verify every entry under the cache root.")
 @CACHE_DIR
-def verify(entry, cache_dir):
-    """Re-hash every shard; exit 1 naming each bad one."""
-    cache = _entry(entry, cache_dir)
-    problems = cache.verify()
-    for problem in problems:
-        click.echo(f"BAD {problem}", err=True)
-    if problems:
+def verify(entry, all_entries, cache_dir):
+    """Re-hash every shard and check it against the manifest; exit 1 naming each bad one."""
+    from featcache.errors import FeatcacheError
+    from featcache.store import FeatureCache, cache_root, scan_entries
+
+    if bool(entry) == all_entries:
+        raise click.UsageError("give an ENTRY or --all")
+    failed = False
+    if entry:
+        caches = [_entry(entry, cache_dir)]
+    else:
+        root, caches = cache_root(cache_dir), []
+        statuses = scan_entries(root)
+        if not statuses:
+            click.echo(f"no entries under {root}")
+        for status in statuses:
+            if status.status == "incomplete":
+                click.echo(f"INCOMPLETE {status.path} (no manifest: being written, or left by a killed writer)")
+            elif status.cache is None:
+                click.echo(f"BAD {status.path}: {status.status}", err=True)
+                failed = True
+            else:
+                caches.append(status.cache)
+    for cache in caches:
+        try:
+            problems = cache.verify()
+        except FeatcacheError as exc:
+            problems = [str(exc)]
+        for problem in problems:
+            click.echo(f"BAD {problem}", err=True)
+        if not problems:
+            click.echo(f"OK {cache.path}")
+        failed = failed or bool(problems)
+    if failed:
         raise SystemExit(1)
-    click.echo(f"OK {cache.path}")
 
 
 @main.command()
 @click.argument("entry")
 @CACHE_DIR
 def rm(entry, cache_dir):
-    """Delete a cache entry."""
+    """Delete a cache entry (a key, key prefix, name or entry path; nothing that is not an entry)."""
     from featcache.store import cache_root, remove_entry, resolve_entry
     path = resolve_entry(entry, cache_root(cache_dir))
     remove_entry(path)

@@ -25,6 +25,7 @@ from .errors import CorruptEntryError, FeatcacheError, UnknownFormatError
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
 MANIFEST = "manifest.json"
+ENTRY_MARKER = ".featcache-entry"
 CLASSIFIER_FILE = "classifier.h5"
 COMPRESSIONS = ("none", "lzf", "gzip")
 DTYPES = ("float32", "float16")
@@ -32,11 +33,16 @@ _CHUNK_BYTES = 1 << 20
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """``cache_dir``, else ``$FEATCACHE_DIR``, else ``~/.cache/featcache``."""
+    """``cache_dir``, else ``$FEATCACHE_DIR``, else ``~/.cache/featcache``; refuses a non-directory."""
     if cache_dir:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("FEATCACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "featcache"
+        root, origin = Path(cache_dir).expanduser(), "--cache-dir"
+    elif os.environ.get("FEATCACHE_DIR"):
+        root, origin = Path(os.environ["FEATCACHE_DIR"]).expanduser(), "$FEATCACHE_DIR"
+    else:
+        root, origin = Path.home() / ".cache" / "featcache", "the default cache root"
+    if root.exists() and not root.is_dir():
+        raise FeatcacheError(f"{origin} {root} is not a directory")
+    return root
 
 
 def content_key(identity: dict) -> str:
@@ -113,12 +119,35 @@ class FeatureCache:
             manifest = json.loads(manifest_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CorruptEntryError(f"{manifest_path} is not valid JSON: {exc}") from None
+        except OSError as exc:
+            raise CorruptEntryError(f"{manifest_path} cannot be read: {exc.strerror or exc}") from None
+        if not isinstance(manifest, dict):
+            raise CorruptEntryError(f"{manifest_path} is not a JSON object")
         version = manifest.get("format_version")
         if version not in SUPPORTED_FORMAT_VERSIONS:
             raise UnknownFormatError(
                 f"{manifest_path} has format_version {version!r}; this featcache reads "
                 f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))} (upgrade featcache)")
+        problem = _manifest_problem(manifest)
+        if problem:
+            raise CorruptEntryError(f"{manifest_path} is damaged: {problem}")
         return cls(path, manifest)
+
+    def quick_check(self) -> str | None:
+        """Every listed file present with its recorded size (no hashing); the first problem, or None."""
+        for info in self._listed_files():
+            path = self.path / info["file"]
+            if not path.is_file():
+                return f"{path} is missing"
+            if path.stat().st_size != info["size"]:
+                return f"{path} has {path.stat().st_size} bytes, the manifest says {info['size']}"
+        return None
+
+    def _listed_files(self) -> list[dict]:
+        files = [s for split in self.meta["splits"].values() for s in split["shards"]]
+        if self.meta.get("classifier"):
+            files.append(self.meta["classifier"])
+        return files
 
     @property
     def key(self) -> str:
@@ -200,10 +229,7 @@ class FeatureCache:
     def verify(self) -> list[str]:
         """Re-hash every file the manifest lists; return one message per bad file."""
         problems = []
-        files = [s for split in self.meta["splits"].values() for s in split["shards"]]
-        if self.meta.get("classifier"):
-            files.append(self.meta["classifier"])
-        for info in files:
+        for info in self._listed_files():
             path = self.path / info["file"]
             if not path.is_file():
                 problems.append(f"{path}: missing")
@@ -213,6 +239,64 @@ class FeatureCache:
 
     def disk_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+
+
+def _is_int(value, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _file_problem(info, where: str) -> str | None:
+    if not isinstance(info, dict):
+        return f"{where} is not an object"
+    for field_name in ("file", "sha256"):
+        if not isinstance(info.get(field_name), str):
+            return f"{where} has no {field_name!r}"
+    parts = Path(info["file"]).parts
+    if Path(info["file"]).is_absolute() or ".." in parts or not parts:
+        return f"{where} names a file outside the entry ({info['file']!r})"
+    if not (_is_int(info.get("size")) and _is_int(info.get("mtime_ns"))):
+        return f"{where} has no valid size / mtime_ns"
+    return None
+
+
+def _manifest_problem(meta: dict) -> str | None:
+    """What makes a manifest unusable (missing or mistyped fields), or None."""
+    if not isinstance(meta.get("key"), str):
+        return "no 'key'"
+    if not _is_int(meta.get("feature_dim"), 1) or not _is_int(meta.get("num_classes"), 1):
+        return "'feature_dim' and 'num_classes' must be positive integers"
+    if meta.get("dtype") not in DTYPES:
+        return f"'dtype' is {meta.get('dtype')!r}, not one of {', '.join(DTYPES)}"
+    if meta.get("classifier") is not None:
+        problem = _file_problem(meta["classifier"], "'classifier'")
+        if problem:
+            return problem
+    splits = meta.get("splits")
+    if not isinstance(splits, dict):
+        return "no 'splits' object"
+    for name, split in splits.items():
+        if not isinstance(split, dict) or not _is_int(split.get("rows")):
+            return f"split {name!r} has no valid 'rows'"
+        counts = split.get("class_counts")
+        if not isinstance(counts, list) or len(counts) != meta["num_classes"] or not all(_is_int(c) for c in counts):
+            return f"split {name!r}: 'class_counts' must be {meta['num_classes']} non-negative integers"
+        if sum(counts) != split["rows"]:
+            return f"split {name!r}: 'class_counts' sum to {sum(counts)}, 'rows' is {split['rows']}"
+        shards = split.get("shards")
+        if not isinstance(shards, list) or not shards:
+            return f"split {name!r} lists no shards"
+        expected_start = 0
+        for number, shard in enumerate(shards):
+            where = f"split {name!r} shard {number}"
+            problem = _file_problem(shard, where)
+            if problem:
+                return problem
+            if shard.get("row_start") != expected_start or not _is_int(shard.get("rows")):
+                return f"{where} does not continue at row {expected_start}"
+            expected_start += shard["rows"]
+        if expected_start != split["rows"]:
+            return f"split {name!r}: its shards hold {expected_start} rows, 'rows' is {split['rows']}"
+    return None
 
 
 def _read_into(dataset, out: np.ndarray) -> None:
@@ -284,6 +368,16 @@ class EntryWriter:
         self.path = self.root / key
         self.base_meta = base_meta
 
+    def create_dir(self) -> None:
+        """Create the entry directory with its marker (what makes it an entry before a manifest exists)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        marker = self.path / ENTRY_MARKER
+        if not marker.is_file():
+            try:
+                marker.write_text(json.dumps({"format_version": FORMAT_VERSION, "key": self.key}) + "\n")
+            except OSError as exc:
+                raise _disk_error(exc, marker) from None
+
     def existing_manifest(self) -> dict | None:
         if not (self.path / MANIFEST).is_file():
             return None
@@ -301,13 +395,13 @@ class EntryWriter:
             raise FeatcacheError(f"--compression {compression!r}: choose one of {', '.join(COMPRESSIONS)}")
         if shard_rows < 1:
             raise FeatcacheError(f"--shard-rows must be at least 1 (got {shard_rows})")
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.create_dir()
         return SplitWriter(self, name, rows, dim, dtype, shard_rows, compression)
 
     def write_classifier(self, weight: np.ndarray, bias: np.ndarray) -> dict:
         final = self.path / CLASSIFIER_FILE
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.create_dir()
         try:
             with h5py.File(tmp, "w") as handle:
                 handle.attrs["format_version"] = FORMAT_VERSION
@@ -454,35 +548,109 @@ class SplitWriter:
 # --------------------------------------------------------------------------------------------
 # Finding entries
 
+KEY_PREFIX_MIN = 4
 
-def list_entries(root: Path) -> list[FeatureCache]:
-    """Complete entries under ``root`` (incomplete ones are skipped), oldest first."""
+
+def is_entry_dir(path: Path) -> bool:
+    """A directory this project wrote as an entry: it holds the entry marker, or a manifest that
+    names it (``key`` equal to the folder name), or any ``manifest.json`` in a folder named like a key."""
+    if not path.is_dir():
+        return False
+    if (path / ENTRY_MARKER).is_file():
+        return True
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return False
+    if len(path.name) == 24 and all(c in "0123456789abcdef" for c in path.name):
+        return True
+    try:
+        meta = json.loads(manifest.read_text())
+    except (ValueError, UnicodeDecodeError, OSError):
+        return False
+    return isinstance(meta, dict) and meta.get("key") == path.name and "format_version" in meta
+
+
+def _entry_dirs(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
+    return [child for child in sorted(root.iterdir()) if not child.name.startswith(".") and is_entry_dir(child)]
+
+
+def list_entries(root: Path) -> list[FeatureCache]:
+    """Complete, readable entries under ``root`` (incomplete and damaged ones are skipped), oldest first."""
     entries = []
-    for child in sorted(root.iterdir()):
-        if child.is_dir() and (child / MANIFEST).is_file():
-            with contextlib.suppress(FeatcacheError):
-                entries.append(FeatureCache.open(child))
+    for child in _entry_dirs(root):
+        with contextlib.suppress(FeatcacheError):
+            entries.append(FeatureCache.open(child))
     return sorted(entries, key=lambda e: e.meta.get("created", ""))
 
 
+@dataclass
+class EntryStatus:
+    """One entry directory as ``featcache ls`` shows it: ``ok``, ``incomplete`` or ``damaged: reason``."""
+
+    path: Path
+    status: str
+    cache: FeatureCache | None = None
+
+
+def scan_entries(root: Path) -> list[EntryStatus]:
+    """Every entry directory under ``root`` with a quick status (manifest, files present, sizes)."""
+    out = []
+    for child in _entry_dirs(root):
+        if not (child / MANIFEST).is_file():
+            out.append(EntryStatus(child, "incomplete"))
+            continue
+        try:
+            cache = FeatureCache.open(child)
+        except FeatcacheError as exc:
+            out.append(EntryStatus(child, f"damaged: {_reason(exc, child)}"))
+            continue
+        problem = cache.quick_check()
+        out.append(EntryStatus(child, f"damaged: {_reason(problem, child)}" if problem else "ok", cache))
+    return sorted(out, key=lambda e: (e.cache.meta.get("created", "") if e.cache else "", e.path.name))
+
+
+def _reason(problem, entry: Path) -> str:
+    return str(problem).replace(f"{entry}/", "")
+
+
 def resolve_entry(ref: str, root: Path) -> Path:
-    """An entry given as a path, a key, a unique key prefix or an entry name."""
-    as_path = Path(ref).expanduser()
-    if (as_path / MANIFEST).is_file() or as_path.is_dir():
+    """An entry given as a key, a unique key prefix (>= 4 characters), an entry name, or a path to an
+    entry directory. The cache root is searched first, then the working directory."""
+    text = str(ref)
+    if not text.strip() or Path(text) in (Path("."), Path("..")):
+        raise FeatcacheError(f"{text!r} does not name a cache entry (give a key, a name or an entry path)")
+    if "/" not in text and not text.startswith((".", "~")):
+        if is_entry_dir(root / text):
+            return root / text
+        entries = list_entries(root)
+        matches = ([e.path for e in entries if e.meta.get("name") == text]
+                   or [e.path for e in entries if len(text) >= KEY_PREFIX_MIN and e.key.startswith(text)])
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise FeatcacheError(f"entry {text!r} is ambiguous under {root}: {', '.join(m.name for m in matches)}")
+    as_path = Path(text).expanduser()
+    if is_entry_dir(as_path):
         return as_path
-    if (root / ref / MANIFEST).is_file():
-        return root / ref
-    matches = [e.path for e in list_entries(root) if e.key.startswith(ref) or e.meta.get("name") == ref]
-    if len(matches) == 1:
-        return matches[0]
-    if len(matches) > 1:
-        raise FeatcacheError(f"entry {ref!r} is ambiguous under {root}: {', '.join(m.name for m in matches)}")
-    raise FeatcacheError(f"no cache entry {ref!r} (not a path, key or name under {root})")
+    if as_path.exists():
+        raise FeatcacheError(f"{as_path} is not a cache entry (no {MANIFEST} or {ENTRY_MARKER} in it)")
+    raise FeatcacheError(f"no cache entry {text!r} (not a key, key prefix or name under {root}, nor an entry directory)")
 
 
 def remove_entry(path: Path) -> None:
+    """Delete one entry directory; refuses links and anything that is not an entry."""
+    path = Path(path)
+    if path.is_symlink():
+        raise FeatcacheError(f"{path} is a symbolic link; `featcache rm` does not follow links "
+                             "(remove the link, or rm the entry it points to)")
+    if not is_entry_dir(path):
+        raise FeatcacheError(f"{path} is not a cache entry (no {MANIFEST} or {ENTRY_MARKER} in it); nothing removed")
     root, key = path.parent, path.name
-    with entry_lock(root, key):
-        shutil.rmtree(path)
+    lock = entry_lock(root, key) if (root / ".locks").is_dir() else contextlib.nullcontext()
+    try:
+        with lock:
+            shutil.rmtree(path)
+    except OSError as exc:
+        raise FeatcacheError(f"cannot remove {path}: {exc.strerror or exc}") from None
