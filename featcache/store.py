@@ -14,6 +14,8 @@ import hashlib
 import json
 import os
 import shutil
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,14 +105,17 @@ class Split:
 class FeatureCache:
     """A complete cache entry, read through its manifest."""
 
-    def __init__(self, path: Path, manifest: dict):
+    def __init__(self, path: Path, manifest: dict, check_chunks: bool = True):
         self.path = path
         self.meta = manifest
+        self.check_chunks = check_chunks
         self._loaded: dict[str, Split] = {}
         self._classifier = None
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "FeatureCache":
+    def open(cls, path: str | os.PathLike, *, check_chunks: bool = True) -> "FeatureCache":
+        """Open a complete entry. Every read checks each chunk's fletcher32; ``check_chunks=False``
+        skips that on the uncompressed fast path, for explicitly trusted scratch entries only."""
         path = Path(path)
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
@@ -131,7 +136,7 @@ class FeatureCache:
         problem = _manifest_problem(manifest)
         if problem:
             raise CorruptEntryError(f"{manifest_path} is damaged: {problem}")
-        return cls(path, manifest)
+        return cls(path, manifest, check_chunks)
 
     def quick_check(self) -> str | None:
         """Every listed file present with its recorded size (no hashing); the first problem, or None."""
@@ -221,9 +226,18 @@ class FeatureCache:
             self._check_file(path, shard)
             start, stop = shard["row_start"], shard["row_start"] + shard["rows"]
             with self._h5(path) as handle:
-                _read_into(handle["features"], features[start:stop])
-                _read_into(handle["labels"], labels[start:stop])
-                _read_into(handle["indices"], indices[start:stop])
+                for key, out in (("features", features), ("labels", labels), ("indices", indices)):
+                    if key not in handle:
+                        raise CorruptEntryError(f"{path} has no {key!r} dataset")
+                    _read_into(handle[key], out[start:stop], self.check_chunks)
+            outside = labels[start:stop][(labels[start:stop] < 0) | (labels[start:stop] >= self.num_classes)]
+            if len(outside):
+                raise CorruptEntryError(f"{path}: label {int(outside[0])} is outside 0..{self.num_classes - 1} "
+                                        "(num_classes in the manifest)")
+        counts = np.bincount(labels, minlength=self.num_classes)
+        if not np.array_equal(counts, self.class_counts(name)):
+            raise CorruptEntryError(f"{self.path / MANIFEST}: class_counts of split {name!r} do not match "
+                                    "the labels in its shards")
         return Split(name, features, labels, indices)
 
     def verify(self) -> list[str]:
@@ -235,6 +249,13 @@ class FeatureCache:
                 problems.append(f"{path}: missing")
             elif sha256_file(path) != info["sha256"]:
                 problems.append(f"{path}: sha256 mismatch")
+        if problems:
+            return problems
+        for name in self.splits:  # every chunk's fletcher32, shapes, rows and class counts
+            try:
+                FeatureCache(self.path, self.meta)._read_split(name)
+            except CorruptEntryError as exc:
+                problems.append(str(exc))
         return problems
 
     def disk_bytes(self) -> int:
@@ -299,22 +320,72 @@ def _manifest_problem(meta: dict) -> str | None:
     return None
 
 
-def _read_into(dataset, out: np.ndarray) -> None:
+def _read_into(dataset, out: np.ndarray, check_chunks: bool = True) -> None:
     if dataset.shape[0] != out.shape[0]:
         raise CorruptEntryError(f"{dataset.file.filename}: {dataset.name} has {dataset.shape[0]} rows, "
                                 f"manifest says {out.shape[0]}")
+    if dataset.shape[1:] != out.shape[1:]:
+        raise CorruptEntryError(f"{dataset.file.filename}: {dataset.name} has shape {dataset.shape}, "
+                                f"manifest says {out.shape}")
+    if check_chunks and not dataset.fletcher32:
+        raise CorruptEntryError(f"{dataset.file.filename}: {dataset.name} has no fletcher32 checksums")
     if dataset.dtype != out.dtype:
-        out[...] = dataset[...]
-    elif not _read_raw_chunks(dataset, out):
+        out[...] = dataset[...]  # through HDF5's filter pipeline, which checks fletcher32 itself
+    elif not _read_raw_chunks(dataset, out, check_chunks):
         dataset.read_direct(out)
 
 
-def _read_raw_chunks(dataset, out: np.ndarray) -> bool:
-    """Copy uncompressed row chunks straight from the file into ``out`` (one pass, like np.load).
+_WORDS_PER_ROW = 1024
+_ROWS_PER_BLOCK = 4096  # column sums of <= 4096 rows of 16-bit words fit in uint32
 
-    Only for files the caller has already checked (size and mtime as written, or SHA-256), so
-    skipping HDF5's fletcher32 pass loses no protection. Returns False where the layout does not
-    allow it (compression, partial-width chunks, an HDF5 without chunk queries)."""
+
+def fletcher32(data) -> int:
+    """HDF5's Fletcher-32 (H5_checksum_fletcher32) of a bytes-like object, vectorised.
+
+    HDF5 sums big-endian 16-bit words w_i (i < n): s1 = sum w_i and s2 = sum (n - i) w_i, both
+    folded modulo 65535 (0 only for all-zero data, else in 1..65535). Swapping a word's two bytes
+    multiplies it by 256 modulo 65535, so native little-endian words are summed and scaled by 256.
+    Both sums come from one row-sum and one column-sum pass over a words x 1024 matrix."""
+    raw = np.frombuffer(data, np.uint8)
+    if len(raw) % 2:
+        raw = np.concatenate([raw, np.zeros(1, np.uint8)])
+    words = raw.view("<u2")
+    n, total, weighted = len(words), 0, 0
+    block = _WORDS_PER_ROW * _ROWS_PER_BLOCK
+    for offset in range(0, n, block):
+        part = words[offset:offset + block]
+        rows = len(part) // _WORDS_PER_ROW
+        head = part[:rows * _WORDS_PER_ROW].reshape(rows, _WORDS_PER_ROW)
+        tail = part[rows * _WORDS_PER_ROW:].astype(np.uint64)
+        row_sums = head.sum(axis=1, dtype=np.uint32).astype(np.uint64)
+        col_sums = head.sum(axis=0, dtype=np.uint32).astype(np.uint64)
+        part_total = int(col_sums.sum()) + int(tail.sum())
+        local = (_WORDS_PER_ROW * int(np.arange(rows, dtype=np.uint64) @ row_sums)
+                 + int(np.arange(_WORDS_PER_ROW, dtype=np.uint64) @ col_sums)
+                 + int(np.arange(rows * _WORDS_PER_ROW, len(part), dtype=np.uint64) @ tail))
+        total += part_total
+        weighted += (n - offset) * part_total - local
+    if sys.byteorder == "little":
+        total, weighted = 256 * total, 256 * weighted
+    if total == 0:
+        return 0
+    return ((weighted - 1) % 65535 + 1) << 16 | ((total - 1) % 65535 + 1)
+
+
+def _stored_fletcher_matches(data, stored: bytes) -> bool:
+    """HDF5 accepts the checksum in either of its historical byte orders; so do we."""
+    value = fletcher32(data)
+    little = int.from_bytes(stored, "little")
+    swapped = int.from_bytes(bytes((stored[1], stored[0], stored[3], stored[2])), "little")
+    return value in (little, swapped)
+
+
+def _read_raw_chunks(dataset, out: np.ndarray, check_chunks: bool = True) -> bool:
+    """Copy uncompressed row chunks straight from the file into ``out`` (one pass, like np.load),
+    checking each chunk's fletcher32 on the raw bytes unless ``check_chunks`` is False.
+
+    Returns False where the layout does not allow it (compression, partial-width chunks, an
+    HDF5 without chunk queries); h5py then reads it, and HDF5's filter checks fletcher32."""
     chunks = dataset.chunks
     if (chunks is None or dataset.compression is not None or not out.flags.c_contiguous
             or tuple(chunks[1:]) != tuple(dataset.shape[1:]) or not hasattr(dataset.id, "get_chunk_info")):
@@ -323,7 +394,9 @@ def _read_raw_chunks(dataset, out: np.ndarray) -> bool:
     chunk_bytes = chunks[0] * row_bytes
     extra = 4 if dataset.fletcher32 else 0
     target = memoryview(out.reshape(-1).view(np.uint8))
-    with open(dataset.file.filename, "rb", buffering=0) as handle:
+    filename = dataset.file.filename
+    scratch, checks = None, []
+    with open(filename, "rb", buffering=0) as handle, ThreadPoolExecutor(1) as checker:
         for index in range(dataset.id.get_num_chunks()):
             info = dataset.id.get_chunk_info(index)
             if info.filter_mask != 0 or info.size != chunk_bytes + extra:
@@ -331,8 +404,24 @@ def _read_raw_chunks(dataset, out: np.ndarray) -> bool:
             start = info.chunk_offset[0] * row_bytes
             stop = min(start + chunk_bytes, out.nbytes)
             handle.seek(info.byte_offset)
-            if handle.readinto(target[start:stop]) != stop - start:
-                raise CorruptEntryError(f"{dataset.file.filename}: {dataset.name} is truncated")
+            if stop - start == chunk_bytes:  # a full chunk lands in place
+                view, got = target[start:stop], handle.readinto(target[start:stop])
+                stored = handle.read(extra)
+            else:  # the last, partial chunk is stored padded to full size
+                scratch = scratch or bytearray(chunk_bytes + extra)
+                if handle.readinto(scratch) != len(scratch):
+                    raise CorruptEntryError(f"{filename}: {dataset.name} is truncated")
+                view, stored = memoryview(scratch)[:chunk_bytes], bytes(scratch[chunk_bytes:])
+                target[start:stop] = view[:stop - start]
+                got = stop - start
+            if got != stop - start or len(stored) != extra:
+                raise CorruptEntryError(f"{filename}: {dataset.name} is truncated")
+            if check_chunks and extra:  # checksummed in a second thread while the next chunk is read
+                checks.append((index, checker.submit(_stored_fletcher_matches, view, stored)))
+    for index, matches in checks:
+        if not matches.result():
+            raise CorruptEntryError(f"{filename} fails its checksum ({dataset.name}, chunk {index}); "
+                                    "run `featcache verify`")
     return True
 
 

@@ -112,3 +112,99 @@ def test_ls_shows_every_entry_with_its_status(tmp_path, cache_dir, runner):
     assert f"BAD {damaged}" in result.output and "shard-00000.h5: missing" in result.output
     invoke(runner, featcache, ["rm", os.path.basename(damaged)])  # a damaged entry can still be removed
     assert not os.path.exists(damaged)
+
+
+# -- integrity on every read ---------------------------------------------------------------------
+
+
+def _fletcher32_reference(data: bytes) -> int:
+    """HDF5's H5_checksum_fletcher32, transcribed loop for loop."""
+    words, sum1, sum2, i = len(data) // 2, 0, 0, 0
+    while words:
+        block = min(words, 360)
+        words -= block
+        for _ in range(block):
+            sum1 += (data[i] << 8) | data[i + 1]
+            i += 2
+            sum2 += sum1
+        sum1, sum2 = (sum1 & 0xFFFF) + (sum1 >> 16), (sum2 & 0xFFFF) + (sum2 >> 16)
+    if len(data) % 2:
+        sum1 += data[i] << 8
+        sum2 += sum1
+        sum1, sum2 = (sum1 & 0xFFFF) + (sum1 >> 16), (sum2 & 0xFFFF) + (sum2 >> 16)
+    sum1, sum2 = (sum1 & 0xFFFF) + (sum1 >> 16), (sum2 & 0xFFFF) + (sum2 >> 16)
+    return sum2 << 16 | sum1
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 3, 1023, 2048, 2049, 5001])
+def test_fletcher32_matches_hdf5s_definition(size):
+    from featcache.store import fletcher32
+    rng = np.random.default_rng(size)
+    for data in (rng.integers(0, 256, size, dtype=np.uint8).tobytes(), b"\xff" * size, b"\x00" * size):
+        assert fletcher32(data) == _fletcher32_reference(data)
+
+
+def test_fletcher32_matches_the_checksums_hdf5_stores(tmp_path):
+    import h5py
+    from featcache.store import _stored_fletcher_matches
+    rng = np.random.default_rng(0)
+    with h5py.File(tmp_path / "f.h5", "w") as handle:
+        handle.create_dataset("a", data=rng.normal(size=(5000, 33)).astype(np.float32), chunks=(700, 33), fletcher32=True)
+        handle.create_dataset("b", data=rng.normal(size=(9, 3)).astype(np.float16), chunks=(9, 3), fletcher32=True)
+    raw = (tmp_path / "f.h5").read_bytes()
+    with h5py.File(tmp_path / "f.h5", "r") as handle:
+        for name in ("a", "b"):
+            for index in range(handle[name].id.get_num_chunks()):
+                info = handle[name].id.get_chunk_info(index)
+                chunk = raw[info.byte_offset:info.byte_offset + info.size]
+                assert _stored_fletcher_matches(chunk[:-4], chunk[-4:])
+                assert not _stored_fletcher_matches(chunk[:10] + bytes([chunk[10] ^ 4]) + chunk[11:-4], chunk[-4:])
+
+
+def _flip_in_features(shard, byte_in_chunk=100):
+    """Flip one bit inside the first features chunk and restore the file's size and mtime."""
+    import h5py
+    with h5py.File(shard, "r") as handle:
+        offset = handle["features"].id.get_chunk_info(0).byte_offset + byte_in_chunk
+    stat = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[offset] ^= 0x40
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert shard.stat().st_size == stat.st_size and shard.stat().st_mtime_ns == stat.st_mtime_ns
+
+
+def test_flipped_byte_with_size_and_mtime_restored_fails_the_sweep(tiny_ckpt, cache_dir, runner, tmp_path):
+    from cli.lt_cls_cmd import main as lt_cls
+    path = invoke(runner, featcache, ["extract", "--ckpt", tiny_ckpt, "--data", "digits-lt", "--quiet"]).output.split()[-1]
+    shard = cache_dir / os.path.basename(path) / "train" / "shard-00000.h5"
+    before = FeatureCache.open(path).split("train").features
+    _flip_in_features(shard)
+    result = runner.invoke(lt_cls, ["sweep", "--cache", path, "--methods", "ncm", "--out", str(tmp_path / "s"), "--quiet"])
+    assert "train/shard-00000.h5" in _one_error_line(result) and "checksum" in result.output
+    verify = runner.invoke(featcache, ["verify", path])
+    assert verify.exit_code == 1 and "train/shard-00000.h5" in verify.output
+    trusted = FeatureCache.open(path, check_chunks=False).split("train").features  # the documented opt-out
+    assert (trusted != before).sum() == 1
+
+
+def test_manifest_rows_beyond_the_shards_fail_verify_and_read(tmp_path, cache_dir, runner):
+    path = _import(runner, tmp_path, "rows", rows=6)
+    manifest_path = cache_dir / os.path.basename(path) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    split = manifest["splits"]["train"]
+    split["rows"] += 4
+    split["shards"][0]["rows"] += 4
+    split["class_counts"][0] += 4
+    manifest_path.write_text(json.dumps(manifest))
+    verify = runner.invoke(featcache, ["verify", path])
+    assert verify.exit_code == 1 and "has 6 rows, manifest says 10" in verify.output
+    with pytest.raises(FeatcacheError, match="has 6 rows, manifest says 10"):
+        FeatureCache.open(path).split("train")
+    split["shards"][0]["rows"] -= 4
+    manifest_path.write_text(json.dumps(manifest))
+    assert "damaged: split 'train': its shards hold 6 rows" in invoke(runner, featcache, ["ls"]).output
+    split["rows"], split["class_counts"] = 6, [1, 2, 3]
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(FeatcacheError, match="class_counts of split 'train' do not match"):
+        FeatureCache.open(path).split("train")
