@@ -60,6 +60,9 @@ def data_options(func):
         click.option("--val-per-class", type=int, help="Balanced val images per class (from unused train images)."),
         click.option("--resize", type=int, help="Natural images: resize shorter side (default 256)."),
         click.option("--crop", type=int, help="Natural images: center-crop size (default 224)."),
+        click.option("--hash-images", is_flag=True, default=None,
+                     help="imagefolder / txt: key the cache on each image's SHA-256 instead of its size "
+                          "and mtime (reads every image once more)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -67,15 +70,16 @@ def data_options(func):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         keys = ("data_name", "data_root", "lists", "imbalance", "max_per_class", "profile",
-                "class_order", "order_seed", "val_per_class", "resize", "crop")
+                "class_order", "order_seed", "val_per_class", "resize", "crop", "hash_images")
         raw = {k: kwargs.pop(k) for k in keys}
+        raw["hash_images"] = raw["hash_images"] or None  # passed on only when given
         kwargs["data_spec"] = build_data_spec(raw)
         return func(*args, **kwargs)
     return wrapper
 
 
 def build_data_spec(raw: dict):
-    from featcache.datasets import DATASETS, DataSpec
+    from featcache.datasets import DATASETS, FILE_DATASETS, DataSpec
     name = raw.pop("data_name")
     root = raw.pop("data_root")
     lists = key_value(raw.pop("lists"), "--list")
@@ -88,6 +92,8 @@ def build_data_spec(raw: dict):
         return None
     if name not in DATASETS:
         raise FeatcacheError(f"unknown --data {name!r}; choose one of {', '.join(DATASETS)}")
+    if options.get("hash_images") and name not in FILE_DATASETS:
+        raise FeatcacheError(f"--hash-images applies to {' / '.join(FILE_DATASETS)} data, not --data {name}")
     return DataSpec(name, root, options)
 
 

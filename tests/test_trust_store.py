@@ -208,3 +208,72 @@ def test_manifest_rows_beyond_the_shards_fail_verify_and_read(tmp_path, cache_di
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(FeatcacheError, match="class_counts of split 'train' do not match"):
         FeatureCache.open(path).split("train")
+
+
+# -- content addressing of file-based data -------------------------------------------------------
+
+
+@pytest.fixture
+def r18(tmp_path):
+    from tests.test_extract import official_format
+    import torch
+    import torchvision
+    torch.manual_seed(1)
+    weights = torchvision.models.resnet18(num_classes=3).state_dict()
+    path = tmp_path / "r18.pth"
+    torch.save(official_format(weights), path)
+    return path, weights
+
+
+def _extract_images(runner, ckpt, root, *extra):
+    from tests.test_extract import CROP, RESIZE
+    return invoke(runner, featcache, ["extract", "--ckpt", ckpt, "--arch", "resnet18", "--data", "imagefolder",
+                                      "--data-root", root, "--resize", RESIZE, "--crop", CROP, "--split", "test",
+                                      "--quiet", *extra]).output.split()[-1]
+
+
+def test_two_folders_with_the_same_names_give_two_entries(r18, image_tree, cache_dir, runner, tmp_path):
+    import shutil
+    from PIL import Image
+    from tests.test_extract import reference_features
+    inverted = tmp_path / "inverted"
+    shutil.copytree(image_tree, inverted)
+    for image in inverted.rglob("*.png"):
+        Image.fromarray(255 - np.asarray(Image.open(image))).save(image)
+    first, second = _extract_images(runner, r18[0], image_tree), _extract_images(runner, r18[0], inverted)
+    assert first != second
+    for path, root in ((first, image_tree), (second, inverted)):
+        expected = reference_features(r18[1], root, "test")
+        got = FeatureCache.open(path).split("test").features
+        assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+    assert FeatureCache.open(second).meta["data"]["identity"]["root"] == str(inverted.resolve())
+
+
+def test_an_image_changed_in_place_is_not_served_from_the_old_entry(r18, image_tree, cache_dir, runner):
+    from PIL import Image
+    from tests.test_extract import reference_features
+    before = _extract_images(runner, r18[0], image_tree)
+    image = image_tree / "test" / "class1" / "img0.png"
+    Image.fromarray(255 - np.asarray(Image.open(image))).save(image)
+    after = _extract_images(runner, r18[0], image_tree)
+    assert after != before
+    expected = reference_features(r18[1], image_tree, "test")
+    got = FeatureCache.open(after).split("test").features
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_hash_images_sees_an_edit_that_kept_size_and_mtime(r18, image_tree, cache_dir, runner):
+    from PIL import Image
+    image = image_tree / "test" / "class0" / "raw.bmp"  # uncompressed: an edited pixel keeps the size
+    Image.fromarray(np.full((36, 36, 3), 90, np.uint8)).save(image)
+    hashed = _extract_images(runner, r18[0], image_tree, "--hash-images")
+    assert _extract_images(runner, r18[0], image_tree, "--hash-images") == hashed  # same contents: a hit
+    plain = _extract_images(runner, r18[0], image_tree)
+    stat, data = image.stat(), bytearray(image.read_bytes())
+    data[-20] ^= 0x55  # one pixel byte: same size, other pixels
+    image.write_bytes(bytes(data))
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert _extract_images(runner, r18[0], image_tree) == plain  # size + mtime cannot see it
+    assert _extract_images(runner, r18[0], image_tree, "--hash-images") != hashed
+    assert "--hash-images applies to" in _one_error_line(
+        runner.invoke(featcache, ["extract", "--ckpt", r18[0], "--data", "digits-lt", "--hash-images"]))
