@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FeatcacheError
-from .store import EntryWriter, cache_root, content_key, entry_lock, sha256_file
+from .store import EntryWriter, cache_root, cast_overflow, content_key, entry_lock, sha256_file
 
 FEATURE_KEYS, LABEL_KEYS = ("features", "feats"), ("labels",)
 
@@ -86,6 +86,10 @@ def import_features(splits: dict[str, str], *, name: str, classifier_ckpt: str |
             raise FeatcacheError(f"{splits[split]}: negative label {int(labels.min())}")
         if not allow_nonfinite and not np.isfinite(features).all():
             raise FeatcacheError(f"{splits[split]}: features contain NaN or Inf (--allow-nonfinite keeps them)")
+        overflow = cast_overflow(features, dtype)
+        if overflow:
+            raise FeatcacheError(f"{splits[split]} (split {split!r}): {overflow}"
+                                 + ("; use --dtype float32" if dtype == "float16" else ""))
     identity = {"import": {s: sha256_file(f) for s, f in splits.items()}, "name": name,
                 "classifier_sha256": classifier_sha, "dtype": dtype}
     key = content_key(identity)

@@ -535,6 +535,20 @@ class EntryWriter:
                 child.unlink(missing_ok=True)
 
 
+def cast_overflow(values: np.ndarray, dtype: str) -> str | None:
+    """Why ``values`` cannot be stored as ``dtype`` (a finite value that would become Inf), or None."""
+    with np.errstate(over="ignore"):
+        stored = values.astype(dtype, copy=False)
+    if stored is values:
+        return None
+    bad = np.flatnonzero(np.isinf(stored) & np.isfinite(values))
+    if not len(bad):
+        return None
+    row, value = int(bad[0]) // max(1, values.shape[-1]), values.flat[int(bad[0])]
+    return (f"feature value {value:.6g} at row {row} cannot be stored as {dtype} "
+            f"(largest {float(np.finfo(dtype).max):.6g})")
+
+
 class SplitWriter:
     """Writes one split shard by shard. Shard i holds rows [i*shard_rows, (i+1)*shard_rows).
 
@@ -585,9 +599,14 @@ class SplitWriter:
         if features.shape != (stop - start, self.dim):
             raise ValueError(f"shard {index} expects {(stop - start, self.dim)}, got {features.shape}")
         shard, record_path = self._paths(index)
+        overflow = cast_overflow(features, self.dtype)
+        if overflow:
+            raise FeatcacheError(f"split {self.name!r} ({shard}): {overflow}; use --dtype float32")
+        with np.errstate(over="ignore"):  # only NaN / Inf that were already there (--allow-nonfinite)
+            stored = features.astype(self.dtype, copy=False)
         tmp = shard.with_name(f".{shard.name}.tmp-{os.getpid()}")
         try:
-            self._write_h5(tmp, features, labels, indices, start)
+            self._write_h5(tmp, stored, labels, indices, start)
             record = {"row_start": start, "rows": stop - start, "dtype": self.dtype, "dim": self.dim,
                       "compression": self.compression, "sha256": sha256_file(tmp),
                       "size": tmp.stat().st_size}
@@ -609,7 +628,7 @@ class SplitWriter:
             handle.attrs["format_version"] = FORMAT_VERSION
             handle.attrs["split"] = self.name
             handle.attrs["row_start"] = start
-            handle.create_dataset("features", data=features.astype(self.dtype, copy=False),
+            handle.create_dataset("features", data=features,
                                   chunks=(chunk_rows, self.dim), fletcher32=True,
                                   compression=compression)
             for key, values in (("labels", labels), ("indices", indices)):

@@ -277,3 +277,34 @@ def test_hash_images_sees_an_edit_that_kept_size_and_mtime(r18, image_tree, cach
     assert _extract_images(runner, r18[0], image_tree, "--hash-images") != hashed
     assert "--hash-images applies to" in _one_error_line(
         runner.invoke(featcache, ["extract", "--ckpt", r18[0], "--data", "digits-lt", "--hash-images"]))
+
+
+# -- float16 storage -----------------------------------------------------------------------------
+
+
+def test_float16_refuses_values_it_cannot_represent_on_extract(tmp_path, cache_dir, runner):
+    import torch
+    from featcache.backbones import build_model
+    model = build_model("tinycnn", 10, 1)
+    last_bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)][-1]
+    with torch.no_grad():
+        last_bn.bias.fill_(1e5)  # finite in float32, Inf in float16
+    torch.save({"arch": "tinycnn", "state_dict": model.state_dict()}, tmp_path / "big.pt")
+    args = ["extract", "--ckpt", tmp_path / "big.pt", "--data", "digits-lt", "--quiet"]
+    line = _one_error_line(runner.invoke(featcache, [str(a) for a in args + ["--dtype", "float16"]]))
+    assert "split 'train'" in line and "shard-00000.h5" in line and "cannot be stored as float16" in line
+    assert not [p for p in cache_dir.glob("*") if p.name != ".locks"]
+    invoke(runner, featcache, args)  # float32 holds them
+
+
+def test_float16_refuses_values_it_cannot_represent_on_import(tmp_path, cache_dir, runner):
+    features = np.ones((4, 3), np.float32)
+    features[2, 1] = 70000.0
+    np.savez(tmp_path / "big.npz", features=features, labels=np.array([0, 1, 0, 1]))
+    line = _one_error_line(runner.invoke(featcache, ["import", "--name", "big", "--dtype", "float16",
+                                                     "--split", f"train={tmp_path / 'big.npz'}"]))
+    assert "big.npz" in line and "70000 at row 2" in line and "float16" in line
+    np.savez(tmp_path / "huge.npz", features=np.full((2, 2), 1e300), labels=np.array([0, 1]))
+    assert "cannot be stored as float32" in _one_error_line(
+        runner.invoke(featcache, ["import", "--name", "huge", "--split", f"train={tmp_path / 'huge.npz'}"]))
+    assert not [p for p in cache_dir.glob("*") if p.name != ".locks"]
