@@ -100,3 +100,9 @@ def build_data_spec(raw: dict):
 def device_option(func):
     return click.option("--device", default="auto", show_default=True,
                         help="auto (CUDA when present), cpu or cuda.")(func)
+
+
+def trust_checkpoint_option(func):
+    return click.option("--trust-checkpoint", is_flag=True,
+                        help="Load a checkpoint that needs full unpickling (it can run code: only for files "
+                             "you trust). Default: weights only, numpy scalars allowed.")(func)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import Group, comma_list, data_options, device_option, key_value
+from .common import Group, comma_list, data_options, device_option, key_value, trust_checkpoint_option
 
 CACHE_DIR = click.option("--cache-dir", type=click.Path(), envvar="FEATCACHE_DIR",
                          help="Cache root (default $FEATCACHE_DIR, else ~/.cache/featcache).")
@@ -33,9 +33,10 @@ def main(debug):
 @click.option("--out", required=True, type=click.Path(), help="Run directory (last.pt, best.pt, log.jsonl).")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
+@trust_checkpoint_option
 @device_option
 def train(data_spec, arch, sampler, epochs, batch_size, lr, wd, momentum, seed, epoch_draws, no_augment,
-          num_workers, out, resume, quiet, device):
+          num_workers, out, resume, quiet, trust_checkpoint, device):
     """Train a backbone + linear classifier jointly (Stage 1). Prints OUT/last.pt last."""
     from featcache.distributed import Dist
     from featcache.train import TrainConfig, train as run_train
@@ -45,7 +46,7 @@ def train(data_spec, arch, sampler, epochs, batch_size, lr, wd, momentum, seed, 
         raise click.UsageError("--data is required")
     get_arch(arch)
     config = TrainConfig(data_spec, arch, out, sampler, epochs, batch_size, lr, wd, momentum, seed, device,
-                         epoch_draws, not no_augment, num_workers, resume, not quiet)
+                         epoch_draws, not no_augment, num_workers, resume, not quiet, trust_checkpoint)
     path = run_train(config)
     if Dist.from_env().is_main:
         click.echo(str(path))
@@ -66,9 +67,10 @@ def train(data_spec, arch, sampler, epochs, batch_size, lr, wd, momentum, seed, 
 @click.option("--on-bad-image", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
               help="An image that cannot be decoded: fail naming it, or leave it out with a warning.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@trust_checkpoint_option
 @device_option
 def extract(ckpt, arch, data_spec, splits, cache_dir, dtype, compression, batch_size, num_workers,
-            shard_rows, allow_nonfinite, on_bad_image, quiet, device):
+            shard_rows, allow_nonfinite, on_bad_image, quiet, trust_checkpoint, device):
     """Run the backbone over each split and cache its penultimate features.
 
     The last line printed is the entry directory; an identical second call is a hit."""
@@ -77,7 +79,7 @@ def extract(ckpt, arch, data_spec, splits, cache_dir, dtype, compression, batch_
 
     request = ExtractRequest(ckpt, arch, data_spec, comma_list(splits) or None, cache_dir, dtype, batch_size,
                              num_workers, shard_rows, compression, device, allow_nonfinite, not quiet,
-                             on_bad_image)
+                             on_bad_image, trust_checkpoint)
     path = run_extract(request)
     if Dist.from_env().is_main:
         click.echo(str(path))
@@ -91,12 +93,17 @@ def extract(ckpt, arch, data_spec, splits, cache_dir, dtype, compression, batch_
 @CACHE_DIR
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @click.option("--allow-nonfinite", is_flag=True, help="Store NaN/Inf features instead of refusing.")
-def import_(splits, classifier, name, cache_dir, dtype, allow_nonfinite):
+@click.option("--trust-pickle", is_flag=True,
+              help="Fully unpickle .pkl / .pt feature files (it can run code: only for files you trust). "
+                   "Default: numpy arrays, scalars and plain containers only.")
+@trust_checkpoint_option
+def import_(splits, classifier, name, cache_dir, dtype, allow_nonfinite, trust_pickle, trust_checkpoint):
     """Build a cache entry from features you already have. Prints the entry directory last."""
     from featcache.importer import import_features
 
     path = import_features(key_value(splits, "--split"), name=name, classifier_ckpt=classifier,
-                           cache_dir=cache_dir, dtype=dtype, allow_nonfinite=allow_nonfinite)
+                           cache_dir=cache_dir, dtype=dtype, allow_nonfinite=allow_nonfinite,
+                           trust_pickle=trust_pickle, trust_checkpoint=trust_checkpoint)
     click.echo(str(path))
 
 

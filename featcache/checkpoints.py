@@ -8,9 +8,6 @@ a plain torchvision ``state_dict``, and the official classifier-balancing checkp
 from __future__ import annotations
 
 import hashlib
-import io
-import pickle
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +16,7 @@ import torch
 
 from .backbones import build_model, get_arch
 from .errors import FeatcacheError
+from .safe_pickle import torch_load
 
 PREFIXES = ("module.", "_orig_mod.")
 OWN_FORMAT = "featcache-checkpoint"
@@ -102,7 +100,9 @@ class Checkpoint:
         return 3 if first_conv is None else int(first_conv.shape[1])
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
+def load_checkpoint(path: str | Path, *, trust_checkpoint: bool = False) -> Checkpoint:
+    """Read a checkpoint weights-only (numpy scalars and dtypes allowed); ``trust_checkpoint``
+    allows full unpickling, which can run code from the file."""
     path = Path(path)
     if not path.exists():
         raise FeatcacheError(f"checkpoint {path} does not exist")
@@ -111,13 +111,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     except OSError as exc:
         raise FeatcacheError(f"checkpoint {path} cannot be read: {exc.strerror or exc}") from None
     try:
-        payload = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        try:  # e.g. official checkpoints that pickle numpy scalars: a file the user chose to trust
-            payload = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
-            warnings.warn(f"{path} needed full unpickling (not weights-only)", stacklevel=2)
-        except Exception:
-            raise FeatcacheError(f"{path} is not a PyTorch checkpoint") from None
+        payload = torch_load(raw, path, arrays=False, trust=trust_checkpoint, trust_flag="--trust-checkpoint")
+    except FeatcacheError:
+        raise
     except Exception:
         raise FeatcacheError(f"{path} is not a PyTorch checkpoint") from None
     try:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FeatcacheError
+from .safe_pickle import load_restricted
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -249,11 +250,14 @@ def load_mnist_lt(data_root=None, *, max_per_class=5000, imbalance=100.0, profil
 
 
 def _unpickle(path: Path) -> dict:
+    """A CIFAR batch: arrays and lists only (see featcache/safe_pickle.py); nothing in it runs."""
     try:
-        with open(path, "rb") as handle:
-            return pickle.load(handle, encoding="bytes")
-    except (OSError, pickle.UnpicklingError, EOFError) as exc:
+        payload = load_restricted(path, encoding="bytes")
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as exc:
         raise FeatcacheError(f"{path} is not a CIFAR python pickle ({exc})") from None
+    if not isinstance(payload, dict):
+        raise FeatcacheError(f"{path} is not a CIFAR python pickle (it holds a {type(payload).__name__})")
+    return payload
 
 
 def _load_cifar_lt(name, num_classes, data_root, *, max_per_class, imbalance, profile, class_order,

@@ -41,6 +41,7 @@ class ExtractRequest:
     allow_nonfinite: bool = False
     progress: bool = True
     on_bad_image: str = "fail"
+    trust_checkpoint: bool = False
 
 
 def resolve_data(checkpoint: Checkpoint, data: DataSpec | None) -> DataSpec:
@@ -75,7 +76,7 @@ def _check_labels(source: DataSource, splits: list[str], num_classes: int | None
 def extract(request: ExtractRequest) -> Path:
     """Return the entry directory holding every requested split, computing only what is missing."""
     dist = Dist.from_env()
-    checkpoint = load_checkpoint(request.ckpt)
+    checkpoint = load_checkpoint(request.ckpt, trust_checkpoint=request.trust_checkpoint)
     arch = request.arch or checkpoint.arch
     if not arch:
         raise FeatcacheError(f"--arch is required: checkpoint {checkpoint.path} ({checkpoint.format}) "

@@ -21,6 +21,7 @@ from .datasets import DataSpec
 from .distributed import Dist, resolve_device
 from .errors import FeatcacheError
 from .extract import versions
+from .safe_pickle import torch_load
 from .sampling import SAMPLERS, ClassSampler, class_probabilities
 
 CHECKPOINT_FORMAT = "featcache-checkpoint"
@@ -45,10 +46,12 @@ class TrainConfig:
     num_workers: int = 0
     resume: bool = False
     progress: bool = True
+    trust_checkpoint: bool = False  # --resume: allow full unpickling of OUT/last.pt
 
     def to_dict(self) -> dict:
         payload = asdict(self)
         payload["data"] = self.data.to_dict()
+        del payload["trust_checkpoint"]
         return payload
 
 
@@ -100,7 +103,9 @@ def train(config: TrainConfig) -> Path:
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs, eta_min=0.0)
     start_epoch, best_top1 = 0, -1.0
     if config.resume and (out / "last.pt").is_file():
-        state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+        last = out / "last.pt"
+        state = torch_load(last.read_bytes(), last, arrays=False, trust=config.trust_checkpoint,
+                           trust_flag="--trust-checkpoint")
         for key in ("arch", "sampler", "seed"):
             if state["args"][key] != getattr(config, key):
                 raise FeatcacheError(f"--resume: {out / 'last.pt'} was trained with --{key} {state['args'][key]}, "

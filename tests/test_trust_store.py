@@ -308,3 +308,75 @@ def test_float16_refuses_values_it_cannot_represent_on_import(tmp_path, cache_di
     assert "cannot be stored as float32" in _one_error_line(
         runner.invoke(featcache, ["import", "--name", "huge", "--split", f"train={tmp_path / 'huge.npz'}"]))
     assert not [p for p in cache_dir.glob("*") if p.name != ".locks"]
+
+
+# -- untrusted files -----------------------------------------------------------------------------
+
+
+class _CreatesAFile:
+    """Unpickling this calls open(path, 'w'): the file appears only if the payload ran."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_crafted_checkpoint_is_refused_and_its_payload_never_runs(tiny_ckpt, tmp_path, cache_dir, runner):
+    import torch
+    marker = tmp_path / "pwned"
+    payload = torch.load(tiny_ckpt, weights_only=True)
+    payload["extra"] = _CreatesAFile(marker)
+    torch.save(payload, tmp_path / "crafted.pth")
+    for args in (["extract", "--ckpt", tmp_path / "crafted.pth", "--data", "digits-lt", "--quiet"],
+                 ["import", "--name", "x", "--split", f"train={tmp_path / 'crafted.pth'}"]):
+        line = _one_error_line(runner.invoke(featcache, [str(a) for a in args]))
+        assert "crafted.pth" in line and "open" in line and ("--trust-checkpoint" in line or "--trust-pickle" in line)
+    np.savez(tmp_path / "f.npz", features=np.ones((3, 512), np.float32), labels=np.array([0, 1, 2]))
+    line = _one_error_line(runner.invoke(featcache, ["import", "--name", "y", "--split", f"train={tmp_path / 'f.npz'}",
+                                                     "--classifier", str(tmp_path / "crafted.pth")]))
+    assert "--trust-checkpoint" in line
+    assert not marker.exists()
+
+
+def test_crafted_feature_pickle_is_refused_and_its_payload_never_runs(tmp_path, cache_dir, runner):
+    import pickle
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "feats.pkl", "wb") as handle:
+        pickle.dump({"feats": np.ones((2, 2), np.float32), "labels": np.array([0, 1]), "x": _CreatesAFile(marker)}, handle)
+    line = _one_error_line(runner.invoke(featcache, ["import", "--name", "p", "--split", f"train={tmp_path / 'feats.pkl'}"]))
+    assert "feats.pkl" in line and "--trust-pickle" in line
+    assert not marker.exists() and not [p for p in cache_dir.glob("*") if p.name != ".locks"]
+
+
+def test_crafted_cifar_pickle_is_refused(tmp_path):
+    import pickle
+    from featcache.datasets import load_cifar10_lt
+    marker = tmp_path / "pwned"
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(tmp_path / name, "wb") as handle:
+            pickle.dump({b"data": np.zeros((1, 3072), np.uint8), b"labels": [0], b"x": _CreatesAFile(marker)}, handle)
+    with pytest.raises(FeatcacheError, match="data_batch_1 references io.open"):
+        load_cifar10_lt(tmp_path)
+    assert not marker.exists()
+
+
+def test_what_official_files_need_still_loads_without_trust(tmp_path, cache_dir, runner):
+    import torch
+    import torchvision
+    from featcache.checkpoints import load_checkpoint
+    from tests.test_extract import official_format
+    official = official_format(torchvision.models.resnet18(num_classes=3).state_dict())
+    official.update(best_acc=np.float64(0.41), epoch=np.int64(90), dtype=np.dtype("float32"))
+    torch.save(official, tmp_path / "official.pth")
+    assert load_checkpoint(tmp_path / "official.pth").format == "classifier-balancing"
+    torch.save({"features": np.ones((3, 2), np.float32), "labels": torch.tensor([0, 1, 2])}, tmp_path / "np.pt")
+    with open(tmp_path / "py2.pkl", "wb") as handle:  # protocol 2, as Python 2-era tools wrote
+        pickle_payload = {"feats": np.arange(8, dtype=np.float32).reshape(4, 2), "labels": np.array([0, 1, 1, 0]),
+                          "meta": {"acc": np.float32(0.5), "names": ("a", "b"), "seen": {1, 2}}}
+        import pickle
+        pickle.dump(pickle_payload, handle, protocol=2)
+    path = invoke(runner, featcache, ["import", "--name", "ok", "--split", f"train={tmp_path / 'np.pt'}",
+                                      "--split", f"val={tmp_path / 'py2.pkl'}"]).output.split()[-1]
+    np.testing.assert_array_equal(FeatureCache.open(path).split("val").features, pickle_payload["feats"])
