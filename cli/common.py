@@ -23,8 +23,23 @@ class Group(click.Group):
         except MemoryError:
             if ctx.params.get("debug"):
                 raise
-            click.echo("Error: out of memory (lower --batch-size, or use --dtype float16)", err=True)
+            click.echo(f"Error: out of memory{_memory_hint(self, ctx)}", err=True)
             sys.exit(1)
+        except OSError as exc:  # the environment (disk full, permissions) where no FeatcacheError was raised
+            if ctx.params.get("debug"):
+                raise
+            where = f" {exc.filename}" if exc.filename else ""
+            click.echo(f"Error: cannot access{where}: {exc.strerror or exc}", err=True)
+            sys.exit(1)
+
+
+def _memory_hint(group: click.Group, ctx) -> str:
+    """Suggest the memory options the failed command actually has."""
+    command = group.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
+    names = {param.name for param in command.params} if command else set()
+    hints = [hint for name, hint in (("batch_size", "lower --batch-size"), ("dtype", "use --dtype float16"))
+             if name in names]
+    return f" ({', or '.join(hints)})" if hints else ""
 
 
 def comma_list(values) -> list[str]:

@@ -91,6 +91,9 @@ def extract(request: ExtractRequest) -> Path:
     for name in splits:
         source.split(name)
     _check_labels(source, splits, checkpoint.num_classes, checkpoint.path)
+    if checkpoint.in_channels < source.channels:
+        raise FeatcacheError(f"checkpoint {checkpoint.path} takes {checkpoint.in_channels}-channel (grayscale) images; "
+                             f"data set {source.name!r} has {source.channels}-channel images")
     num_classes = max(checkpoint.num_classes or 0, source.num_classes)
     identity = {"checkpoint_sha256": checkpoint.sha256, "arch": arch, "data": source.identity,
                 "transform": source.transform_description, "dtype": request.dtype}

@@ -12,6 +12,7 @@ from .safe_pickle import load_restricted, torch_load
 from .store import EntryWriter, cache_root, cast_overflow, content_key, entry_lock, sha256_file
 
 FEATURE_KEYS, LABEL_KEYS = ("features", "feats"), ("labels",)
+MAX_CLASSES = 1_000_000  # a label beyond this is an id, not a class index (and its counts would not fit)
 
 
 def read_feature_file(path: Path, trust_pickle: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -81,6 +82,10 @@ def import_features(splits: dict[str, str], *, name: str, classifier_ckpt: str |
         if classifier[0].shape[1] != dim:
             raise FeatcacheError(f"feature-dim mismatch: features have {dim} dims, the classifier in "
                                  f"{classifier_ckpt} takes {classifier[0].shape[1]}")
+    for split, (_, labels, _) in loaded.items():
+        if labels.max() >= MAX_CLASSES:
+            raise FeatcacheError(f"{splits[split]}: label {int(labels.max())} is not a class index (labels must be "
+                                 f"0..C-1 with C <= {MAX_CLASSES:,})")
     num_classes = max(int(labels.max()) + 1 for _, labels, _ in loaded.values())
     if classifier is not None:
         if num_classes > len(classifier[0]):

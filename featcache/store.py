@@ -11,6 +11,7 @@ import datetime as _dt
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -87,6 +88,42 @@ def _disk_error(exc: OSError, path: Path) -> FeatcacheError:
     if exc.errno == errno.ENOSPC:
         return FeatcacheError(f"disk full while writing {path}; temporary files were removed")
     return FeatcacheError(f"cannot write {path}: {exc.strerror or exc}")
+
+
+class _GuardedFile(io.FileIO):
+    """A file for h5py's fileobj driver that turns the first write error (disk full) into a no-op
+    and keeps it: HDF5 then closes cleanly (a failed close leaves HDF5 handles that crash the
+    interpreter at exit), and :func:`_create_h5` raises the error afterwards."""
+
+    error: OSError | None = None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while self.error is None and done < len(view):
+            try:
+                done += super().write(view[done:]) or 0
+            except OSError as exc:
+                self.error = exc
+        return len(view)
+
+    def truncate(self, size=None) -> int:
+        if self.error is None:
+            try:
+                return super().truncate(size)
+            except OSError as exc:
+                self.error = exc
+        return size if size is not None else self.tell()
+
+
+@contextlib.contextmanager
+def _create_h5(path: Path):
+    """A new HDF5 file at ``path``; a write error surfaces as OSError after every handle is closed."""
+    with _GuardedFile(path, "w+") as raw:
+        with h5py.File(raw, "w") as handle:
+            yield handle
+        if raw.error is not None:
+            raise raw.error
 
 
 @dataclass
@@ -492,7 +529,7 @@ class EntryWriter:
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         self.create_dir()
         try:
-            with h5py.File(tmp, "w") as handle:
+            with _create_h5(tmp) as handle:
                 handle.attrs["format_version"] = FORMAT_VERSION
                 handle.create_dataset("weight", data=np.asarray(weight, np.float32), fletcher32=True,
                                       chunks=True)
@@ -624,7 +661,7 @@ class SplitWriter:
         itemsize = np.dtype(self.dtype).itemsize
         chunk_rows = int(min(rows, max(1, _CHUNK_BYTES // (self.dim * itemsize))))
         compression = None if self.compression == "none" else self.compression
-        with h5py.File(path, "w") as handle:
+        with _create_h5(path) as handle:
             handle.attrs["format_version"] = FORMAT_VERSION
             handle.attrs["split"] = self.name
             handle.attrs["row_start"] = start

@@ -380,3 +380,47 @@ def test_what_official_files_need_still_loads_without_trust(tmp_path, cache_dir,
     path = invoke(runner, featcache, ["import", "--name", "ok", "--split", f"train={tmp_path / 'np.pt'}",
                                       "--split", f"val={tmp_path / 'py2.pkl'}"]).output.split()[-1]
     np.testing.assert_array_equal(FeatureCache.open(path).split("val").features, pickle_payload["feats"])
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+def _limit_file_size():
+    import resource
+    import signal
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit then fail with EFBIG, like a full disk
+    resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+
+
+def test_write_failure_during_import_is_one_clean_line(tmp_path):
+    import subprocess
+    import sys
+    np.savez(tmp_path / "big.npz", features=np.random.default_rng(0).random((20000, 16), np.float32),
+             labels=np.arange(20000) % 5)
+    cache = tmp_path / "cache"
+    result = subprocess.run([sys.executable, "-m", "cli.featcache_cmd", "import", "--name", "big", "--split",
+                             f"train={tmp_path / 'big.npz'}", "--cache-dir", str(cache)],
+                            capture_output=True, text=True, preexec_fn=_limit_file_size, timeout=120,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    assert result.stdout == "" and result.stderr.count("\n") == 1 and result.stderr.startswith("Error: cannot write")
+    assert "shard-00000.h5" in result.stderr
+    assert [p.name for p in cache.iterdir()] == [".locks"]
+
+
+def test_huge_labels_are_a_clear_error(tmp_path, cache_dir, runner):
+    np.savez(tmp_path / "f.npz", features=np.ones((2, 2), np.float32), labels=np.array([0, 10**9]))
+    line = _one_error_line(runner.invoke(featcache, ["import", "--name", "h", "--split", f"train={tmp_path / 'f.npz'}"]))
+    assert "f.npz" in line and "1000000000" in line
+
+
+def test_out_of_memory_message_names_only_options_the_command_has(tmp_path, runner, monkeypatch):
+    from featcache import importer, store
+
+    def oom(*args, **kwargs):
+        raise MemoryError
+    monkeypatch.setattr(importer, "import_features", oom)
+    line = _one_error_line(runner.invoke(featcache, ["import", "--name", "m", "--split", "train=x.npz"]))
+    assert line.startswith("Error: out of memory") and "--batch-size" not in line and "--dtype float16" in line
+    monkeypatch.setattr(store, "scan_entries", oom)
+    assert _one_error_line(runner.invoke(featcache, ["ls", "--cache-dir", str(tmp_path)])) == "Error: out of memory"
