@@ -34,6 +34,7 @@ from .params import check_params
 
 REGISTRY: dict[str, type["LTClassifier"]] = {}
 _ROW_CHUNK = 16384
+_HALF_CHUNK = 2048  # rows of float16 features upcast at a time: small temporaries, which malloc reuses
 _FLOAT_DTYPES = (np.float32, np.float64, np.float16)
 
 
@@ -92,7 +93,7 @@ def as_features(X, device: torch.device) -> torch.Tensor:
     return as_tensor(X, device, torch.float16 if half else torch.float32)
 
 
-def feature_mean(X: torch.Tensor, chunk: int = _ROW_CHUNK) -> torch.Tensor:
+def feature_mean(X: torch.Tensor, chunk: int = _HALF_CHUNK) -> torch.Tensor:
     """Mean row of X (N x D), accumulated chunk by chunk in float32 (X may be float16)."""
     total = torch.zeros(X.shape[1], dtype=torch.float32, device=X.device)
     for start in range(0, len(X), chunk):
@@ -231,9 +232,10 @@ class LTClassifier(ClassifierMixin, BaseEstimator):
         else:
             X_t = as_features(validate_data(self, X, reset=False, dtype=_FLOAT_DTYPES), self.device_)
         out = torch.empty((len(X_t), len(self.classes_)), dtype=torch.float32, device=self.device_)
+        chunk = _ROW_CHUNK if X_t.dtype == torch.float32 else _HALF_CHUNK
         with torch.no_grad():
-            for start in range(0, len(X_t), _ROW_CHUNK):
-                self._logits(X_t[start:start + _ROW_CHUNK].float(), out[start:start + _ROW_CHUNK])
+            for start in range(0, len(X_t), chunk):
+                self._logits(X_t[start:start + chunk].float(), out[start:start + chunk])
         return out.cpu().numpy()
 
     def predict(self, X) -> np.ndarray:

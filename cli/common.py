@@ -23,8 +23,23 @@ class Group(click.Group):
         except MemoryError:
             if ctx.params.get("debug"):
                 raise
-            click.echo("Error: out of memory (lower --batch-size, or use --dtype float16)", err=True)
+            click.echo(f"Error: out of memory{_memory_hint(self, ctx)}", err=True)
             sys.exit(1)
+        except OSError as exc:  # the environment (disk full, permissions) where no FeatcacheError was raised
+            if ctx.params.get("debug"):
+                raise
+            where = f" {exc.filename}" if exc.filename else ""
+            click.echo(f"Error: cannot access{where}: {exc.strerror or exc}", err=True)
+            sys.exit(1)
+
+
+def _memory_hint(group: click.Group, ctx) -> str:
+    """Suggest the memory options the failed command actually has."""
+    command = group.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
+    names = {param.name for param in command.params} if command else set()
+    hints = [hint for name, hint in (("batch_size", "lower --batch-size"), ("dtype", "use --dtype float16"))
+             if name in names]
+    return f" ({', or '.join(hints)})" if hints else ""
 
 
 def comma_list(values) -> list[str]:
@@ -60,6 +75,9 @@ def data_options(func):
         click.option("--val-per-class", type=int, help="Balanced val images per class (from unused train images)."),
         click.option("--resize", type=int, help="Natural images: resize shorter side (default 256)."),
         click.option("--crop", type=int, help="Natural images: center-crop size (default 224)."),
+        click.option("--hash-images", is_flag=True, default=None,
+                     help="imagefolder / txt: key the cache on each image's SHA-256 instead of its size "
+                          "and mtime (reads every image once more)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -67,15 +85,16 @@ def data_options(func):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         keys = ("data_name", "data_root", "lists", "imbalance", "max_per_class", "profile",
-                "class_order", "order_seed", "val_per_class", "resize", "crop")
+                "class_order", "order_seed", "val_per_class", "resize", "crop", "hash_images")
         raw = {k: kwargs.pop(k) for k in keys}
+        raw["hash_images"] = raw["hash_images"] or None  # passed on only when given
         kwargs["data_spec"] = build_data_spec(raw)
         return func(*args, **kwargs)
     return wrapper
 
 
 def build_data_spec(raw: dict):
-    from featcache.datasets import DATASETS, DataSpec
+    from featcache.datasets import DATASETS, FILE_DATASETS, DataSpec
     name = raw.pop("data_name")
     root = raw.pop("data_root")
     lists = key_value(raw.pop("lists"), "--list")
@@ -88,9 +107,17 @@ def build_data_spec(raw: dict):
         return None
     if name not in DATASETS:
         raise FeatcacheError(f"unknown --data {name!r}; choose one of {', '.join(DATASETS)}")
+    if options.get("hash_images") and name not in FILE_DATASETS:
+        raise FeatcacheError(f"--hash-images applies to {' / '.join(FILE_DATASETS)} data, not --data {name}")
     return DataSpec(name, root, options)
 
 
 def device_option(func):
     return click.option("--device", default="auto", show_default=True,
                         help="auto (CUDA when present), cpu or cuda.")(func)
+
+
+def trust_checkpoint_option(func):
+    return click.option("--trust-checkpoint", is_flag=True,
+                        help="Load a checkpoint that needs full unpickling (it can run code: only for files "
+                             "you trust). Default: weights only, numpy scalars allowed.")(func)

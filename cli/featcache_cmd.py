@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import Group, comma_list, data_options, device_option, key_value
+from .common import Group, comma_list, data_options, device_option, key_value, trust_checkpoint_option
 
 CACHE_DIR = click.option("--cache-dir", type=click.Path(), envvar="FEATCACHE_DIR",
                          help="Cache root (default $FEATCACHE_DIR, else ~/.cache/featcache).")
@@ -34,9 +34,10 @@ def main(debug):
 @click.option("--out", required=True, type=click.Path(), help="Run directory (last.pt, best.pt, log.jsonl).")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
+@trust_checkpoint_option
 @device_option
 def train(data_spec, arch, init, sampler, epochs, batch_size, lr, wd, momentum, seed, epoch_draws, no_augment,
-          num_workers, out, resume, quiet, device):
+          num_workers, out, resume, quiet, trust_checkpoint, device):
     """Train a backbone + linear classifier jointly (Stage 1). Prints OUT/last.pt last."""
     from featcache.distributed import Dist
     from featcache.train import TrainConfig, train as run_train
@@ -48,7 +49,7 @@ def train(data_spec, arch, init, sampler, epochs, batch_size, lr, wd, momentum, 
     if not arch.startswith(TIMM):
         get_arch(arch)
     config = TrainConfig(data_spec, arch, out, sampler, epochs, batch_size, lr, wd, momentum, seed, device,
-                         epoch_draws, not no_augment, num_workers, resume, not quiet, init)
+                         epoch_draws, not no_augment, num_workers, resume, not quiet, init, trust_checkpoint)
     path = run_train(config)
     if Dist.from_env().is_main:
         click.echo(str(path))
@@ -77,9 +78,11 @@ def train(data_spec, arch, init, sampler, epochs, batch_size, lr, wd, momentum, 
               "(default: 8 built-in, 'a photo of a {}.' first).")
 @click.option("--name", help="A name for the entry (usable wherever an entry is asked for; labels it in sweeps).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@trust_checkpoint_option
 @device_option
 def extract(ckpt, arch, data_spec, splits, cache_dir, dtype, compression, batch_size, num_workers,
-            shard_rows, allow_nonfinite, on_bad_image, zeroshot_head, class_names, templates, name, quiet, device):
+            shard_rows, allow_nonfinite, on_bad_image, zeroshot_head, class_names, templates, name, quiet,
+            trust_checkpoint, device):
     """Run the backbone over each split and cache its penultimate features.
 
     The last line printed is the entry directory; an identical second call is a hit."""
@@ -88,7 +91,7 @@ def extract(ckpt, arch, data_spec, splits, cache_dir, dtype, compression, batch_
 
     request = ExtractRequest(ckpt, arch, data_spec, comma_list(splits) or None, cache_dir, dtype, batch_size,
                              num_workers, shard_rows, compression, device, allow_nonfinite, not quiet,
-                             on_bad_image, zeroshot_head, class_names, templates, name)
+                             on_bad_image, zeroshot_head, class_names, templates, name, trust_checkpoint)
     path = run_extract(request)
     if Dist.from_env().is_main:
         click.echo(str(path))
@@ -102,34 +105,42 @@ def extract(ckpt, arch, data_spec, splits, cache_dir, dtype, compression, batch_
 @CACHE_DIR
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @click.option("--allow-nonfinite", is_flag=True, help="Store NaN/Inf features instead of refusing.")
-def import_(splits, classifier, name, cache_dir, dtype, allow_nonfinite):
+@click.option("--trust-pickle", is_flag=True,
+              help="Fully unpickle .pkl / .pt feature files (it can run code: only for files you trust). "
+                   "Default: numpy arrays, scalars and plain containers only.")
+@trust_checkpoint_option
+def import_(splits, classifier, name, cache_dir, dtype, allow_nonfinite, trust_pickle, trust_checkpoint):
     """Build a cache entry from features you already have. Prints the entry directory last."""
     from featcache.importer import import_features
 
     path = import_features(key_value(splits, "--split"), name=name, classifier_ckpt=classifier,
-                           cache_dir=cache_dir, dtype=dtype, allow_nonfinite=allow_nonfinite)
+                           cache_dir=cache_dir, dtype=dtype, allow_nonfinite=allow_nonfinite,
+                           trust_pickle=trust_pickle, trust_checkpoint=trust_checkpoint)
     click.echo(str(path))
 
 
 @main.command(name="ls")
 @CACHE_DIR
 def ls(cache_dir):
-    """List complete cache entries."""
+    """List every cache entry with its status: ok, incomplete, or damaged (with the reason)."""
     from tabulate import tabulate
-    from featcache.store import cache_root, list_entries
+    from featcache.store import cache_root, scan_entries
 
     root = cache_root(cache_dir)
-    rows = [[e.key, e.meta.get("name") or "", e.meta.get("arch") or "", _data_name(e.meta),
-             ",".join(e.splits), e.meta["feature_dim"], e.meta["dtype"], e.meta.get("created", "")]
-            for e in list_entries(root)]
+    rows = []
+    for entry in scan_entries(root):
+        meta = entry.cache.meta if entry.cache else {}
+        rows.append([entry.path.name, meta.get("name") or "", meta.get("arch") or "", _data_name(meta),
+                     ",".join(meta.get("splits", {})), meta.get("feature_dim", ""), meta.get("dtype", ""),
+                     meta.get("created", ""), entry.status])
     if not rows:
         click.echo(f"no entries under {root}")
         return
-    click.echo(tabulate(rows, headers=["key", "name", "arch", "data", "splits", "dim", "dtype", "created"]))
+    click.echo(tabulate(rows, headers=["key", "name", "arch", "data", "splits", "dim", "dtype", "created", "status"]))
 
 
 def _data_name(meta: dict) -> str:
-    spec = meta.get("data", {}).get("spec")
+    spec = (meta.get("data") or {}).get("spec")
     return spec["name"] if spec else meta.get("kind", "")
 
 
@@ -170,24 +181,51 @@ def info(entry, cache_dir):
 
 
 @main.command()
-@click.argument("entry")
+@click.argument("entry", required=False)
+@click.option("--all", "all_entries", is_flag=True, help="Verify every entry under the cache root.")
 @CACHE_DIR
-def verify(entry, cache_dir):
-    """Re-hash every shard; exit 1 naming each bad one."""
-    cache = _entry(entry, cache_dir)
-    problems = cache.verify()
-    for problem in problems:
-        click.echo(f"BAD {problem}", err=True)
-    if problems:
+def verify(entry, all_entries, cache_dir):
+    """Re-hash every shard and check it against the manifest; exit 1 naming each bad one."""
+    from featcache.errors import FeatcacheError
+    from featcache.store import FeatureCache, cache_root, scan_entries
+
+    if bool(entry) == all_entries:
+        raise click.UsageError("give an ENTRY or --all")
+    failed = False
+    if entry:
+        caches = [_entry(entry, cache_dir)]
+    else:
+        root, caches = cache_root(cache_dir), []
+        statuses = scan_entries(root)
+        if not statuses:
+            click.echo(f"no entries under {root}")
+        for status in statuses:
+            if status.status == "incomplete":
+                click.echo(f"INCOMPLETE {status.path} (no manifest: being written, or left by a killed writer)")
+            elif status.cache is None:
+                click.echo(f"BAD {status.path}: {status.status}", err=True)
+                failed = True
+            else:
+                caches.append(status.cache)
+    for cache in caches:
+        try:
+            problems = cache.verify()
+        except FeatcacheError as exc:
+            problems = [str(exc)]
+        for problem in problems:
+            click.echo(f"BAD {problem}", err=True)
+        if not problems:
+            click.echo(f"OK {cache.path}")
+        failed = failed or bool(problems)
+    if failed:
         raise SystemExit(1)
-    click.echo(f"OK {cache.path}")
 
 
 @main.command()
 @click.argument("entry")
 @CACHE_DIR
 def rm(entry, cache_dir):
-    """Delete a cache entry."""
+    """Delete a cache entry (a key, key prefix, name or entry path; nothing that is not an entry)."""
     from featcache.store import cache_root, remove_entry, resolve_entry
     path = resolve_entry(entry, cache_root(cache_dir))
     remove_entry(path)

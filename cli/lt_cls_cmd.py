@@ -8,7 +8,7 @@ import click
 
 from featcache.errors import FeatcacheError
 
-from .common import Group, comma_list, data_options, device_option
+from .common import Group, comma_list, data_options, device_option, trust_checkpoint_option
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -86,9 +86,10 @@ def _load_config(path: str | None) -> dict:
 @click.option("--no-plots", is_flag=True, help="Do not draw the PNG plots.")
 @click.option("--no-memory-check", is_flag=True, help="Run even when the estimate says the sweep will not fit in memory.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@trust_checkpoint_option
 @device_option
 def sweep(cache_refs, ckpt, arch, data_spec, cache_dir, methods, params, config, seeds, eval_split, val_split,
-          many, few, out, fmt, resume, overwrite, no_plots, no_memory_check, quiet, device):
+          many, few, out, fmt, resume, overwrite, no_plots, no_memory_check, quiet, trust_checkpoint, device):
     """Run representations x methods x parameters x seeds and print the ablation table.
 
     Writes OUT/results.jsonl (one record per run, appended as it finishes), OUT/table.md,
@@ -116,7 +117,8 @@ def sweep(cache_refs, ckpt, arch, data_spec, cache_dir, methods, params, config,
                      val_split or settings.get("val_split", "val"), device, many, few)
     if ckpt:
         from featcache.extract import ExtractRequest, extract
-        path = extract(ExtractRequest(ckpt, arch, data_spec, cache_dir=cache_dir, device=device, progress=not quiet))
+        path = extract(ExtractRequest(ckpt, arch, data_spec, cache_dir=cache_dir, device=device, progress=not quiet,
+                                      trust_checkpoint=trust_checkpoint))
         entries = [(None, path)]
     else:
         entries = [_split_label(ref, cache_root(cache_dir)) for ref in cache_refs]

@@ -10,9 +10,6 @@ open_clip models also ``.safetensors``, state dicts wrapped as ``{"model": ...}`
 from __future__ import annotations
 
 import hashlib
-import io
-import pickle
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +18,7 @@ import torch
 
 from .backbones import build_model, get_arch
 from .errors import FeatcacheError
+from .safe_pickle import torch_load
 
 PREFIXES = ("module.", "_orig_mod.")
 OWN_FORMAT = "featcache-checkpoint"
@@ -160,7 +158,9 @@ class Checkpoint:
         return 3 if first_conv is None else int(first_conv.shape[1])
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
+def load_checkpoint(path: str | Path, *, trust_checkpoint: bool = False) -> Checkpoint:
+    """Read a checkpoint weights-only (numpy scalars and dtypes allowed); ``trust_checkpoint``
+    allows full unpickling, which can run code from the file."""
     if str(path).startswith(HF_HUB_PREFIX):
         path = resolve_hf_hub(str(path))
     path = Path(path)
@@ -173,13 +173,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     except OSError as exc:
         raise FeatcacheError(f"checkpoint {path} cannot be read: {exc.strerror or exc}") from None
     try:
-        payload = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        try:  # e.g. official checkpoints that pickle numpy scalars: a file the user chose to trust
-            payload = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
-            warnings.warn(f"{path} needed full unpickling (not weights-only)", stacklevel=2)
-        except Exception:
-            raise FeatcacheError(f"{path} is not a PyTorch checkpoint") from None
+        payload = torch_load(raw, path, arrays=False, trust=trust_checkpoint, trust_flag="--trust-checkpoint")
+    except FeatcacheError:
+        raise
     except Exception:
         raise FeatcacheError(f"{path} is not a PyTorch checkpoint") from None
     try:
@@ -187,7 +183,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         state_dict = REMAPS[fmt](payload)
     except (TypeError, KeyError, AttributeError):
         raise FeatcacheError(f"{path} is a PyTorch file but not a checkpoint this tool knows "
-                             f"(own, torchvision state_dict or classifier-balancing)") from None
+                             f"(own, a state dict: plain, {{\"state_dict\": ...}} or {{\"model\": ...}}; or classifier-balancing)") from None
     meta = {k: v for k, v in payload.items() if k not in ("state_dict", "optimizer", "scheduler")} \
         if fmt == "featcache" else {}
     return Checkpoint(path, hashlib.sha256(raw).hexdigest(), fmt, state_dict,

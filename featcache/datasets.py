@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FeatcacheError
+from .safe_pickle import load_restricted
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -249,11 +250,14 @@ def load_mnist_lt(data_root=None, *, max_per_class=5000, imbalance=100.0, profil
 
 
 def _unpickle(path: Path) -> dict:
+    """A CIFAR batch: arrays and lists only (see featcache/safe_pickle.py); nothing in it runs."""
     try:
-        with open(path, "rb") as handle:
-            return pickle.load(handle, encoding="bytes")
-    except (OSError, pickle.UnpicklingError, EOFError) as exc:
+        payload = load_restricted(path, encoding="bytes")
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as exc:
         raise FeatcacheError(f"{path} is not a CIFAR python pickle ({exc})") from None
+    if not isinstance(payload, dict):
+        raise FeatcacheError(f"{path} is not a CIFAR python pickle (it holds a {type(payload).__name__})")
+    return payload
 
 
 def _load_cifar_lt(name, num_classes, data_root, *, max_per_class, imbalance, profile, class_order,
@@ -306,21 +310,37 @@ def load_cifar100_lt(data_root=None, *, max_per_class=500, imbalance=100.0, prof
                           order_seed=order_seed, val_per_class=val_per_class, split_seed=split_seed)
 
 
+def _file_fingerprint(path: Path, hash_contents: bool) -> list:
+    """What the cache key records of one image: size and mtime_ns, or size and SHA-256."""
+    try:
+        stat = path.stat()
+        if not hash_contents:
+            return [stat.st_size, stat.st_mtime_ns]
+        return [stat.st_size, _file_digest([path])]
+    except OSError as exc:
+        raise FeatcacheError(f"{path} cannot be read: {exc.strerror or exc}") from None
+
+
 def _file_source(name, splits_paths: dict[str, list[tuple[str, int]]], root: Path, num_classes: int,
-                 resize: int, crop: int, class_names: list[str]) -> DataSource:
+                 resize: int, crop: int, class_names: list[str], hash_images: bool) -> DataSource:
+    """The key covers the resolved root and, per file, its relative path, label and fingerprint."""
+    root = root.resolve()
     splits = {}
     digest = hashlib.sha256()
     for split, items in splits_paths.items():
-        digest.update(json.dumps([split, items]).encode())
+        fingerprints = [[p, lbl, *_file_fingerprint(root / p, hash_images)] for p, lbl in items]
+        digest.update(json.dumps([split, fingerprints]).encode())
         splits[split] = SplitSamples(split, np.array([lbl for _, lbl in items], dtype=np.int64),
                                      np.arange(len(items), dtype=np.int64),
                                      paths=[str(root / p) for p, _ in items])
-    identity = {"name": name, "list_sha256": digest.hexdigest(), "num_classes": num_classes}
+    identity = {"name": name, "root": str(root), "num_classes": num_classes,
+                "fingerprint": "size+sha256" if hash_images else "size+mtime_ns",
+                "files_sha256": digest.hexdigest()}
     return DataSource(name, num_classes, splits, identity, 3, crop, IMAGENET_MEAN, IMAGENET_STD,
                       "natural", resize=resize, class_names=class_names)
 
 
-def load_imagefolder(data_root=None, *, resize=256, crop=224, **_) -> DataSource:
+def load_imagefolder(data_root=None, *, resize=256, crop=224, hash_images=False, **_) -> DataSource:
     """``DATA_ROOT/<split>/<class>/<image>``; classes are the train split's folders (else the first)."""
     root = _require_root(data_root, None, "imagefolder")
     split_dirs = sorted(p for p in root.iterdir() if p.is_dir())
@@ -341,7 +361,7 @@ def load_imagefolder(data_root=None, *, resize=256, crop=224, **_) -> DataSource
             items += [(f.relative_to(root).as_posix(), index[class_dir.name])
                       for f in sorted(class_dir.rglob("*")) if f.suffix.lower() in IMAGE_EXTENSIONS]
         splits[split_dir.name] = items
-    return _file_source("imagefolder", splits, root, len(classes), resize, crop, classes)
+    return _file_source("imagefolder", splits, root, len(classes), resize, crop, classes, hash_images)
 
 
 def parse_list_file(path: Path) -> list[tuple[str, int]]:
@@ -363,7 +383,8 @@ def parse_list_file(path: Path) -> list[tuple[str, int]]:
     return items
 
 
-def load_txt(data_root=None, *, lists=None, num_classes=None, resize=256, crop=224, **_) -> DataSource:
+def load_txt(data_root=None, *, lists=None, num_classes=None, resize=256, crop=224, hash_images=False,
+             **_) -> DataSource:
     """Text lists, one per split (``--list SPLIT=FILE``), paths relative to --data-root."""
     root = _require_root(data_root, None, "txt")
     if not lists:
@@ -379,7 +400,7 @@ def load_txt(data_root=None, *, lists=None, num_classes=None, resize=256, crop=2
             if label >= classes:
                 raise FeatcacheError(f"{dict(lists)[split]}: entry {number} has label {label}, out of "
                                      f"range for {classes} classes")
-    return _file_source("txt", parsed, root, classes, resize, crop, [])
+    return _file_source("txt", parsed, root, classes, resize, crop, [], hash_images)
 
 
 DATASETS = {
@@ -391,6 +412,8 @@ DATASETS = {
     "imagefolder": load_imagefolder,
     "txt": load_txt,
 }
+
+FILE_DATASETS = ("imagefolder", "txt")  # keyed on the root and each image's fingerprint
 
 
 @dataclass

@@ -49,6 +49,7 @@ class ExtractRequest:
     class_names: str | None = None  # file, one class name per line (default: the data set's)
     templates: str | None = None  # file, one prompt template per line (default: DEFAULT_TEMPLATES)
     name: str | None = None  # a name for the entry (not part of the key)
+    trust_checkpoint: bool = False
 
 
 def resolve_data(checkpoint: Checkpoint, data: DataSpec | None) -> DataSpec:
@@ -86,7 +87,7 @@ def extract(request: ExtractRequest) -> Path:
     ckpt = request.ckpt
     if str(ckpt).startswith(HF_HUB_PREFIX) and (request.arch or "").startswith(OPEN_CLIP):
         ckpt = resolve_hf_hub(str(ckpt), "open_clip")
-    checkpoint = load_checkpoint(ckpt)
+    checkpoint = load_checkpoint(ckpt, trust_checkpoint=request.trust_checkpoint)
     arch = request.arch or checkpoint.arch
     if not arch:
         raise FeatcacheError(f"--arch is required: checkpoint {checkpoint.path} ({checkpoint.format}) "
@@ -105,6 +106,9 @@ def extract(request: ExtractRequest) -> Path:
                              f"name them with --split (it has: {', '.join(source.splits)})")
     for name in splits:
         source.split(name)
+    if not is_foundation(arch) and checkpoint.in_channels < source.channels:
+        raise FeatcacheError(f"checkpoint {checkpoint.path} takes {checkpoint.in_channels}-channel (grayscale) images; "
+                             f"data set {source.name!r} has {source.channels}-channel images")
     device = dist.device(resolve_device(request.device))
     backbone = load_backbone(checkpoint, arch, source, data_spec, request, device)
     _check_labels(source, splits, backbone.num_classes, checkpoint.path)

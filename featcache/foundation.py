@@ -194,12 +194,12 @@ def timm_backbone(arch: str, checkpoint, resize: int | None, crop: int | None, d
                     transform=(transform, size), transform_description=_describe(transform), meta=meta)
 
 
-def timm_for_training(arch: str, num_classes: int, init: str | None) -> nn.Module:
+def timm_for_training(arch: str, num_classes: int, init: str | None, trust_checkpoint: bool = False) -> nn.Module:
     """A timm model for ``num_classes``; with ``init``, the checkpoint's weights and a fresh head."""
     from .checkpoints import load_checkpoint
     model = create_timm(arch, num_classes)
     if init:
-        checkpoint = load_checkpoint(init)
+        checkpoint = load_checkpoint(init, trust_checkpoint=trust_checkpoint)
         head = timm_head(_timm_name(arch))
         load_weights(model, checkpoint.state_dict, checkpoint.path, arch, skip_prefix=f"{head}." if head else None)
     return model

@@ -8,13 +8,18 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FeatcacheError
-from .store import EntryWriter, cache_root, content_key, entry_lock, sha256_file
+from .safe_pickle import load_restricted, torch_load
+from .store import EntryWriter, cache_root, cast_overflow, content_key, entry_lock, sha256_file
 
 FEATURE_KEYS, LABEL_KEYS = ("features", "feats"), ("labels",)
+MAX_CLASSES = 1_000_000  # a label beyond this is an id, not a class index (and its counts would not fit)
 
 
-def read_feature_file(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """``(features N x D, labels N, indices N or None)`` from an .npz, .pt or pickle file."""
+def read_feature_file(path: Path, trust_pickle: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(features N x D, labels N, indices N or None)`` from an .npz, .pt or pickle file.
+
+    .pt and pickle files are loaded so that they can build numpy / torch arrays and plain
+    containers only, unless ``trust_pickle`` (full unpickling, which can run code from the file)."""
     if not path.is_file():
         raise FeatcacheError(f"feature file {path} does not exist")
     suffix = path.suffix.lower()
@@ -23,11 +28,12 @@ def read_feature_file(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | 
             with np.load(path, allow_pickle=False) as archive:
                 payload = {k: archive[k] for k in archive.files}
         elif suffix in (".pt", ".pth"):
-            import torch
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        elif suffix in (".pkl", ".pickle"):
+            payload = torch_load(path.read_bytes(), path, arrays=True, trust=trust_pickle, trust_flag="--trust-pickle")
+        elif suffix in (".pkl", ".pickle") and trust_pickle:
             with open(path, "rb") as handle:
                 payload = pickle.load(handle)
+        elif suffix in (".pkl", ".pickle"):
+            payload = load_restricted(path, trust_flag="--trust-pickle")
         else:
             raise FeatcacheError(f"{path}: unknown feature file type {suffix!r} (use .npz, .pt or .pkl)")
     except FeatcacheError:
@@ -57,10 +63,11 @@ def _numpy(value) -> np.ndarray:
 
 def import_features(splits: dict[str, str], *, name: str, classifier_ckpt: str | None = None,
                     cache_dir: str | None = None, dtype: str = "float32", shard_rows: int = 65536,
-                    compression: str = "none", allow_nonfinite: bool = False) -> Path:
+                    compression: str = "none", allow_nonfinite: bool = False, trust_pickle: bool = False,
+                    trust_checkpoint: bool = False) -> Path:
     if not splits:
         raise FeatcacheError("featcache import needs at least one --split NAME=FILE")
-    loaded = {split: read_feature_file(Path(file)) for split, file in splits.items()}
+    loaded = {split: read_feature_file(Path(file), trust_pickle) for split, file in splits.items()}
     dims = {split: f.shape[1] for split, (f, _, _) in loaded.items()}
     if len(set(dims.values())) > 1:
         raise FeatcacheError(f"feature-dim mismatch between splits: {dims}")
@@ -68,13 +75,17 @@ def import_features(splits: dict[str, str], *, name: str, classifier_ckpt: str |
     classifier, classifier_sha = None, None
     if classifier_ckpt:
         from .checkpoints import load_checkpoint
-        checkpoint = load_checkpoint(classifier_ckpt)
+        checkpoint = load_checkpoint(classifier_ckpt, trust_checkpoint=trust_checkpoint)
         classifier, classifier_sha = checkpoint.classifier, checkpoint.sha256
         if classifier is None:
             raise FeatcacheError(f"--classifier {classifier_ckpt} has no fc.weight / fc.bias")
         if classifier[0].shape[1] != dim:
             raise FeatcacheError(f"feature-dim mismatch: features have {dim} dims, the classifier in "
                                  f"{classifier_ckpt} takes {classifier[0].shape[1]}")
+    for split, (_, labels, _) in loaded.items():
+        if labels.max() >= MAX_CLASSES:
+            raise FeatcacheError(f"{splits[split]}: label {int(labels.max())} is not a class index (labels must be "
+                                 f"0..C-1 with C <= {MAX_CLASSES:,})")
     num_classes = max(int(labels.max()) + 1 for _, labels, _ in loaded.values())
     if classifier is not None:
         if num_classes > len(classifier[0]):
@@ -86,6 +97,10 @@ def import_features(splits: dict[str, str], *, name: str, classifier_ckpt: str |
             raise FeatcacheError(f"{splits[split]}: negative label {int(labels.min())}")
         if not allow_nonfinite and not np.isfinite(features).all():
             raise FeatcacheError(f"{splits[split]}: features contain NaN or Inf (--allow-nonfinite keeps them)")
+        overflow = cast_overflow(features, dtype)
+        if overflow:
+            raise FeatcacheError(f"{splits[split]} (split {split!r}): {overflow}"
+                                 + ("; use --dtype float32" if dtype == "float16" else ""))
     identity = {"import": {s: sha256_file(f) for s, f in splits.items()}, "name": name,
                 "classifier_sha256": classifier_sha, "dtype": dtype}
     key = content_key(identity)

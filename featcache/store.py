@@ -11,9 +11,12 @@ import datetime as _dt
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
 import shutil
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from .errors import CorruptEntryError, FeatcacheError, UnknownFormatError
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
 MANIFEST = "manifest.json"
+ENTRY_MARKER = ".featcache-entry"
 CLASSIFIER_FILE = "classifier.h5"
 COMPRESSIONS = ("none", "lzf", "gzip")
 DTYPES = ("float32", "float16")
@@ -32,11 +36,16 @@ _CHUNK_BYTES = 1 << 20
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """``cache_dir``, else ``$FEATCACHE_DIR``, else ``~/.cache/featcache``."""
+    """``cache_dir``, else ``$FEATCACHE_DIR``, else ``~/.cache/featcache``; refuses a non-directory."""
     if cache_dir:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("FEATCACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "featcache"
+        root, origin = Path(cache_dir).expanduser(), "--cache-dir"
+    elif os.environ.get("FEATCACHE_DIR"):
+        root, origin = Path(os.environ["FEATCACHE_DIR"]).expanduser(), "$FEATCACHE_DIR"
+    else:
+        root, origin = Path.home() / ".cache" / "featcache", "the default cache root"
+    if root.exists() and not root.is_dir():
+        raise FeatcacheError(f"{origin} {root} is not a directory")
+    return root
 
 
 def content_key(identity: dict) -> str:
@@ -81,9 +90,46 @@ def _disk_error(exc: OSError, path: Path) -> FeatcacheError:
     return FeatcacheError(f"cannot write {path}: {exc.strerror or exc}")
 
 
+class _GuardedFile(io.FileIO):
+    """A file for h5py's fileobj driver that turns the first write error (disk full) into a no-op
+    and keeps it: HDF5 then closes cleanly (a failed close leaves HDF5 handles that crash the
+    interpreter at exit), and :func:`_create_h5` raises the error afterwards."""
+
+    error: OSError | None = None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while self.error is None and done < len(view):
+            try:
+                done += super().write(view[done:]) or 0
+            except OSError as exc:
+                self.error = exc
+        return len(view)
+
+    def truncate(self, size=None) -> int:
+        if self.error is None:
+            try:
+                return super().truncate(size)
+            except OSError as exc:
+                self.error = exc
+        return size if size is not None else self.tell()
+
+
+@contextlib.contextmanager
+def _create_h5(path: Path):
+    """A new HDF5 file at ``path``; a write error surfaces as OSError after every handle is closed."""
+    with _GuardedFile(path, "w+") as raw:
+        with h5py.File(raw, "w") as handle:
+            yield handle
+        if raw.error is not None:
+            raise raw.error
+
+
 @dataclass
 class Split:
-    """One split of an entry, fully loaded: float32 features (N x D), int64 labels and sample ids."""
+    """One split of an entry, fully loaded: features (N x D) in the entry's dtype (float32, or
+    float16: half the memory; Stage 2 upcasts chunk by chunk), int64 labels and sample ids."""
 
     name: str
     features: np.ndarray
@@ -97,14 +143,17 @@ class Split:
 class FeatureCache:
     """A complete cache entry, read through its manifest."""
 
-    def __init__(self, path: Path, manifest: dict):
+    def __init__(self, path: Path, manifest: dict, check_chunks: bool = True):
         self.path = path
         self.meta = manifest
+        self.check_chunks = check_chunks
         self._loaded: dict[str, Split] = {}
         self._classifier = None
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "FeatureCache":
+    def open(cls, path: str | os.PathLike, *, check_chunks: bool = True) -> "FeatureCache":
+        """Open a complete entry. Every read checks each chunk's fletcher32; ``check_chunks=False``
+        skips that on the uncompressed fast path, for explicitly trusted scratch entries only."""
         path = Path(path)
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
@@ -113,12 +162,35 @@ class FeatureCache:
             manifest = json.loads(manifest_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CorruptEntryError(f"{manifest_path} is not valid JSON: {exc}") from None
+        except OSError as exc:
+            raise CorruptEntryError(f"{manifest_path} cannot be read: {exc.strerror or exc}") from None
+        if not isinstance(manifest, dict):
+            raise CorruptEntryError(f"{manifest_path} is not a JSON object")
         version = manifest.get("format_version")
         if version not in SUPPORTED_FORMAT_VERSIONS:
             raise UnknownFormatError(
                 f"{manifest_path} has format_version {version!r}; this featcache reads "
                 f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))} (upgrade featcache)")
-        return cls(path, manifest)
+        problem = _manifest_problem(manifest)
+        if problem:
+            raise CorruptEntryError(f"{manifest_path} is damaged: {problem}")
+        return cls(path, manifest, check_chunks)
+
+    def quick_check(self) -> str | None:
+        """Every listed file present with its recorded size (no hashing); the first problem, or None."""
+        for info in self._listed_files():
+            path = self.path / info["file"]
+            if not path.is_file():
+                return f"{path} is missing"
+            if path.stat().st_size != info["size"]:
+                return f"{path} has {path.stat().st_size} bytes, the manifest says {info['size']}"
+        return None
+
+    def _listed_files(self) -> list[dict]:
+        files = [s for split in self.meta["splits"].values() for s in split["shards"]]
+        if self.meta.get("classifier"):
+            files.append(self.meta["classifier"])
+        return files
 
     @property
     def key(self) -> str:
@@ -188,7 +260,7 @@ class FeatureCache:
     def _read_split(self, name: str) -> Split:
         meta = self._split_meta(name)
         rows, dim = int(meta["rows"]), int(self.meta["feature_dim"])
-        features = np.empty((rows, dim), dtype=np.float32)
+        features = np.empty((rows, dim), dtype=np.float16 if self.meta["dtype"] == "float16" else np.float32)
         labels = np.empty(rows, dtype=np.int64)
         indices = np.empty(rows, dtype=np.int64)
         for shard in meta["shards"]:
@@ -196,45 +268,166 @@ class FeatureCache:
             self._check_file(path, shard)
             start, stop = shard["row_start"], shard["row_start"] + shard["rows"]
             with self._h5(path) as handle:
-                _read_into(handle["features"], features[start:stop])
-                _read_into(handle["labels"], labels[start:stop])
-                _read_into(handle["indices"], indices[start:stop])
+                for key, out in (("features", features), ("labels", labels), ("indices", indices)):
+                    if key not in handle:
+                        raise CorruptEntryError(f"{path} has no {key!r} dataset")
+                    _read_into(handle[key], out[start:stop], self.check_chunks)
+            outside = labels[start:stop][(labels[start:stop] < 0) | (labels[start:stop] >= self.num_classes)]
+            if len(outside):
+                raise CorruptEntryError(f"{path}: label {int(outside[0])} is outside 0..{self.num_classes - 1} "
+                                        "(num_classes in the manifest)")
+        counts = np.bincount(labels, minlength=self.num_classes)
+        if not np.array_equal(counts, self.class_counts(name)):
+            raise CorruptEntryError(f"{self.path / MANIFEST}: class_counts of split {name!r} do not match "
+                                    "the labels in its shards")
         return Split(name, features, labels, indices)
 
     def verify(self) -> list[str]:
         """Re-hash every file the manifest lists; return one message per bad file."""
         problems = []
-        files = [s for split in self.meta["splits"].values() for s in split["shards"]]
-        if self.meta.get("classifier"):
-            files.append(self.meta["classifier"])
-        for info in files:
+        for info in self._listed_files():
             path = self.path / info["file"]
             if not path.is_file():
                 problems.append(f"{path}: missing")
             elif sha256_file(path) != info["sha256"]:
                 problems.append(f"{path}: sha256 mismatch")
+        if problems:
+            return problems
+        for name in self.splits:  # every chunk's fletcher32, shapes, rows and class counts
+            try:
+                FeatureCache(self.path, self.meta)._read_split(name)
+            except CorruptEntryError as exc:
+                problems.append(str(exc))
         return problems
 
     def disk_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
 
 
-def _read_into(dataset, out: np.ndarray) -> None:
+def _is_int(value, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _file_problem(info, where: str) -> str | None:
+    if not isinstance(info, dict):
+        return f"{where} is not an object"
+    for field_name in ("file", "sha256"):
+        if not isinstance(info.get(field_name), str):
+            return f"{where} has no {field_name!r}"
+    parts = Path(info["file"]).parts
+    if Path(info["file"]).is_absolute() or ".." in parts or not parts:
+        return f"{where} names a file outside the entry ({info['file']!r})"
+    if not (_is_int(info.get("size")) and _is_int(info.get("mtime_ns"))):
+        return f"{where} has no valid size / mtime_ns"
+    return None
+
+
+def _manifest_problem(meta: dict) -> str | None:
+    """What makes a manifest unusable (missing or mistyped fields), or None."""
+    if not isinstance(meta.get("key"), str):
+        return "no 'key'"
+    if not _is_int(meta.get("feature_dim"), 1) or not _is_int(meta.get("num_classes"), 1):
+        return "'feature_dim' and 'num_classes' must be positive integers"
+    if meta.get("dtype") not in DTYPES:
+        return f"'dtype' is {meta.get('dtype')!r}, not one of {', '.join(DTYPES)}"
+    if meta.get("classifier") is not None:
+        problem = _file_problem(meta["classifier"], "'classifier'")
+        if problem:
+            return problem
+    splits = meta.get("splits")
+    if not isinstance(splits, dict):
+        return "no 'splits' object"
+    for name, split in splits.items():
+        if not isinstance(split, dict) or not _is_int(split.get("rows")):
+            return f"split {name!r} has no valid 'rows'"
+        counts = split.get("class_counts")
+        if not isinstance(counts, list) or len(counts) != meta["num_classes"] or not all(_is_int(c) for c in counts):
+            return f"split {name!r}: 'class_counts' must be {meta['num_classes']} non-negative integers"
+        if sum(counts) != split["rows"]:
+            return f"split {name!r}: 'class_counts' sum to {sum(counts)}, 'rows' is {split['rows']}"
+        shards = split.get("shards")
+        if not isinstance(shards, list) or not shards:
+            return f"split {name!r} lists no shards"
+        expected_start = 0
+        for number, shard in enumerate(shards):
+            where = f"split {name!r} shard {number}"
+            problem = _file_problem(shard, where)
+            if problem:
+                return problem
+            if shard.get("row_start") != expected_start or not _is_int(shard.get("rows")):
+                return f"{where} does not continue at row {expected_start}"
+            expected_start += shard["rows"]
+        if expected_start != split["rows"]:
+            return f"split {name!r}: its shards hold {expected_start} rows, 'rows' is {split['rows']}"
+    return None
+
+
+def _read_into(dataset, out: np.ndarray, check_chunks: bool = True) -> None:
     if dataset.shape[0] != out.shape[0]:
         raise CorruptEntryError(f"{dataset.file.filename}: {dataset.name} has {dataset.shape[0]} rows, "
                                 f"manifest says {out.shape[0]}")
+    if dataset.shape[1:] != out.shape[1:]:
+        raise CorruptEntryError(f"{dataset.file.filename}: {dataset.name} has shape {dataset.shape}, "
+                                f"manifest says {out.shape}")
+    if check_chunks and not dataset.fletcher32:
+        raise CorruptEntryError(f"{dataset.file.filename}: {dataset.name} has no fletcher32 checksums")
     if dataset.dtype != out.dtype:
-        out[...] = dataset[...]
-    elif not _read_raw_chunks(dataset, out):
+        out[...] = dataset[...]  # through HDF5's filter pipeline, which checks fletcher32 itself
+    elif not _read_raw_chunks(dataset, out, check_chunks):
         dataset.read_direct(out)
 
 
-def _read_raw_chunks(dataset, out: np.ndarray) -> bool:
-    """Copy uncompressed row chunks straight from the file into ``out`` (one pass, like np.load).
+_WORDS_PER_ROW = 1024
+_ROWS_PER_BLOCK = 4096  # column sums of <= 4096 rows of 16-bit words fit in uint32
 
-    Only for files the caller has already checked (size and mtime as written, or SHA-256), so
-    skipping HDF5's fletcher32 pass loses no protection. Returns False where the layout does not
-    allow it (compression, partial-width chunks, an HDF5 without chunk queries)."""
+
+def fletcher32(data) -> int:
+    """HDF5's Fletcher-32 (H5_checksum_fletcher32) of a bytes-like object, vectorised.
+
+    HDF5 sums big-endian 16-bit words w_i (i < n): s1 = sum w_i and s2 = sum (n - i) w_i, both
+    folded modulo 65535 (0 only for all-zero data, else in 1..65535). Swapping a word's two bytes
+    multiplies it by 256 modulo 65535, so native little-endian words are summed and scaled by 256.
+    Both sums come from one row-sum and one column-sum pass over a words x 1024 matrix."""
+    raw = np.frombuffer(data, np.uint8)
+    if len(raw) % 2:
+        raw = np.concatenate([raw, np.zeros(1, np.uint8)])
+    words = raw.view("<u2")
+    n, total, weighted = len(words), 0, 0
+    block = _WORDS_PER_ROW * _ROWS_PER_BLOCK
+    for offset in range(0, n, block):
+        part = words[offset:offset + block]
+        rows = len(part) // _WORDS_PER_ROW
+        head = part[:rows * _WORDS_PER_ROW].reshape(rows, _WORDS_PER_ROW)
+        tail = part[rows * _WORDS_PER_ROW:].astype(np.uint64)
+        row_sums = head.sum(axis=1, dtype=np.uint32).astype(np.uint64)
+        col_sums = head.sum(axis=0, dtype=np.uint32).astype(np.uint64)
+        part_total = int(col_sums.sum()) + int(tail.sum())
+        local = (_WORDS_PER_ROW * int(np.arange(rows, dtype=np.uint64) @ row_sums)
+                 + int(np.arange(_WORDS_PER_ROW, dtype=np.uint64) @ col_sums)
+                 + int(np.arange(rows * _WORDS_PER_ROW, len(part), dtype=np.uint64) @ tail))
+        total += part_total
+        weighted += (n - offset) * part_total - local
+    if sys.byteorder == "little":
+        total, weighted = 256 * total, 256 * weighted
+    if total == 0:
+        return 0
+    return ((weighted - 1) % 65535 + 1) << 16 | ((total - 1) % 65535 + 1)
+
+
+def _stored_fletcher_matches(data, stored: bytes) -> bool:
+    """HDF5 accepts the checksum in either of its historical byte orders; so do we."""
+    value = fletcher32(data)
+    little = int.from_bytes(stored, "little")
+    swapped = int.from_bytes(bytes((stored[1], stored[0], stored[3], stored[2])), "little")
+    return value in (little, swapped)
+
+
+def _read_raw_chunks(dataset, out: np.ndarray, check_chunks: bool = True) -> bool:
+    """Copy uncompressed row chunks straight from the file into ``out`` (one pass, like np.load),
+    checking each chunk's fletcher32 on the raw bytes unless ``check_chunks`` is False.
+
+    Returns False where the layout does not allow it (compression, partial-width chunks, an
+    HDF5 without chunk queries); h5py then reads it, and HDF5's filter checks fletcher32."""
     chunks = dataset.chunks
     if (chunks is None or dataset.compression is not None or not out.flags.c_contiguous
             or tuple(chunks[1:]) != tuple(dataset.shape[1:]) or not hasattr(dataset.id, "get_chunk_info")):
@@ -243,7 +436,9 @@ def _read_raw_chunks(dataset, out: np.ndarray) -> bool:
     chunk_bytes = chunks[0] * row_bytes
     extra = 4 if dataset.fletcher32 else 0
     target = memoryview(out.reshape(-1).view(np.uint8))
-    with open(dataset.file.filename, "rb", buffering=0) as handle:
+    filename = dataset.file.filename
+    scratch, checks = None, []
+    with open(filename, "rb", buffering=0) as handle, ThreadPoolExecutor(1) as checker:
         for index in range(dataset.id.get_num_chunks()):
             info = dataset.id.get_chunk_info(index)
             if info.filter_mask != 0 or info.size != chunk_bytes + extra:
@@ -251,8 +446,24 @@ def _read_raw_chunks(dataset, out: np.ndarray) -> bool:
             start = info.chunk_offset[0] * row_bytes
             stop = min(start + chunk_bytes, out.nbytes)
             handle.seek(info.byte_offset)
-            if handle.readinto(target[start:stop]) != stop - start:
-                raise CorruptEntryError(f"{dataset.file.filename}: {dataset.name} is truncated")
+            if stop - start == chunk_bytes:  # a full chunk lands in place
+                view, got = target[start:stop], handle.readinto(target[start:stop])
+                stored = handle.read(extra)
+            else:  # the last, partial chunk is stored padded to full size
+                scratch = scratch or bytearray(chunk_bytes + extra)
+                if handle.readinto(scratch) != len(scratch):
+                    raise CorruptEntryError(f"{filename}: {dataset.name} is truncated")
+                view, stored = memoryview(scratch)[:chunk_bytes], bytes(scratch[chunk_bytes:])
+                target[start:stop] = view[:stop - start]
+                got = stop - start
+            if got != stop - start or len(stored) != extra:
+                raise CorruptEntryError(f"{filename}: {dataset.name} is truncated")
+            if check_chunks and extra:  # checksummed in a second thread while the next chunk is read
+                checks.append((index, checker.submit(_stored_fletcher_matches, view, stored)))
+    for index, matches in checks:
+        if not matches.result():
+            raise CorruptEntryError(f"{filename} fails its checksum ({dataset.name}, chunk {index}); "
+                                    "run `featcache verify`")
     return True
 
 
@@ -288,6 +499,16 @@ class EntryWriter:
         self.path = self.root / key
         self.base_meta = base_meta
 
+    def create_dir(self) -> None:
+        """Create the entry directory with its marker (what makes it an entry before a manifest exists)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        marker = self.path / ENTRY_MARKER
+        if not marker.is_file():
+            try:
+                marker.write_text(json.dumps({"format_version": FORMAT_VERSION, "key": self.key}) + "\n")
+            except OSError as exc:
+                raise _disk_error(exc, marker) from None
+
     def existing_manifest(self) -> dict | None:
         if not (self.path / MANIFEST).is_file():
             return None
@@ -319,15 +540,15 @@ class EntryWriter:
             raise FeatcacheError(f"--compression {compression!r}: choose one of {', '.join(COMPRESSIONS)}")
         if shard_rows < 1:
             raise FeatcacheError(f"--shard-rows must be at least 1 (got {shard_rows})")
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.create_dir()
         return SplitWriter(self, name, rows, dim, dtype, shard_rows, compression)
 
     def write_classifier(self, weight: np.ndarray, bias: np.ndarray) -> dict:
         final = self.path / CLASSIFIER_FILE
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.create_dir()
         try:
-            with h5py.File(tmp, "w") as handle:
+            with _create_h5(tmp) as handle:
                 handle.attrs["format_version"] = FORMAT_VERSION
                 handle.create_dataset("weight", data=np.asarray(weight, np.float32), fletcher32=True,
                                       chunks=True)
@@ -368,6 +589,20 @@ class EntryWriter:
                 shutil.rmtree(child, ignore_errors=True)
             elif child.name.startswith(".") and ".tmp-" in child.name:
                 child.unlink(missing_ok=True)
+
+
+def cast_overflow(values: np.ndarray, dtype: str) -> str | None:
+    """Why ``values`` cannot be stored as ``dtype`` (a finite value that would become Inf), or None."""
+    with np.errstate(over="ignore"):
+        stored = values.astype(dtype, copy=False)
+    if stored is values:
+        return None
+    bad = np.flatnonzero(np.isinf(stored) & np.isfinite(values))
+    if not len(bad):
+        return None
+    row, value = int(bad[0]) // max(1, values.shape[-1]), values.flat[int(bad[0])]
+    return (f"feature value {value:.6g} at row {row} cannot be stored as {dtype} "
+            f"(largest {float(np.finfo(dtype).max):.6g})")
 
 
 class SplitWriter:
@@ -420,9 +655,14 @@ class SplitWriter:
         if features.shape != (stop - start, self.dim):
             raise ValueError(f"shard {index} expects {(stop - start, self.dim)}, got {features.shape}")
         shard, record_path = self._paths(index)
+        overflow = cast_overflow(features, self.dtype)
+        if overflow:
+            raise FeatcacheError(f"split {self.name!r} ({shard}): {overflow}; use --dtype float32")
+        with np.errstate(over="ignore"):  # only NaN / Inf that were already there (--allow-nonfinite)
+            stored = features.astype(self.dtype, copy=False)
         tmp = shard.with_name(f".{shard.name}.tmp-{os.getpid()}")
         try:
-            self._write_h5(tmp, features, labels, indices, start)
+            self._write_h5(tmp, stored, labels, indices, start)
             record = {"row_start": start, "rows": stop - start, "dtype": self.dtype, "dim": self.dim,
                       "compression": self.compression, "sha256": sha256_file(tmp),
                       "size": tmp.stat().st_size}
@@ -440,11 +680,11 @@ class SplitWriter:
         itemsize = np.dtype(self.dtype).itemsize
         chunk_rows = int(min(rows, max(1, _CHUNK_BYTES // (self.dim * itemsize))))
         compression = None if self.compression == "none" else self.compression
-        with h5py.File(path, "w") as handle:
+        with _create_h5(path) as handle:
             handle.attrs["format_version"] = FORMAT_VERSION
             handle.attrs["split"] = self.name
             handle.attrs["row_start"] = start
-            handle.create_dataset("features", data=features.astype(self.dtype, copy=False),
+            handle.create_dataset("features", data=features,
                                   chunks=(chunk_rows, self.dim), fletcher32=True,
                                   compression=compression)
             for key, values in (("labels", labels), ("indices", indices)):
@@ -472,35 +712,109 @@ class SplitWriter:
 # --------------------------------------------------------------------------------------------
 # Finding entries
 
+KEY_PREFIX_MIN = 4
 
-def list_entries(root: Path) -> list[FeatureCache]:
-    """Complete entries under ``root`` (incomplete ones are skipped), oldest first."""
+
+def is_entry_dir(path: Path) -> bool:
+    """A directory this project wrote as an entry: it holds the entry marker, or a manifest that
+    names it (``key`` equal to the folder name), or any ``manifest.json`` in a folder named like a key."""
+    if not path.is_dir():
+        return False
+    if (path / ENTRY_MARKER).is_file():
+        return True
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return False
+    if len(path.name) == 24 and all(c in "0123456789abcdef" for c in path.name):
+        return True
+    try:
+        meta = json.loads(manifest.read_text())
+    except (ValueError, UnicodeDecodeError, OSError):
+        return False
+    return isinstance(meta, dict) and meta.get("key") == path.name and "format_version" in meta
+
+
+def _entry_dirs(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
+    return [child for child in sorted(root.iterdir()) if not child.name.startswith(".") and is_entry_dir(child)]
+
+
+def list_entries(root: Path) -> list[FeatureCache]:
+    """Complete, readable entries under ``root`` (incomplete and damaged ones are skipped), oldest first."""
     entries = []
-    for child in sorted(root.iterdir()):
-        if child.is_dir() and (child / MANIFEST).is_file():
-            with contextlib.suppress(FeatcacheError):
-                entries.append(FeatureCache.open(child))
+    for child in _entry_dirs(root):
+        with contextlib.suppress(FeatcacheError):
+            entries.append(FeatureCache.open(child))
     return sorted(entries, key=lambda e: e.meta.get("created", ""))
 
 
+@dataclass
+class EntryStatus:
+    """One entry directory as ``featcache ls`` shows it: ``ok``, ``incomplete`` or ``damaged: reason``."""
+
+    path: Path
+    status: str
+    cache: FeatureCache | None = None
+
+
+def scan_entries(root: Path) -> list[EntryStatus]:
+    """Every entry directory under ``root`` with a quick status (manifest, files present, sizes)."""
+    out = []
+    for child in _entry_dirs(root):
+        if not (child / MANIFEST).is_file():
+            out.append(EntryStatus(child, "incomplete"))
+            continue
+        try:
+            cache = FeatureCache.open(child)
+        except FeatcacheError as exc:
+            out.append(EntryStatus(child, f"damaged: {_reason(exc, child)}"))
+            continue
+        problem = cache.quick_check()
+        out.append(EntryStatus(child, f"damaged: {_reason(problem, child)}" if problem else "ok", cache))
+    return sorted(out, key=lambda e: (e.cache.meta.get("created", "") if e.cache else "", e.path.name))
+
+
+def _reason(problem, entry: Path) -> str:
+    return str(problem).replace(f"{entry}/", "")
+
+
 def resolve_entry(ref: str, root: Path) -> Path:
-    """An entry given as a path, a key, a unique key prefix or an entry name."""
-    as_path = Path(ref).expanduser()
-    if (as_path / MANIFEST).is_file() or as_path.is_dir():
+    """An entry given as a key, a unique key prefix (>= 4 characters), an entry name, or a path to an
+    entry directory. The cache root is searched first, then the working directory."""
+    text = str(ref)
+    if not text.strip() or Path(text) in (Path("."), Path("..")):
+        raise FeatcacheError(f"{text!r} does not name a cache entry (give a key, a name or an entry path)")
+    if "/" not in text and not text.startswith((".", "~")):
+        if is_entry_dir(root / text):
+            return root / text
+        entries = list_entries(root)
+        matches = ([e.path for e in entries if e.meta.get("name") == text]
+                   or [e.path for e in entries if len(text) >= KEY_PREFIX_MIN and e.key.startswith(text)])
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise FeatcacheError(f"entry {text!r} is ambiguous under {root}: {', '.join(m.name for m in matches)}")
+    as_path = Path(text).expanduser()
+    if is_entry_dir(as_path):
         return as_path
-    if (root / ref / MANIFEST).is_file():
-        return root / ref
-    matches = [e.path for e in list_entries(root) if e.key.startswith(ref) or e.meta.get("name") == ref]
-    if len(matches) == 1:
-        return matches[0]
-    if len(matches) > 1:
-        raise FeatcacheError(f"entry {ref!r} is ambiguous under {root}: {', '.join(m.name for m in matches)}")
-    raise FeatcacheError(f"no cache entry {ref!r} (not a path, key or name under {root})")
+    if as_path.exists():
+        raise FeatcacheError(f"{as_path} is not a cache entry (no {MANIFEST} or {ENTRY_MARKER} in it)")
+    raise FeatcacheError(f"no cache entry {text!r} (not a key, key prefix or name under {root}, nor an entry directory)")
 
 
 def remove_entry(path: Path) -> None:
+    """Delete one entry directory; refuses links and anything that is not an entry."""
+    path = Path(path)
+    if path.is_symlink():
+        raise FeatcacheError(f"{path} is a symbolic link; `featcache rm` does not follow links "
+                             "(remove the link, or rm the entry it points to)")
+    if not is_entry_dir(path):
+        raise FeatcacheError(f"{path} is not a cache entry (no {MANIFEST} or {ENTRY_MARKER} in it); nothing removed")
     root, key = path.parent, path.name
-    with entry_lock(root, key):
-        shutil.rmtree(path)
+    lock = entry_lock(root, key) if (root / ".locks").is_dir() else contextlib.nullcontext()
+    try:
+        with lock:
+            shutil.rmtree(path)
+    except OSError as exc:
+        raise FeatcacheError(f"cannot remove {path}: {exc.strerror or exc}") from None

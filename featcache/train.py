@@ -22,6 +22,7 @@ from .distributed import Dist, resolve_device
 from .errors import FeatcacheError
 from .extract import versions
 from .foundation import OPEN_CLIP, TIMM, timm_for_training, timm_transform
+from .safe_pickle import torch_load
 from .sampling import SAMPLERS, ClassSampler, class_probabilities
 
 CHECKPOINT_FORMAT = "featcache-checkpoint"
@@ -47,10 +48,12 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
     init: str | None = None  # timm/ archs: start from this checkpoint (head re-initialised)
+    trust_checkpoint: bool = False  # --resume: allow full unpickling of OUT/last.pt
 
     def to_dict(self) -> dict:
         payload = asdict(self)
         payload["data"] = self.data.to_dict()
+        del payload["trust_checkpoint"]
         return payload
 
 
@@ -84,7 +87,7 @@ def _build(config: TrainConfig, source):
             raise FeatcacheError(f"--init works with timm/ archs, not {config.arch}")
         return build_model(config.arch, source.num_classes, source.channels), \
             model_channels(config.arch, source.channels), None, None
-    model = timm_for_training(config.arch, source.num_classes, config.init)
+    model = timm_for_training(config.arch, source.num_classes, config.init, config.trust_checkpoint)
     eval_tf = timm_transform(model, config.data.options.get("resize"),
                              config.data.options.get("crop"))
     train_tf = timm_transform(model, None, None, training=True) if config.augment else eval_tf
@@ -120,7 +123,9 @@ def train(config: TrainConfig) -> Path:
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs, eta_min=0.0)
     start_epoch, best_top1 = 0, -1.0
     if config.resume and (out / "last.pt").is_file():
-        state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+        last = out / "last.pt"
+        state = torch_load(last.read_bytes(), last, arrays=False, trust=config.trust_checkpoint,
+                           trust_flag="--trust-checkpoint")
         for key in ("arch", "sampler", "seed"):
             if state["args"][key] != getattr(config, key):
                 raise FeatcacheError(f"--resume: {out / 'last.pt'} was trained with --{key} {state['args'][key]}, "

@@ -98,15 +98,15 @@ def test_key_changes_with_what_changes_features(tiny_ckpt, cache_dir, runner):
     assert len(paths) == 3
 
 
-def test_float16_entry_reads_as_float32(tiny_ckpt, cache_dir, runner):
+def test_float16_entry_stays_float16(tiny_ckpt, cache_dir, runner):
     out32 = invoke(runner, featcache, ["extract", "--ckpt", tiny_ckpt, "--data", "digits-lt", "--split", "val",
                                        "--quiet"]).output.strip().splitlines()[-1]
     out16 = invoke(runner, featcache, ["extract", "--ckpt", tiny_ckpt, "--data", "digits-lt", "--split", "val",
                                        "--dtype", "float16", "--quiet"]).output.strip().splitlines()[-1]
     f32 = FeatureCache.open(out32).split("val").features
     f16 = FeatureCache.open(out16).split("val").features
-    assert f16.dtype == np.float32
-    np.testing.assert_allclose(f16, f32, rtol=1e-3, atol=1e-3)
+    assert f16.dtype == np.float16 and f32.dtype == np.float32
+    np.testing.assert_allclose(f16.astype(np.float32), f32, rtol=1e-3, atol=1e-3)
 
 
 def test_shards_are_plain_hdf5(tiny_ckpt, cache_dir, runner):

@@ -1,0 +1,426 @@
+"""Trust in the cache (issue 11, Stage 1): what counts as an entry, content keys for file data,
+chunk checksums on every read, float16 range, untrusted files, and clean errors."""
+import json
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cli.featcache_cmd import main as featcache
+from featcache.errors import FeatcacheError
+from featcache.store import ENTRY_MARKER, FeatureCache, resolve_entry
+from tests.conftest import invoke
+
+
+def _import(runner, tmp_path, name, rows=6, split="train"):
+    rng = np.random.default_rng(len(name))
+    file = tmp_path / f"{name}.npz"
+    np.savez(file, features=rng.normal(size=(rows, 4)).astype(np.float32), labels=np.arange(rows) % 3)
+    return invoke(runner, featcache, ["import", "--name", name, "--split", f"{split}={file}"]).output.split()[-1]
+
+
+def _one_error_line(result):
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert result.exit_code != 0, result.output
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+# -- entries and removal -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["", ".", "folder", "{tmp}/folder", "{tmp}/folder/", "{cache}/folder", "{cache}"])
+def test_rm_refuses_what_is_not_an_entry_and_leaves_it(target, tmp_path, cache_dir, runner, monkeypatch):
+    _import(runner, tmp_path, "kept")
+    for parent in (tmp_path, cache_dir):
+        (parent / "folder").mkdir(exist_ok=True)
+        (parent / "folder" / "precious.txt").write_text("mine")
+        (parent / "folder" / "manifest.json").write_text('{"not": "ours"}')
+    (tmp_path / "loose.txt").write_text("also mine")
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    result = runner.invoke(featcache, ["rm", target.format(tmp=tmp_path, cache=cache_dir)])
+    _one_error_line(result)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_name_shadowed_by_a_directory_in_cwd_resolves_to_the_entry(tmp_path, cache_dir, runner, monkeypatch):
+    path = _import(runner, tmp_path, "data")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "keep.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path)
+    assert invoke(runner, featcache, ["info", "data"]).output.splitlines()[0].split()[-1] == path
+    assert invoke(runner, featcache, ["rm", "data"]).output.strip() == f"removed {path}"
+    assert (tmp_path / "data" / "keep.txt").read_text() == "mine" and not os.path.exists(path)
+
+
+def test_rm_by_key_prefix_and_path(tmp_path, cache_dir, runner):
+    first, second = _import(runner, tmp_path, "one"), _import(runner, tmp_path, "two")
+    key = os.path.basename(first)
+    invoke(runner, featcache, ["rm", key[:6]])
+    invoke(runner, featcache, ["rm", second])
+    assert not os.path.exists(first) and not os.path.exists(second)
+    _one_error_line(runner.invoke(featcache, ["rm", key[:2]]))  # too short to be a key prefix
+
+
+def test_rm_refuses_a_symlinked_entry_without_following_it(tmp_path, cache_dir, runner):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    path = _import(runner, tmp_path, "real")
+    target = elsewhere / os.path.basename(path)
+    os.rename(path, target)
+    os.symlink(target, path)
+    assert "symbolic link" in _one_error_line(runner.invoke(featcache, ["rm", "real"]))
+    assert (target / "manifest.json").is_file()
+
+
+def test_entries_are_marked_and_resolution_refuses_non_entries(tmp_path, cache_dir, runner):
+    path = _import(runner, tmp_path, "marked")
+    assert json.loads((cache_dir / os.path.basename(path) / ENTRY_MARKER).read_text())["key"] == os.path.basename(path)
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(FeatcacheError, match="is not a cache entry"):
+        resolve_entry(str(tmp_path / "plain"), cache_dir)
+
+
+def test_cache_dir_that_is_a_file(tmp_path, runner):
+    (tmp_path / "file").write_text("x")
+    for args in (["ls"], ["verify", "--all"], ["rm", "x"], ["info", "x"]):
+        assert "is not a directory" in _one_error_line(runner.invoke(featcache, args + ["--cache-dir", str(tmp_path / "file")]))
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_ls_shows_every_entry_with_its_status(tmp_path, cache_dir, runner):
+    good, damaged, gone = (_import(runner, tmp_path, n) for n in ("good", "damaged", "gone"))
+    (cache_dir / os.path.basename(damaged) / "manifest.json").write_text("{truncated")
+    gone_shard = next((cache_dir / os.path.basename(gone)).glob("train/*.h5"))
+    gone_shard.unlink()
+    incomplete = cache_dir / ("f" * 24)
+    incomplete.mkdir()
+    (incomplete / ENTRY_MARKER).write_text("{}")
+    (cache_dir / "not-an-entry").mkdir()
+    lines = {line.split()[0]: line for line in invoke(runner, featcache, ["ls"]).output.splitlines()[2:]}
+    assert set(lines) == {os.path.basename(p) for p in (good, damaged, gone)} | {"f" * 24}
+    assert lines[os.path.basename(good)].endswith(" ok")
+    assert "damaged: manifest.json is not valid JSON" in lines[os.path.basename(damaged)]
+    assert "damaged: train/shard-00000.h5 is missing" in lines[os.path.basename(gone)]
+    assert lines["f" * 24].endswith(" incomplete")
+    result = runner.invoke(featcache, ["verify", "--all"])
+    assert result.exit_code == 1
+    assert f"OK {good}" in result.output and "INCOMPLETE" in result.output
+    assert f"BAD {damaged}" in result.output and "shard-00000.h5: missing" in result.output
+    invoke(runner, featcache, ["rm", os.path.basename(damaged)])  # a damaged entry can still be removed
+    assert not os.path.exists(damaged)
+
+
+# -- integrity on every read ---------------------------------------------------------------------
+
+
+def _fletcher32_reference(data: bytes) -> int:
+    """HDF5's H5_checksum_fletcher32, transcribed loop for loop."""
+    words, sum1, sum2, i = len(data) // 2, 0, 0, 0
+    while words:
+        block = min(words, 360)
+        words -= block
+        for _ in range(block):
+            sum1 += (data[i] << 8) | data[i + 1]
+            i += 2
+            sum2 += sum1
+        sum1, sum2 = (sum1 & 0xFFFF) + (sum1 >> 16), (sum2 & 0xFFFF) + (sum2 >> 16)
+    if len(data) % 2:
+        sum1 += data[i] << 8
+        sum2 += sum1
+        sum1, sum2 = (sum1 & 0xFFFF) + (sum1 >> 16), (sum2 & 0xFFFF) + (sum2 >> 16)
+    sum1, sum2 = (sum1 & 0xFFFF) + (sum1 >> 16), (sum2 & 0xFFFF) + (sum2 >> 16)
+    return sum2 << 16 | sum1
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 3, 1023, 2048, 2049, 5001])
+def test_fletcher32_matches_hdf5s_definition(size):
+    from featcache.store import fletcher32
+    rng = np.random.default_rng(size)
+    for data in (rng.integers(0, 256, size, dtype=np.uint8).tobytes(), b"\xff" * size, b"\x00" * size):
+        assert fletcher32(data) == _fletcher32_reference(data)
+
+
+def test_fletcher32_matches_the_checksums_hdf5_stores(tmp_path):
+    import h5py
+    from featcache.store import _stored_fletcher_matches
+    rng = np.random.default_rng(0)
+    with h5py.File(tmp_path / "f.h5", "w") as handle:
+        handle.create_dataset("a", data=rng.normal(size=(5000, 33)).astype(np.float32), chunks=(700, 33), fletcher32=True)
+        handle.create_dataset("b", data=rng.normal(size=(9, 3)).astype(np.float16), chunks=(9, 3), fletcher32=True)
+    raw = (tmp_path / "f.h5").read_bytes()
+    with h5py.File(tmp_path / "f.h5", "r") as handle:
+        for name in ("a", "b"):
+            for index in range(handle[name].id.get_num_chunks()):
+                info = handle[name].id.get_chunk_info(index)
+                chunk = raw[info.byte_offset:info.byte_offset + info.size]
+                assert _stored_fletcher_matches(chunk[:-4], chunk[-4:])
+                assert not _stored_fletcher_matches(chunk[:10] + bytes([chunk[10] ^ 4]) + chunk[11:-4], chunk[-4:])
+
+
+def _flip_in_features(shard, byte_in_chunk=100):
+    """Flip one bit inside the first features chunk and restore the file's size and mtime."""
+    import h5py
+    with h5py.File(shard, "r") as handle:
+        offset = handle["features"].id.get_chunk_info(0).byte_offset + byte_in_chunk
+    stat = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[offset] ^= 0x40
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert shard.stat().st_size == stat.st_size and shard.stat().st_mtime_ns == stat.st_mtime_ns
+
+
+def test_flipped_byte_with_size_and_mtime_restored_fails_the_sweep(tiny_ckpt, cache_dir, runner, tmp_path):
+    from cli.lt_cls_cmd import main as lt_cls
+    path = invoke(runner, featcache, ["extract", "--ckpt", tiny_ckpt, "--data", "digits-lt", "--quiet"]).output.split()[-1]
+    shard = cache_dir / os.path.basename(path) / "train" / "shard-00000.h5"
+    before = FeatureCache.open(path).split("train").features
+    _flip_in_features(shard)
+    result = runner.invoke(lt_cls, ["sweep", "--cache", path, "--methods", "ncm", "--out", str(tmp_path / "s"), "--quiet"])
+    assert "train/shard-00000.h5" in _one_error_line(result) and "checksum" in result.output
+    verify = runner.invoke(featcache, ["verify", path])
+    assert verify.exit_code == 1 and "train/shard-00000.h5" in verify.output
+    trusted = FeatureCache.open(path, check_chunks=False).split("train").features  # the documented opt-out
+    assert (trusted != before).sum() == 1
+
+
+def test_manifest_rows_beyond_the_shards_fail_verify_and_read(tmp_path, cache_dir, runner):
+    path = _import(runner, tmp_path, "rows", rows=6)
+    manifest_path = cache_dir / os.path.basename(path) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    split = manifest["splits"]["train"]
+    split["rows"] += 4
+    split["shards"][0]["rows"] += 4
+    split["class_counts"][0] += 4
+    manifest_path.write_text(json.dumps(manifest))
+    verify = runner.invoke(featcache, ["verify", path])
+    assert verify.exit_code == 1 and "has 6 rows, manifest says 10" in verify.output
+    with pytest.raises(FeatcacheError, match="has 6 rows, manifest says 10"):
+        FeatureCache.open(path).split("train")
+    split["shards"][0]["rows"] -= 4
+    manifest_path.write_text(json.dumps(manifest))
+    assert "damaged: split 'train': its shards hold 6 rows" in invoke(runner, featcache, ["ls"]).output
+    split["rows"], split["class_counts"] = 6, [1, 2, 3]
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(FeatcacheError, match="class_counts of split 'train' do not match"):
+        FeatureCache.open(path).split("train")
+
+
+# -- content addressing of file-based data -------------------------------------------------------
+
+
+@pytest.fixture
+def r18(tmp_path):
+    from tests.test_extract import official_format
+    import torch
+    import torchvision
+    torch.manual_seed(1)
+    weights = torchvision.models.resnet18(num_classes=3).state_dict()
+    path = tmp_path / "r18.pth"
+    torch.save(official_format(weights), path)
+    return path, weights
+
+
+def _extract_images(runner, ckpt, root, *extra):
+    from tests.test_extract import CROP, RESIZE
+    return invoke(runner, featcache, ["extract", "--ckpt", ckpt, "--arch", "resnet18", "--data", "imagefolder",
+                                      "--data-root", root, "--resize", RESIZE, "--crop", CROP, "--split", "test",
+                                      "--quiet", *extra]).output.split()[-1]
+
+
+def test_two_folders_with_the_same_names_give_two_entries(r18, image_tree, cache_dir, runner, tmp_path):
+    import shutil
+    from PIL import Image
+    from tests.test_extract import reference_features
+    inverted = tmp_path / "inverted"
+    shutil.copytree(image_tree, inverted)
+    for image in inverted.rglob("*.png"):
+        Image.fromarray(255 - np.asarray(Image.open(image))).save(image)
+    first, second = _extract_images(runner, r18[0], image_tree), _extract_images(runner, r18[0], inverted)
+    assert first != second
+    for path, root in ((first, image_tree), (second, inverted)):
+        expected = reference_features(r18[1], root, "test")
+        got = FeatureCache.open(path).split("test").features
+        assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+    assert FeatureCache.open(second).meta["data"]["identity"]["root"] == str(inverted.resolve())
+
+
+def test_an_image_changed_in_place_is_not_served_from_the_old_entry(r18, image_tree, cache_dir, runner):
+    from PIL import Image
+    from tests.test_extract import reference_features
+    before = _extract_images(runner, r18[0], image_tree)
+    image = image_tree / "test" / "class1" / "img0.png"
+    Image.fromarray(255 - np.asarray(Image.open(image))).save(image)
+    after = _extract_images(runner, r18[0], image_tree)
+    assert after != before
+    expected = reference_features(r18[1], image_tree, "test")
+    got = FeatureCache.open(after).split("test").features
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_hash_images_sees_an_edit_that_kept_size_and_mtime(r18, image_tree, cache_dir, runner):
+    from PIL import Image
+    image = image_tree / "test" / "class0" / "raw.bmp"  # uncompressed: an edited pixel keeps the size
+    Image.fromarray(np.full((36, 36, 3), 90, np.uint8)).save(image)
+    hashed = _extract_images(runner, r18[0], image_tree, "--hash-images")
+    assert _extract_images(runner, r18[0], image_tree, "--hash-images") == hashed  # same contents: a hit
+    plain = _extract_images(runner, r18[0], image_tree)
+    stat, data = image.stat(), bytearray(image.read_bytes())
+    data[-20] ^= 0x55  # one pixel byte: same size, other pixels
+    image.write_bytes(bytes(data))
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert _extract_images(runner, r18[0], image_tree) == plain  # size + mtime cannot see it
+    assert _extract_images(runner, r18[0], image_tree, "--hash-images") != hashed
+    assert "--hash-images applies to" in _one_error_line(
+        runner.invoke(featcache, ["extract", "--ckpt", r18[0], "--data", "digits-lt", "--hash-images"]))
+
+
+# -- float16 storage -----------------------------------------------------------------------------
+
+
+def test_float16_refuses_values_it_cannot_represent_on_extract(tmp_path, cache_dir, runner):
+    import torch
+    from featcache.backbones import build_model
+    model = build_model("tinycnn", 10, 1)
+    last_bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)][-1]
+    with torch.no_grad():
+        last_bn.bias.fill_(1e5)  # finite in float32, Inf in float16
+    torch.save({"arch": "tinycnn", "state_dict": model.state_dict()}, tmp_path / "big.pt")
+    args = ["extract", "--ckpt", tmp_path / "big.pt", "--data", "digits-lt", "--quiet"]
+    line = _one_error_line(runner.invoke(featcache, [str(a) for a in args + ["--dtype", "float16"]]))
+    assert "split 'train'" in line and "shard-00000.h5" in line and "cannot be stored as float16" in line
+    assert not [p for p in cache_dir.glob("*") if p.name != ".locks"]
+    invoke(runner, featcache, args)  # float32 holds them
+
+
+def test_float16_refuses_values_it_cannot_represent_on_import(tmp_path, cache_dir, runner):
+    features = np.ones((4, 3), np.float32)
+    features[2, 1] = 70000.0
+    np.savez(tmp_path / "big.npz", features=features, labels=np.array([0, 1, 0, 1]))
+    line = _one_error_line(runner.invoke(featcache, ["import", "--name", "big", "--dtype", "float16",
+                                                     "--split", f"train={tmp_path / 'big.npz'}"]))
+    assert "big.npz" in line and "70000 at row 2" in line and "float16" in line
+    np.savez(tmp_path / "huge.npz", features=np.full((2, 2), 1e300), labels=np.array([0, 1]))
+    assert "cannot be stored as float32" in _one_error_line(
+        runner.invoke(featcache, ["import", "--name", "huge", "--split", f"train={tmp_path / 'huge.npz'}"]))
+    assert not [p for p in cache_dir.glob("*") if p.name != ".locks"]
+
+
+# -- untrusted files -----------------------------------------------------------------------------
+
+
+class _CreatesAFile:
+    """Unpickling this calls open(path, 'w'): the file appears only if the payload ran."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_crafted_checkpoint_is_refused_and_its_payload_never_runs(tiny_ckpt, tmp_path, cache_dir, runner):
+    import torch
+    marker = tmp_path / "pwned"
+    payload = torch.load(tiny_ckpt, weights_only=True)
+    payload["extra"] = _CreatesAFile(marker)
+    torch.save(payload, tmp_path / "crafted.pth")
+    for args in (["extract", "--ckpt", tmp_path / "crafted.pth", "--data", "digits-lt", "--quiet"],
+                 ["import", "--name", "x", "--split", f"train={tmp_path / 'crafted.pth'}"]):
+        line = _one_error_line(runner.invoke(featcache, [str(a) for a in args]))
+        assert "crafted.pth" in line and "open" in line and ("--trust-checkpoint" in line or "--trust-pickle" in line)
+    np.savez(tmp_path / "f.npz", features=np.ones((3, 512), np.float32), labels=np.array([0, 1, 2]))
+    line = _one_error_line(runner.invoke(featcache, ["import", "--name", "y", "--split", f"train={tmp_path / 'f.npz'}",
+                                                     "--classifier", str(tmp_path / "crafted.pth")]))
+    assert "--trust-checkpoint" in line
+    assert not marker.exists()
+
+
+def test_crafted_feature_pickle_is_refused_and_its_payload_never_runs(tmp_path, cache_dir, runner):
+    import pickle
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "feats.pkl", "wb") as handle:
+        pickle.dump({"feats": np.ones((2, 2), np.float32), "labels": np.array([0, 1]), "x": _CreatesAFile(marker)}, handle)
+    line = _one_error_line(runner.invoke(featcache, ["import", "--name", "p", "--split", f"train={tmp_path / 'feats.pkl'}"]))
+    assert "feats.pkl" in line and "--trust-pickle" in line
+    assert not marker.exists() and not [p for p in cache_dir.glob("*") if p.name != ".locks"]
+
+
+def test_crafted_cifar_pickle_is_refused(tmp_path):
+    import pickle
+    from featcache.datasets import load_cifar10_lt
+    marker = tmp_path / "pwned"
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(tmp_path / name, "wb") as handle:
+            pickle.dump({b"data": np.zeros((1, 3072), np.uint8), b"labels": [0], b"x": _CreatesAFile(marker)}, handle)
+    with pytest.raises(FeatcacheError, match="data_batch_1 references io.open"):
+        load_cifar10_lt(tmp_path)
+    assert not marker.exists()
+
+
+def test_what_official_files_need_still_loads_without_trust(tmp_path, cache_dir, runner):
+    import torch
+    import torchvision
+    from featcache.checkpoints import load_checkpoint
+    from tests.test_extract import official_format
+    official = official_format(torchvision.models.resnet18(num_classes=3).state_dict())
+    official.update(best_acc=np.float64(0.41), epoch=np.int64(90), dtype=np.dtype("float32"))
+    torch.save(official, tmp_path / "official.pth")
+    assert load_checkpoint(tmp_path / "official.pth").format == "classifier-balancing"
+    torch.save({"features": np.ones((3, 2), np.float32), "labels": torch.tensor([0, 1, 2])}, tmp_path / "np.pt")
+    with open(tmp_path / "py2.pkl", "wb") as handle:  # protocol 2, as Python 2-era tools wrote
+        pickle_payload = {"feats": np.arange(8, dtype=np.float32).reshape(4, 2), "labels": np.array([0, 1, 1, 0]),
+                          "meta": {"acc": np.float32(0.5), "names": ("a", "b"), "seen": {1, 2}}}
+        import pickle
+        pickle.dump(pickle_payload, handle, protocol=2)
+    path = invoke(runner, featcache, ["import", "--name", "ok", "--split", f"train={tmp_path / 'np.pt'}",
+                                      "--split", f"val={tmp_path / 'py2.pkl'}"]).output.split()[-1]
+    np.testing.assert_array_equal(FeatureCache.open(path).split("val").features, pickle_payload["feats"])
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+def _limit_file_size():
+    import resource
+    import signal
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit then fail with EFBIG, like a full disk
+    resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+
+
+def test_write_failure_during_import_is_one_clean_line(tmp_path):
+    import subprocess
+    import sys
+    np.savez(tmp_path / "big.npz", features=np.random.default_rng(0).random((20000, 16), np.float32),
+             labels=np.arange(20000) % 5)
+    cache = tmp_path / "cache"
+    result = subprocess.run([sys.executable, "-m", "cli.featcache_cmd", "import", "--name", "big", "--split",
+                             f"train={tmp_path / 'big.npz'}", "--cache-dir", str(cache)],
+                            capture_output=True, text=True, preexec_fn=_limit_file_size, timeout=120,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    assert result.stdout == "" and result.stderr.count("\n") == 1 and result.stderr.startswith("Error: cannot write")
+    assert "shard-00000.h5" in result.stderr
+    assert [p.name for p in cache.iterdir()] == [".locks"]
+
+
+def test_huge_labels_are_a_clear_error(tmp_path, cache_dir, runner):
+    np.savez(tmp_path / "f.npz", features=np.ones((2, 2), np.float32), labels=np.array([0, 10**9]))
+    line = _one_error_line(runner.invoke(featcache, ["import", "--name", "h", "--split", f"train={tmp_path / 'f.npz'}"]))
+    assert "f.npz" in line and "1000000000" in line
+
+
+def test_out_of_memory_message_names_only_options_the_command_has(tmp_path, runner, monkeypatch):
+    from featcache import importer, store
+
+    def oom(*args, **kwargs):
+        raise MemoryError
+    monkeypatch.setattr(importer, "import_features", oom)
+    line = _one_error_line(runner.invoke(featcache, ["import", "--name", "m", "--split", "train=x.npz"]))
+    assert line.startswith("Error: out of memory") and "--batch-size" not in line and "--dtype float16" in line
+    monkeypatch.setattr(store, "scan_entries", oom)
+    assert _one_error_line(runner.invoke(featcache, ["ls", "--cache-dir", str(tmp_path)])) == "Error: out of memory"
