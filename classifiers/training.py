@@ -1,8 +1,10 @@
-"""The SGD loop shared by the methods that learn on frozen features (cRT, LWS, bsce, maxnorm).
+"""The SGD loop shared by the methods that learn on frozen features (the cRT family, LWS,
+DisAlign, MARC).
 
-Gradients are written by hand (softmax cross-entropy of a linear map), so a step costs its
-matmuls and nothing else; the optimiser is PyTorch's SGD (momentum, L2 weight decay added to the
-gradient), with the official cosine schedule stepped once per epoch."""
+Gradients and the optimiser are written by hand, no autograd and no ``torch.optim``, so a step
+costs its matmuls and nothing else. The update is PyTorch SGD's rule (L2 weight decay added to
+the gradient, momentum buffer started at the first gradient, no dampening or Nesterov), with the
+official cosine schedule stepped once per epoch."""
 from __future__ import annotations
 
 import math
@@ -54,10 +56,14 @@ def draw_epochs(labels: torch.Tensor, counts: np.ndarray, schedule: Schedule) ->
 
 
 def sgd_train(params: list[torch.Tensor], grad_fn: Callable[[torch.Tensor], list[torch.Tensor]],
-              epochs: list[torch.Tensor], schedule: Schedule, post_step: Callable[[], None] | None = None) -> None:
-    """Train ``params`` in place over the epochs' indices, ``schedule.batch_size`` at a time."""
+              epochs: list[torch.Tensor], schedule: Schedule, post_step: Callable[[], None] | None = None,
+              on_epoch: Callable[[int], None] | None = None) -> None:
+    """Train ``params`` in place over the epochs' indices, ``schedule.batch_size`` at a time;
+    ``on_epoch(epoch)`` runs before each epoch (deferred re-weighting switches weights there)."""
     buffers: list[torch.Tensor | None] = [None] * len(params)
     for epoch, indices in enumerate(epochs):
+        if on_epoch is not None:
+            on_epoch(epoch)
         lr = cosine_lr(schedule.lr, epoch, len(epochs))
         for start in range(0, len(indices), schedule.batch_size):
             grads = grad_fn(indices[start:start + schedule.batch_size])
@@ -70,3 +76,17 @@ def sgd_train(params: list[torch.Tensor], grad_fn: Callable[[torch.Tensor], list
                 param.sub_(grad, alpha=lr)
             if post_step is not None:
                 post_step()
+
+
+def frozen_logits(X: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor, epochs: list[torch.Tensor],
+                  chunk_rows: int = 8192) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """The frozen logits x W^T + b, once, of the rows the epochs draw (class-balanced sampling
+    leaves many head-class rows undrawn): (rows, each epoch's indices into rows, logits)."""
+    if not epochs:
+        return X.new_zeros(0, dtype=torch.long), [], X.new_zeros(0, len(bias))
+    rows, local = torch.unique(torch.cat(epochs), return_inverse=True)
+    logits = torch.empty(len(rows), len(bias), device=X.device)
+    for start in range(0, len(rows), chunk_rows):  # no full copy of the gathered features
+        chunk = rows[start:start + chunk_rows]
+        torch.addmm(bias, X.index_select(0, chunk), weight_t, out=logits[start:start + len(chunk)])
+    return rows, list(local.split([len(e) for e in epochs])), logits

@@ -1,0 +1,76 @@
+"""Distribution alignment of the frozen joint logits."""
+import math
+
+import torch
+
+from featcache.sampling import SAMPLERS
+
+from .base import FitData, LTClassifier, register, require_all_classes
+from .losses import make_loss
+from .params import Device, Int, Options, Real
+from .training import Schedule, draw_epochs, frozen_logits, sgd_train
+
+
+@register("disalign")
+class DisAlign(LTClassifier):
+    """DisAlign: z' = (1 + sigma(v.x + v0) * alpha) * z + sigma(v.x + v0) * beta, z = x W^T + b frozen.
+
+    The confidence sigma(v.x + v0) (one scalar per image) gates a per-class affine map of the
+    joint logits; v, v0, alpha, beta learned with the generalised re-weighting loss (weights
+    proportional to (1/pi_j)^rho, sum C; rho = 1.2), instance-balanced sampling. Initialised as
+    the official DisAlignLinear: v = 0.1, v0 as nn.Linear's bias (from ``seed``), alpha = 1,
+    beta = 0. Schedule: 10 epochs, SGD lr 0.02 (alpha multiplies the logits, so cRT's 0.2
+    diverges), momentum 0.9, wd 5e-4, batch 512, cosine.
+
+    Zhang et al., "Distribution Alignment: A Unified Framework for Long-tail Visual Recognition",
+    CVPR 2021. Fitted: ``weight_``, ``bias_`` (the joint W, b), ``confidence_weight_`` (D),
+    ``confidence_bias_``, ``logit_scale_`` (alpha, C), ``logit_bias_`` (beta, C), ``class_draws_``.
+    """
+
+    needs_classifier = True
+    _parameter_constraints = {
+        "rho": [Real(0)], "epochs": [Int(0)], "lr": [Real(0, closed="neither")],
+        "momentum": [Real(0, 1, closed="left")], "weight_decay": [Real(0)], "batch_size": [Int(1)],
+        "sampler": [Options(*SAMPLERS)], "seed": [Int(0)], "device": [Device()]}
+
+    def __init__(self, rho=1.2, epochs=10, lr=0.02, momentum=0.9, weight_decay=5e-4, batch_size=512,
+                 sampler="instance", seed=0, device="auto"):
+        self.rho, self.epochs, self.lr, self.momentum, self.weight_decay = rho, epochs, lr, momentum, weight_decay
+        self.batch_size, self.sampler, self.seed, self.device = batch_size, sampler, seed, device
+
+    def _fit(self, data: FitData) -> None:
+        require_all_classes(data, self.name)
+        self._set_linear(*data.classifier)
+        loss = make_loss("grw", data.counts, data.device, {"rho": self.rho})
+        dim = data.X.shape[1]
+        generator = torch.Generator().manual_seed(int(self.seed))
+        v = torch.full((dim,), 0.1, device=data.device)
+        v0 = ((torch.rand(1, generator=generator) * 2 - 1) / math.sqrt(dim)).to(data.device)
+        alpha = torch.ones(data.num_classes, device=data.device)
+        beta = torch.zeros(data.num_classes, device=data.device)
+        schedule = Schedule(self.epochs, self.lr, self.momentum, self.weight_decay, self.batch_size,
+                            self.sampler, self.seed)
+        epochs, self.class_draws_ = draw_epochs(data.y, data.counts, schedule)
+        rows, local_epochs, frozen = frozen_logits(data.X, self._weight_t, self._bias, epochs)
+        labels_of_rows = data.y.index_select(0, rows)
+
+        def grad(batch):
+            z = frozen.index_select(0, batch)
+            features = data.X.index_select(0, rows.index_select(0, batch))
+            conf = torch.sigmoid(torch.mv(features, v).add_(v0))
+            g = loss.grad(z + conf.unsqueeze(1) * torch.addcmul(beta, alpha, z), labels_of_rows.index_select(0, batch), 0)
+            gz = g * z
+            d_conf = torch.mv(gz, alpha).add_(torch.mv(g, beta)).mul_(conf * (1 - conf))
+            n = len(batch)
+            return [torch.mv(features.T, d_conf).div_(n), d_conf.sum().div(n).reshape(1),
+                    torch.mv(gz.T, conf).div_(n), torch.mv(g.T, conf).div_(n)]
+
+        sgd_train([v, v0, alpha, beta], grad, local_epochs, schedule)
+        self._v, self._v0, self._alpha, self._beta = v, v0, alpha, beta
+        self.confidence_weight_, self.confidence_bias_ = v.cpu().numpy(), float(v0)
+        self.logit_scale_, self.logit_bias_ = alpha.cpu().numpy(), beta.cpu().numpy()
+
+    def _logits(self, X, out):
+        torch.addmm(self._bias, X, self._weight_t, out=out)
+        conf = torch.sigmoid(torch.mv(X, self._v).add_(self._v0)).unsqueeze(1)
+        out.add_(conf * torch.addcmul(self._beta, self._alpha, out))

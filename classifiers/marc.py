@@ -1,0 +1,62 @@
+"""Margin calibration of the frozen joint classifier."""
+import torch
+
+from featcache.sampling import SAMPLERS
+
+from .base import FitData, LTClassifier, register, require_all_classes
+from .losses import make_loss
+from .params import Device, Int, Options, Real
+from .training import Schedule, draw_epochs, frozen_logits, sgd_train
+
+
+@register("marc")
+class MARC(LTClassifier):
+    """Margin calibration (MARC): z'_j = omega_j * z_j + beta_j * ||w_j||, z = x W^T + b, W frozen.
+
+    Only the 2C values omega (init 1) and beta (init 0) are learned, with the balanced-softmax /
+    logit-adjusted loss (cross-entropy of z' + tau * log pi_j, tau = 1), instance-balanced
+    sampling; 10 epochs, SGD lr 0.1, momentum 0.9, wd 5e-4, batch 128, cosine schedule.
+
+    Wang et al., "Margin Calibration for Long-Tailed Visual Recognition", ACML 2022 (arXiv
+    2112.07225). Fitted: ``weight_``, ``bias_`` (the joint W, b), ``omega_``, ``beta_`` (C each),
+    ``class_draws_``.
+    """
+
+    needs_classifier = True
+    _parameter_constraints = {
+        "tau": [Real()], "epochs": [Int(0)], "lr": [Real(0, closed="neither")],
+        "momentum": [Real(0, 1, closed="left")], "weight_decay": [Real(0)], "batch_size": [Int(1)],
+        "sampler": [Options(*SAMPLERS)], "seed": [Int(0)], "device": [Device()]}
+
+    def __init__(self, tau=1.0, epochs=10, lr=0.1, momentum=0.9, weight_decay=5e-4, batch_size=128,
+                 sampler="instance", seed=0, device="auto"):
+        self.tau, self.epochs, self.lr, self.momentum, self.weight_decay = tau, epochs, lr, momentum, weight_decay
+        self.batch_size, self.sampler, self.seed, self.device = batch_size, sampler, seed, device
+
+    def _fit(self, data: FitData) -> None:
+        require_all_classes(data, self.name)
+        weight, bias = data.classifier
+        self._set_linear(weight, bias)
+        loss = make_loss("logit_adjusted", data.counts, data.device, {"tau": self.tau})
+        norms = weight.norm(dim=1)
+        omega = torch.ones(data.num_classes, device=data.device)
+        beta = torch.zeros(data.num_classes, device=data.device)
+        schedule = Schedule(self.epochs, self.lr, self.momentum, self.weight_decay, self.batch_size,
+                            self.sampler, self.seed)
+        epochs, self.class_draws_ = draw_epochs(data.y, data.counts, schedule)
+        rows, local_epochs, frozen = frozen_logits(data.X, self._weight_t, bias, epochs)
+        labels_of_rows = data.y.index_select(0, rows)
+
+        def grad(batch):
+            z = frozen.index_select(0, batch)
+            g = loss.grad(torch.addcmul(torch.addcmul(loss.offset, beta, norms), omega, z),
+                          labels_of_rows.index_select(0, batch), 0)
+            return [(g * z).sum(0).div_(len(batch)), g.sum(0).mul_(norms).div_(len(batch))]
+
+        sgd_train([omega, beta], grad, local_epochs, schedule)
+        self._offset = beta * norms
+        self._omega = omega
+        self.omega_, self.beta_ = omega.cpu().numpy(), beta.cpu().numpy()
+
+    def _logits(self, X, out):
+        torch.addmm(self._bias, X, self._weight_t, out=out).mul_(self._omega).add_(self._offset)
