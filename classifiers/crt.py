@@ -115,15 +115,17 @@ FAMILY_CONSTRAINTS = {**CRT._parameter_constraints, "epochs": [Int(0)], **LOSS_C
                       "init": [Options(*INITS)]}
 
 
-def with_defaults(init, **defaults):
-    """A copy of the keyword-only ``init`` with other defaults: a recipe is the family with its
-    paper's defaults, and scikit-learn reads parameters and defaults from ``__init__``'s signature."""
-    unknown = set(defaults) - set(init.__kwdefaults__)
+def with_defaults(method, /, **defaults):
+    """A copy of the keyword-only ``method`` (an ``__init__``) with other defaults: a recipe is the
+    family with its paper's defaults, and scikit-learn reads parameters and defaults from
+    ``__init__``'s signature."""
+    unknown = set(defaults) - set(method.__kwdefaults__)
     if unknown:
         raise TypeError(f"no parameter {', '.join(sorted(unknown))}")
-    copy = types.FunctionType(init.__code__, init.__globals__, init.__name__, init.__defaults__, init.__closure__)
-    copy.__kwdefaults__ = {**init.__kwdefaults__, **defaults}
-    copy.__qualname__, copy.__doc__ = init.__qualname__, init.__doc__
+    copy = types.FunctionType(method.__code__, method.__globals__, method.__name__, method.__defaults__,
+                              method.__closure__)
+    copy.__kwdefaults__ = {**method.__kwdefaults__, **defaults}
+    copy.__qualname__, copy.__doc__ = method.__qualname__, method.__doc__
     return copy
 
 
