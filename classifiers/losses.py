@@ -115,8 +115,9 @@ class LDAM(Loss):
         self.weights = torch.from_numpy(class_balanced_weights(counts, beta).astype(np.float32)).to(device)
 
     def _scaled(self, logits, targets):
-        shifted = logits.scatter_add(1, targets.unsqueeze(1), -self.margins.index_select(0, targets).unsqueeze(1))
-        return shifted.mul_(self.s)
+        """s·(z − m_y e_y): one pass over the logits, then B writes."""
+        margins = self.margins.index_select(0, targets).mul_(-self.s).unsqueeze(1)
+        return logits.mul(self.s).scatter_add_(1, targets.unsqueeze(1), margins)
 
     def grad(self, logits, targets, epoch):
         g = softmax_minus_onehot(self._scaled(logits, targets), targets).mul_(self.s)

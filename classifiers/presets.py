@@ -43,17 +43,16 @@ class LDAMDRW(CRT):
     L = CE(s * (z - m_y e_y)), z = cos(x, w_j), m_j proportional to n_j^(-1/4) with the largest
     max_margin = 0.5, s = 30; from epoch drw_epoch (8 of 10, the paper's 160 of 200) weighted by
     (1 - beta) / (1 - beta^n_j), beta = 0.9999. Instance sampling; logits at test time are cos.
-    The paper's optimiser: SGD lr 0.1, momentum 0.9, wd 2e-4, batch 128 (10 epochs here). Our
-    choice: the cosine head starts from the normalised class means (the paper trains end to end
-    from random weights; a random cosine head on frozen features barely moves in 10 epochs).
+    cRT's schedule. Our choice: the cosine head starts from the normalised class means (the
+    paper trains end to end from random weights; a random cosine head on frozen features barely
+    moves in 10 epochs).
 
     Cao et al., "Learning Imbalanced Datasets with Label-Distribution-Aware Margin Loss", NeurIPS 2019.
     """
 
     _parameter_constraints = FAMILY_CONSTRAINTS
     __init__ = with_defaults(CRT.__init__, loss="ldam", max_margin=0.5, s=30.0, drw_epoch=8, beta=0.9999,
-                             head="cosine", cosine_scale=1.0, init="class_mean", sampler="instance", lr=0.1,
-                             batch_size=128, weight_decay=2e-4)
+                             head="cosine", cosine_scale=1.0, init="class_mean", sampler="instance")
 
 
 @register("las")
