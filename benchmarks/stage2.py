@@ -161,9 +161,10 @@ def floors(shape: dict, rate: float, bandwidth: float, lws_epochs=5, crt_epochs=
     recalibrate = mm(n) + mm(nt) + passes(1, n) + passes(1, nt) + passes(4 * crt_epochs, n)
     return {
         **{name: crt for name in CRT_FAMILY},
-        # the frozen logits once, then per draw: read its logit row, write the loss gradient, and
-        # the two reductions over it; DisAlign also reads the drawn feature row for its confidence
-        "disalign": recalibrate + passes(crt_epochs, n, d),
+        # the frozen logits once, then per draw LWS's 4 passes over its logit row; DisAlign also
+        # writes the recalibrated row z' (2 passes: z' needs z, and z is needed again for the
+        # gradient of alpha) and reads the drawn feature row for its confidence
+        "disalign": recalibrate + passes(2 * crt_epochs, n) + passes(crt_epochs, n, d),
         "marc": recalibrate,
         "joint": mm(nt) + passes(1, nt),
         "tau": mm(nv) + mm(nt) + passes(21, nv) + passes(1, nt),

@@ -54,16 +54,22 @@ class DisAlign(LTClassifier):
         rows, local_epochs, frozen = frozen_logits(data.X, self._weight_t, self._bias, epochs)
         labels_of_rows = data.y.index_select(0, rows)
 
+        buffers = torch.empty(2, self.batch_size, data.num_classes, device=data.device)
+
         def grad(batch):
+            # z' = z + c·u, u = α z + β, c = σ(v·x + v0): dβ = cᵀG, dα = cᵀ(G ⊙ z),
+            # dc_i = Σ_j G_ij u_ij, dv = Σ_i dc_i c_i (1 − c_i) x_i; written into reused buffers
+            n = len(batch)
             z = frozen.index_select(0, batch)
             features = data.X.index_select(0, rows.index_select(0, batch))
             conf = torch.sigmoid(torch.mv(features, v).add_(v0))
-            g = loss.grad(z + conf.unsqueeze(1) * torch.addcmul(beta, alpha, z), labels_of_rows.index_select(0, batch), 0)
-            gz = g * z
-            d_conf = torch.mv(gz, alpha).add_(torch.mv(g, beta)).mul_(conf * (1 - conf))
-            n = len(batch)
-            return [torch.mv(features.T, d_conf).div_(n), d_conf.sum().div(n).reshape(1),
-                    torch.mv(gz.T, conf).div_(n), torch.mv(g.T, conf).div_(n)]
+            u = torch.addcmul(beta, alpha, z, out=buffers[0, :n])
+            g = loss.grad(torch.addcmul(z, u, conf.unsqueeze(1), out=buffers[1, :n]),
+                          labels_of_rows.index_select(0, batch), 0)
+            d_conf = u.mul_(g).sum(1).mul_(conf * (1 - conf))
+            d_beta = torch.mv(g.T, conf)
+            d_alpha = torch.mv(g.mul_(z).T, conf)
+            return [torch.mv(features.T, d_conf).div_(n), d_conf.sum().div(n).reshape(1), d_alpha.div_(n), d_beta.div_(n)]
 
         sgd_train([v, v0, alpha, beta], grad, local_epochs, schedule)
         self._v, self._v0, self._alpha, self._beta = v, v0, alpha, beta
