@@ -29,7 +29,7 @@ from classifiers.tables import aggregate, render, render_rows  # noqa: E402
 DATA = ["--data", "fashion-mnist-lt", "--max-per-class", "5000", "--imbalance", "500", "--val-per-class", "20"]
 SAMPLERS = {"instance": "Instance-balanced (IB)", "class": "Class-balanced (CB)", "sqrt": "Square-root (SR)",
             "progressive": "Progressively-balanced (PB)"}
-STAGE2 = "joint,ncm,crt,tau,lws,knn,logit_adjust,bsce"
+STAGE2 = "joint,ncm,crt,tau,lws,knn,logit_adjust,bsce,maxnorm,la_loss,cb_loss,ldam_drw,las,disalign,marc"
 
 
 def run(command: list[str], log: Path) -> str:
