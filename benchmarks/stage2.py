@@ -7,7 +7,7 @@
 
 Synthetic Gaussian class clusters with a real long-tail profile (featcache/profiles/), written
 through the real cache and loaded back through the real API. For each method: wall time of
-fit + decision_function on the test split (best of 5; one run for crt and knn), its floor (matmul FLOPs at the sgemm rate measured
+fit + decision_function on the test split (best of 5; one run for the cRT family and knn), its floor (matmul FLOPs at the sgemm rate measured
 here, best of 3, plus its unavoidable passes over logits at the measured copy bandwidth) and
 the ratio. Peers: an official-style Stage 2 (Python class-aware sampler feeding a DataLoader over
 feature rows, autograd, a full matmul and a per-row normalisation loop per tau), scikit-learn's
@@ -145,6 +145,9 @@ def run_ours(name: str, params: dict, data: dict, cache: FeatureCache, device, r
     return best, top1
 
 
+CRT_FAMILY = ("crt", "bsce", "maxnorm", "la_loss", "cb_loss", "ldam_drw", "las")
+
+
 def floors(shape: dict, rate: float, bandwidth: float, lws_epochs=5, crt_epochs=10) -> dict[str, float]:
     n, nv, nt, d, c = shape["n"], shape["nv"], shape["nt"], shape["d"], shape["c"]
 
@@ -154,12 +157,19 @@ def floors(shape: dict, rate: float, bandwidth: float, lws_epochs=5, crt_epochs=
     def passes(count, rows, width=c):
         return count * rows * width * 4 / bandwidth
 
+    crt = crt_epochs * n * 6 * d * c / rate + mm(nt)
+    recalibrate = mm(n) + mm(nt) + passes(1, n) + passes(1, nt) + passes(4 * crt_epochs, n)
     return {
+        **{name: crt for name in CRT_FAMILY},
+        # the frozen logits once, then per draw LWS's 4 passes over its logit row; DisAlign also
+        # writes the recalibrated row z' (2 passes: z' needs z, and z is needed again for the
+        # gradient of alpha) and reads the drawn feature row for its confidence
+        "disalign": recalibrate + passes(2 * crt_epochs, n) + passes(crt_epochs, n, d),
+        "marc": recalibrate,
         "joint": mm(nt) + passes(1, nt),
         "tau": mm(nv) + mm(nt) + passes(21, nv) + passes(1, nt),
         "ncm": mm(nt) + passes(1, nt) + passes(1, n, d),
         "lws": mm(n) + mm(nt) + passes(1, n) + passes(1, nt) + passes(4 * lws_epochs, n),
-        "crt": crt_epochs * n * 6 * d * c / rate + mm(nt),
         "knn": 2 * nt * n * d / rate,
     }
 
@@ -294,7 +304,8 @@ def main(argv=None) -> int:
                         help="small: class counts / 4 and D = 256 (a quick run)")
     parser.add_argument("--dim", type=int, help="feature dimension (default 2048; 256 with --scale small)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--methods", default="joint,tau,ncm,lws,crt,knn")
+    parser.add_argument("--methods", default="joint,tau,ncm,lws,crt,knn",
+                        help="comma-separated; also bsce, maxnorm, la_loss, cb_loss, ldam_drw, las, disalign, marc")
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args(argv)
@@ -332,7 +343,7 @@ def main(argv=None) -> int:
         for name in args.methods.split(","):
             reset_peak_rss()
             seconds, top1 = run_ours(name, params.get(name, {}), data, cache, device,
-                                     repeats=1 if name in ("crt", "knn") else 5)
+                                     repeats=1 if name in CRT_FAMILY + ("knn",) else 5)
             peak = rss_bytes("VmHWM") - baseline_rss
             results["methods"][name] = {"seconds": seconds, "floor_s": floor[name], "ratio": seconds / floor[name],
                                         "top1": top1, "peak_rss_over_features": peak / feature_bytes,
@@ -359,10 +370,10 @@ def report(r: dict) -> None:
     print(f"cache: wrote the entry in {r['build_s']:.1f} s; train split loads in {r['split_load_s']:.3f} s vs "
           f"np.load {r['npload_s']:.3f} s ({r['npload_s'] / r['split_load_s']:.2f}x np.load speed)")
     print()
-    print(f"{'method':<8}{'seconds':>10}{'floor s':>10}{'ratio':>8}{'top1':>8}{'peak RSS':>10}{'extra':>7}" +
+    print(f"{'method':<10}{'seconds':>10}{'floor s':>10}{'ratio':>8}{'top1':>8}{'peak RSS':>10}{'extra':>7}" +
           (f"{'official':>11}{'speedup':>9}" if "official" in r else ""))
     for name, m in r["methods"].items():
-        line = (f"{name:<8}{m['seconds']:>10.3f}{m['floor_s']:>10.3f}{m['ratio']:>8.2f}{m['top1']:>8.1f}"
+        line = (f"{name:<10}{m['seconds']:>10.3f}{m['floor_s']:>10.3f}{m['ratio']:>8.2f}{m['top1']:>8.1f}"
                 f"{m['peak_rss_over_features']:>9.2f}x{m['extra_rss_over_features']:>6.2f}x")
         if name in r.get("official", {}):
             line += f"{r['official'][name]:>11.3f}{r['official'][name] / m['seconds']:>8.1f}x"

@@ -5,9 +5,7 @@ from featcache.sampling import SAMPLERS
 
 from .base import FitData, LTClassifier, register
 from .params import Device, Int, Options, Real
-from .training import Schedule, draw_epochs, sgd_train
-
-_CHUNK_ROWS = 8192
+from .training import DEFAULT_MEMORY_BUDGET, FrozenLogits, Schedule, draw_epochs, frozen_logits_bytes, sgd_train
 
 
 @register("lws")
@@ -31,15 +29,15 @@ class LWS(LTClassifier):
         "memory_budget": [Int(0)], "device": [Device()]}  # 0 epochs: the joint classifier
 
     def __init__(self, epochs=5, lr=0.2, momentum=0.9, weight_decay=5e-4, batch_size=512,
-                 sampler="class", seed=0, memory_budget=2**29, device="auto"):
+                 sampler="class", seed=0, memory_budget=DEFAULT_MEMORY_BUDGET, device="auto"):
         self.epochs, self.lr, self.momentum, self.weight_decay = epochs, lr, momentum, weight_decay
         self.batch_size, self.sampler, self.seed, self.device = batch_size, sampler, seed, device
         self.memory_budget = memory_budget
 
     def memory_estimate(self, rows: int, dim: int, num_classes: int) -> int:
         """At most the frozen-logit cache's budget, plus the drawn indices."""
-        cache = min(self.memory_budget, 4 * rows * num_classes)
-        return super().memory_estimate(rows, dim, num_classes) + cache + 16 * rows * max(1, self.epochs)
+        return (super().memory_estimate(rows, dim, num_classes) + frozen_logits_bytes(rows, num_classes, self.memory_budget)
+                + 16 * rows * max(1, self.epochs))
 
     def _fit(self, data: FitData) -> None:
         weight, bias = data.classifier
@@ -47,36 +45,18 @@ class LWS(LTClassifier):
         schedule = Schedule(self.epochs, self.lr, self.momentum, self.weight_decay, self.batch_size,
                             self.sampler, self.seed)
         epochs, self.class_draws_ = draw_epochs(data.y, data.counts, schedule)
-        # class-balanced sampling leaves many head-class rows undrawn: only drawn rows are needed
-        rows, local = torch.unique(torch.cat(epochs), return_inverse=True) if epochs else (data.y[:0], data.y[:0])
-        self.cached_logits_ = len(rows) * data.num_classes * 4 <= self.memory_budget
-        if self.cached_logits_:
-            frozen = torch.empty(len(rows), data.num_classes, device=data.device)
-            for start in range(0, len(rows), _CHUNK_ROWS):  # no full copy of the gathered features
-                chunk = rows[start:start + _CHUNK_ROWS]
-                torch.addmm(bias, data.X.index_select(0, chunk).float(), self._weight_t,
-                            out=frozen[start:start + len(chunk)])
-            labels_of_rows = data.y.index_select(0, rows)
-            batches = list(local.split([len(e) for e in epochs]))
-
-            def batch_logits(batch):
-                return frozen.index_select(0, batch), labels_of_rows.index_select(0, batch)
-        else:
-            batches = epochs
-
-            def batch_logits(batch):
-                return (torch.addmm(bias, data.X.index_select(0, batch).float(), self._weight_t),
-                        data.y.index_select(0, batch))
+        frozen = FrozenLogits(data.X, data.y, self._weight_t, bias, epochs, self.memory_budget)
+        self.cached_logits_ = frozen.cached
         scales = torch.ones(data.num_classes, device=data.device)
 
         def grad(batch):
-            logits, labels = batch_logits(batch)
+            logits, labels, _ = frozen.batch(batch)
             # d/df_j of the summed cross-entropy: sum_i (p_ij - [y_i = j]) z_ij
             g = torch.softmax(logits * scales, dim=1).mul_(logits).sum(0)
             g.index_add_(0, labels, logits.gather(1, labels.unsqueeze(1)).squeeze(1), alpha=-1.0)
             return [g.div_(len(batch))]
 
-        sgd_train([scales], grad, batches, schedule)
+        sgd_train([scales], grad, frozen.epochs, schedule)
         self._scales = scales
         self.scales_ = scales.cpu().numpy()
 

@@ -28,7 +28,8 @@ COLUMNS = (("many", "Many"), ("medium", "Medium"), ("few", "Few"), ("top1", "All
 METRICS = {"top1": "All", "many": "Many", "medium": "Medium", "few": "Few"}
 DISPLAY = {"joint": "Joint", "ncm": "NCM", "crt": "cRT", "tau": "tau-norm", "lws": "LWS", "knn": "kNN",
            "logit_adjust": "Logit adjustment", "bsce": "cRT + balanced softmax", "maxnorm": "cRT + MaxNorm",
-           "logreg": "LogReg (sklearn)"}
+           "la_loss": "cRT + LA loss", "cb_loss": "cRT + CB loss", "ldam_drw": "cRT + LDAM-DRW",
+           "las": "cRT + LAS (MiSLAS)", "disalign": "DisAlign", "marc": "MARC", "logreg": "LogReg (sklearn)"}
 FORMATS = ("md", "csv", "latex", "json")
 LAYOUTS = ("rows", "grid")
 

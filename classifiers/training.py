@@ -1,8 +1,10 @@
-"""The SGD loop shared by the methods that learn on frozen features (cRT, LWS, bsce, maxnorm).
+"""The SGD loop shared by the methods that learn on frozen features (the cRT family, LWS,
+DisAlign, MARC).
 
-Gradients are written by hand (softmax cross-entropy of a linear map), so a step costs its
-matmuls and nothing else; the optimiser is PyTorch's SGD (momentum, L2 weight decay added to the
-gradient), with the official cosine schedule stepped once per epoch."""
+Gradients and the optimiser are written by hand, no autograd and no ``torch.optim``, so a step
+costs its matmuls and nothing else. The update is PyTorch SGD's rule (L2 weight decay added to
+the gradient, momentum buffer started at the first gradient, no dampening or Nesterov), with the
+official cosine schedule stepped once per epoch."""
 from __future__ import annotations
 
 import math
@@ -54,10 +56,14 @@ def draw_epochs(labels: torch.Tensor, counts: np.ndarray, schedule: Schedule) ->
 
 
 def sgd_train(params: list[torch.Tensor], grad_fn: Callable[[torch.Tensor], list[torch.Tensor]],
-              epochs: list[torch.Tensor], schedule: Schedule, post_step: Callable[[], None] | None = None) -> None:
-    """Train ``params`` in place over the epochs' indices, ``schedule.batch_size`` at a time."""
+              epochs: list[torch.Tensor], schedule: Schedule, post_step: Callable[[], None] | None = None,
+              on_epoch: Callable[[int], None] | None = None) -> None:
+    """Train ``params`` in place over the epochs' indices, ``schedule.batch_size`` at a time;
+    ``on_epoch(epoch)`` runs before each epoch (deferred re-weighting switches weights there)."""
     buffers: list[torch.Tensor | None] = [None] * len(params)
     for epoch, indices in enumerate(epochs):
+        if on_epoch is not None:
+            on_epoch(epoch)
         lr = cosine_lr(schedule.lr, epoch, len(epochs))
         for start in range(0, len(indices), schedule.batch_size):
             grads = grad_fn(indices[start:start + schedule.batch_size])
@@ -70,3 +76,43 @@ def sgd_train(params: list[torch.Tensor], grad_fn: Callable[[torch.Tensor], list
                 param.sub_(grad, alpha=lr)
             if post_step is not None:
                 post_step()
+
+
+DEFAULT_MEMORY_BUDGET = 2**29  # bytes of frozen logits a method may cache (512 MiB)
+
+
+class FrozenLogits:
+    """The frozen logits x W^T + b of the rows the epochs draw, for methods that learn on top of
+    them (LWS, DisAlign, MARC). Cached once when they fit in ``memory_budget`` bytes (class-balanced
+    sampling leaves many head-class rows undrawn, so only drawn rows count); otherwise each batch's
+    are recomputed from its features. Both give the same numbers.
+
+    ``epochs``: the batches to iterate (indices into the cache, or into X); ``batch(indices)``:
+    (logits B x C, labels B, row ids into X B)."""
+
+    def __init__(self, X: torch.Tensor, y: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor,
+                 epochs: list[torch.Tensor], memory_budget: int, chunk_rows: int = 8192):
+        self.X, self.y, self.weight_t, self.bias = X, y, weight_t, bias
+        drawn, local = torch.unique(torch.cat(epochs), return_inverse=True) if epochs else (y[:0], y[:0])
+        self.cached = len(drawn) * len(bias) * 4 <= memory_budget
+        if not self.cached:
+            self.epochs = epochs
+            return
+        self.rows, self.epochs = drawn, list(local.split([len(e) for e in epochs]))
+        self.logits = torch.empty(len(drawn), len(bias), device=X.device)
+        for start in range(0, len(drawn), chunk_rows):  # no full copy of the gathered features
+            chunk = drawn[start:start + chunk_rows]
+            torch.addmm(bias, X.index_select(0, chunk).float(), weight_t, out=self.logits[start:start + len(chunk)])
+        self.labels = y.index_select(0, drawn)
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.cached:
+            return (self.logits.index_select(0, indices), self.labels.index_select(0, indices),
+                    self.rows.index_select(0, indices))
+        return (torch.addmm(self.bias, self.X.index_select(0, indices).float(), self.weight_t),
+                self.y.index_select(0, indices), indices)
+
+
+def frozen_logits_bytes(rows: int, num_classes: int, memory_budget: int) -> int:
+    """What :class:`FrozenLogits` may hold at most (for memory estimates)."""
+    return min(memory_budget, 4 * rows * num_classes)

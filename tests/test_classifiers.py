@@ -249,3 +249,10 @@ def test_lws_memory_budget_caches_or_recomputes_with_the_same_result(data):
     assert cached.cached_logits_ and not recomputed.cached_logits_
     np.testing.assert_allclose(recomputed.scales_, cached.scales_, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(recomputed.predict(X), cached.predict(X))
+
+
+@pytest.mark.parametrize("name", ["disalign", "marc"])
+def test_frozen_logit_methods_give_the_same_result_with_and_without_the_cache(data, name):
+    X, _ = data["test"]
+    cached, recomputed = fit(name, data, memory_budget=10**15), fit(name, data, memory_budget=0)
+    np.testing.assert_allclose(recomputed.logits(X), cached.logits(X), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,87 @@
+"""Distribution alignment of the frozen joint logits."""
+import math
+
+import torch
+
+from featcache.sampling import SAMPLERS
+
+from .base import FitData, LTClassifier, register, require_all_classes
+from .losses import make_loss
+from .params import Device, Int, Options, Real
+from .training import DEFAULT_MEMORY_BUDGET, FrozenLogits, Schedule, draw_epochs, frozen_logits_bytes, sgd_train
+
+
+@register("disalign")
+class DisAlign(LTClassifier):
+    """DisAlign: z' = (1 + sigma(v.x + v0) * alpha) * z + sigma(v.x + v0) * beta, z = x W^T + b frozen.
+
+    The confidence sigma(v.x + v0) (one scalar per image) gates a per-class affine map of the
+    joint logits; v, v0, alpha, beta learned with the generalised re-weighting loss (weights
+    proportional to (1/pi_j)^rho, sum C; rho = 1.2), instance-balanced sampling. Initialised as
+    the official DisAlignLinear: v = 0.1, v0 as nn.Linear's bias (from ``seed``), alpha = 1,
+    beta = 0. Schedule: 10 epochs, SGD lr 0.02 (alpha multiplies the logits, so cRT's 0.2
+    diverges), momentum 0.9, wd 5e-4, batch 512, cosine.
+
+    Zhang et al., "Distribution Alignment: A Unified Framework for Long-tail Visual Recognition",
+    CVPR 2021. Fitted: ``weight_``, ``bias_`` (the joint W, b), ``confidence_weight_`` (D),
+    ``confidence_bias_``, ``logit_scale_`` (alpha, C), ``logit_bias_`` (beta, C), ``class_draws_``.
+    """
+
+    needs_classifier = True
+    _parameter_constraints = {
+        "rho": [Real(0)], "epochs": [Int(0)], "lr": [Real(0, closed="neither")],
+        "momentum": [Real(0, 1, closed="left")], "weight_decay": [Real(0)], "batch_size": [Int(1)],
+        "sampler": [Options(*SAMPLERS)], "seed": [Int(0)], "memory_budget": [Int(0)], "device": [Device()]}
+
+    def __init__(self, rho=1.2, epochs=10, lr=0.02, momentum=0.9, weight_decay=5e-4, batch_size=512,
+                 sampler="instance", seed=0, memory_budget=DEFAULT_MEMORY_BUDGET, device="auto"):
+        self.rho, self.epochs, self.lr, self.momentum, self.weight_decay = rho, epochs, lr, momentum, weight_decay
+        self.batch_size, self.sampler, self.seed, self.device = batch_size, sampler, seed, device
+        self.memory_budget = memory_budget
+
+    def memory_estimate(self, rows: int, dim: int, num_classes: int) -> int:
+        """The frozen-logit cache up to its budget, and the drawn indices."""
+        return (super().memory_estimate(rows, dim, num_classes) + frozen_logits_bytes(rows, num_classes, self.memory_budget)
+                + 16 * rows * max(1, self.epochs))
+
+    def _fit(self, data: FitData) -> None:
+        require_all_classes(data, self.name)
+        self._set_linear(*data.classifier)
+        loss = make_loss("grw", data.counts, data.device, {"rho": self.rho})
+        dim = data.X.shape[1]
+        generator = torch.Generator().manual_seed(int(self.seed))
+        v = torch.full((dim,), 0.1, device=data.device)
+        v0 = ((torch.rand(1, generator=generator) * 2 - 1) / math.sqrt(dim)).to(data.device)
+        alpha = torch.ones(data.num_classes, device=data.device)
+        beta = torch.zeros(data.num_classes, device=data.device)
+        schedule = Schedule(self.epochs, self.lr, self.momentum, self.weight_decay, self.batch_size,
+                            self.sampler, self.seed)
+        epochs, self.class_draws_ = draw_epochs(data.y, data.counts, schedule)
+        frozen = FrozenLogits(data.X, data.y, self._weight_t, self._bias, epochs, self.memory_budget)
+
+        buffers = torch.empty(2, self.batch_size, data.num_classes, device=data.device)
+
+        def grad(batch):
+            # z' = z + c·u, u = α z + β, c = σ(v·x + v0): dβ = cᵀG, dα = cᵀ(G ⊙ z),
+            # dc_i = Σ_j G_ij u_ij, dv = Σ_i dc_i c_i (1 − c_i) x_i; written into reused buffers
+            n = len(batch)
+            z, labels, rows = frozen.batch(batch)
+            features = data.X.index_select(0, rows).float()
+            conf = torch.sigmoid(torch.mv(features, v).add_(v0))
+            u = torch.addcmul(beta, alpha, z, out=buffers[0, :n])
+            g = loss.grad(torch.addcmul(z, u, conf.unsqueeze(1), out=buffers[1, :n]),
+                          labels, 0)
+            d_conf = u.mul_(g).sum(1).mul_(conf * (1 - conf))
+            d_beta = torch.mv(g.T, conf)
+            d_alpha = torch.mv(g.mul_(z).T, conf)
+            return [torch.mv(features.T, d_conf).div_(n), d_conf.sum().div(n).reshape(1), d_alpha.div_(n), d_beta.div_(n)]
+
+        sgd_train([v, v0, alpha, beta], grad, frozen.epochs, schedule)
+        self._v, self._v0, self._alpha, self._beta = v, v0, alpha, beta
+        self.confidence_weight_, self.confidence_bias_ = v.cpu().numpy(), float(v0)
+        self.logit_scale_, self.logit_bias_ = alpha.cpu().numpy(), beta.cpu().numpy()
+
+    def _logits(self, X, out):
+        torch.addmm(self._bias, X, self._weight_t, out=out)
+        conf = torch.sigmoid(torch.mv(X, self._v).add_(self._v0)).unsqueeze(1)
+        out.add_(conf * torch.addcmul(self._beta, self._alpha, out))

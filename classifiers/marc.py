@@ -1,0 +1,66 @@
+"""Margin calibration of the frozen joint classifier."""
+import torch
+
+from featcache.sampling import SAMPLERS
+
+from .base import FitData, LTClassifier, register, require_all_classes
+from .losses import make_loss
+from .params import Device, Int, Options, Real
+from .training import DEFAULT_MEMORY_BUDGET, FrozenLogits, Schedule, draw_epochs, frozen_logits_bytes, sgd_train
+
+
+@register("marc")
+class MARC(LTClassifier):
+    """Margin calibration (MARC): z'_j = omega_j * z_j + beta_j * ||w_j||, z = x W^T + b, W frozen.
+
+    Only the 2C values omega (init 1) and beta (init 0) are learned, with the balanced-softmax /
+    logit-adjusted loss (cross-entropy of z' + tau * log pi_j, tau = 1), instance-balanced
+    sampling; 10 epochs, SGD lr 0.1, momentum 0.9, wd 5e-4, batch 128, cosine schedule.
+
+    Wang et al., "Margin Calibration for Long-Tailed Visual Recognition", ACML 2022 (arXiv
+    2112.07225). Fitted: ``weight_``, ``bias_`` (the joint W, b), ``omega_``, ``beta_`` (C each),
+    ``class_draws_``.
+    """
+
+    needs_classifier = True
+    _parameter_constraints = {
+        "tau": [Real()], "epochs": [Int(0)], "lr": [Real(0, closed="neither")],
+        "momentum": [Real(0, 1, closed="left")], "weight_decay": [Real(0)], "batch_size": [Int(1)],
+        "sampler": [Options(*SAMPLERS)], "seed": [Int(0)], "memory_budget": [Int(0)], "device": [Device()]}
+
+    def __init__(self, tau=1.0, epochs=10, lr=0.1, momentum=0.9, weight_decay=5e-4, batch_size=128,
+                 sampler="instance", seed=0, memory_budget=DEFAULT_MEMORY_BUDGET, device="auto"):
+        self.tau, self.epochs, self.lr, self.momentum, self.weight_decay = tau, epochs, lr, momentum, weight_decay
+        self.batch_size, self.sampler, self.seed, self.device = batch_size, sampler, seed, device
+        self.memory_budget = memory_budget
+
+    def memory_estimate(self, rows: int, dim: int, num_classes: int) -> int:
+        """The frozen-logit cache up to its budget, and the drawn indices."""
+        return (super().memory_estimate(rows, dim, num_classes) + frozen_logits_bytes(rows, num_classes, self.memory_budget)
+                + 16 * rows * max(1, self.epochs))
+
+    def _fit(self, data: FitData) -> None:
+        require_all_classes(data, self.name)
+        weight, bias = data.classifier
+        self._set_linear(weight, bias)
+        loss = make_loss("logit_adjusted", data.counts, data.device, {"tau": self.tau})
+        norms = weight.norm(dim=1)
+        omega = torch.ones(data.num_classes, device=data.device)
+        beta = torch.zeros(data.num_classes, device=data.device)
+        schedule = Schedule(self.epochs, self.lr, self.momentum, self.weight_decay, self.batch_size,
+                            self.sampler, self.seed)
+        epochs, self.class_draws_ = draw_epochs(data.y, data.counts, schedule)
+        frozen = FrozenLogits(data.X, data.y, self._weight_t, bias, epochs, self.memory_budget)
+
+        def grad(batch):
+            z, labels, _ = frozen.batch(batch)
+            g = loss.grad(torch.addcmul(torch.addcmul(loss.offset, beta, norms), omega, z), labels, 0)
+            return [(g * z).sum(0).div_(len(batch)), g.sum(0).mul_(norms).div_(len(batch))]
+
+        sgd_train([omega, beta], grad, frozen.epochs, schedule)
+        self._offset = beta * norms
+        self._omega = omega
+        self.omega_, self.beta_ = omega.cpu().numpy(), beta.cpu().numpy()
+
+    def _logits(self, X, out):
+        torch.addmm(self._bias, X, self._weight_t, out=out).mul_(self._omega).add_(self._offset)
