@@ -91,8 +91,8 @@ def _plot_grid(records: list[dict], path: Path) -> Path:
 
     rows = aggregate(records)
     representations = list(dict.fromkeys(r.representation for r in rows))
-    methods = list(dict.fromkeys(r.label for r in rows))
-    cells = {(r.representation, r.label): r for r in rows}
+    methods = list(dict.fromkeys(r.requested for r in rows))
+    cells = {(r.representation, r.requested): r for r in rows}
     fig, axes = plt.subplots(1, 4, figsize=(16, 4), sharey=True)
     width = 0.8 / len(methods)
     for ax, (column, title) in zip(axes, (("many", "Many"), ("medium", "Medium"), ("few", "Few"), ("top1", "All"))):

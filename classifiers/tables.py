@@ -43,6 +43,7 @@ class Row:
     representation: str = ""
     context: str = ""  # eval split / shot thresholds, when they differ between rows
     failed: int = 0  # runs of the group that failed
+    requested: str = ""  # method and requested parameters, without values chosen on val (grid columns)
 
 
 def _label(method: str, params: dict, chosen: dict) -> str:
@@ -114,7 +115,7 @@ def aggregate(records: list[dict]) -> list[Row]:
         if entry:
             context.append(f"entry {entry[:8]}")
         rows.append(Row(_label(method, params, chosen), method, len(members), stats, fields["representation"],
-                        ", ".join(context), failed))
+                        ", ".join(context), failed, _label(method, params, {})))
     rows.sort(key=lambda r: (representations.index(r.representation), r.context, order.get(r.method, 99), r.label))
     return rows
 
@@ -212,8 +213,8 @@ def render_grid(rows: list[Row], fmt: str = "md", metric: str = "top1") -> str:
         raise FeatcacheError("--layout grid needs records of one eval split and one set of shot thresholds "
                              f"(these differ: {sorted({r.context for r in rows})}); tabulate them separately")
     representations = list(dict.fromkeys(r.representation for r in rows))
-    methods = list(dict.fromkeys(r.label for r in rows))
-    cells = {(r.representation, r.label): r for r in rows}
+    methods = list(dict.fromkeys(r.requested for r in rows))
+    cells = {(r.representation, r.requested): r for r in rows}
     row_best = {rep: _best([cells[rep, m] for m in methods if (rep, m) in cells], metric) for rep in representations}
     col_best = {m: _best([cells[rep, m] for rep in representations if (rep, m) in cells], metric) for m in methods}
 

@@ -192,7 +192,7 @@ def write_doc(args, seeds, lengths, records, stage1_timings, jobs, timings) -> N
     length_lines = []
     for n in lengths:
         subset = [r for r in length if r["representation"] in (f"IB e{n}", f"CB e{n}")]
-        length_lines.append(f"- {n} epochs: {finding(subset, f'IB e{n}', [f'CB e{n}'])}.")
+        length_lines.append(f"- {n} epoch(s): {finding(subset, f'IB e{n}', [f'CB e{n}'])}.")
     ib_joint = {n: best_cells(length).get((f"IB e{n}", "joint")) for n in lengths}
     chosen = [r["params"]["tau"] for r in table_b if r["method"] == "tau"]
     train_seconds = [v for k, v in stage1_timings.items() if f"-e{args.epochs}-" in k]
@@ -204,7 +204,7 @@ one-seed, short version); every number below comes from that run. Data: Fashion-
 counts {", ".join(map(str, counts))}), a balanced val split of 20 per class from unused training
 images, and the full balanced test set (1000 per class). Backbone: `tinycnn` (6 conv layers
 32/32/64/64/128/128, BN + ReLU, 128-d), SGD lr 0.1, momentum 0.9, wd 5e-4, cosine, batch 128,
-horizontal flips, {args.epochs} epochs. Stage 2 with the official schedules (cRT 10 epochs, LWS 5,
+horizontal flips, {args.epochs} epoch(s). Stage 2 with the official schedules (cRT 10 epochs, LWS 5,
 lr 0.2, batch 512); tau and the logit-adjustment tau chosen on val. Seeds: {", ".join(map(str, seeds))}
 (each seed trains its own backbone and is swept with its own Stage 2 seed). Many / Medium / Few:
 classes with > 100 / 20-100 / < 20 training images ({_group_sizes(table_b)}); All = balanced top-1
@@ -259,7 +259,7 @@ tau chosen on val: {", ".join(f"{t:g}" for t in chosen)}. LaTeX: [results/table_
 
 | stage | mean seconds per run | runs |
 |---|---|---|
-| Stage 1 train, {args.epochs} epochs | {_mean(train_seconds):.1f} | {len(train_seconds)} |
+| Stage 1 train, {args.epochs} epoch(s) | {_mean(train_seconds):.1f} | {len(train_seconds)} |
 | Stage 1 train, all lengths ({jobs} at a time) | {sum(stage1_timings.values()) / 60:.1f} min in all | {len(stage1_timings)} |
 | extract (train + val + test) | {_mean(timings['extract']):.1f} | {len(timings['extract'])} |
 | Stage 2 sweep | {_mean(timings['sweep']):.1f} | {len(timings['sweep'])} |

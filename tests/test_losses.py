@@ -162,7 +162,7 @@ def test_disalign_trains_like_autograd_of_its_formula(data):
     dim, classes = W.shape[1], len(W)
     v = torch.full((dim,), 0.1, requires_grad=True)
     v0 = ((torch.rand(1, generator=torch.Generator().manual_seed(0)) * 2 - 1) / math.sqrt(dim)).requires_grad_(True)
-    alpha, beta = torch.ones(classes, requires_grad=True), torch.zeros(classes, requires_grad=True)
+    alpha, beta = torch.zeros(classes, requires_grad=True), torch.zeros(classes, requires_grad=True)
     counts = torch.tensor(data["counts"], dtype=torch.float32)
     grw = (counts.sum() / counts) ** 1.2
     grw = grw / grw.sum() * classes
