@@ -37,3 +37,48 @@ def test_train_on_cuda_with_amp(tmp_path, runner):
                                "--out", out, "--quiet"])
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("name", ["ncm", "knn", "crt", "tau", "lws", "disalign", "marc"])
+def test_float16_features_stay_float16_on_cuda_and_agree(name):
+    data = long_tailed_features()
+    (X, y), (Xt, _) = data["train"], data["test"]
+    kwargs = dict(class_counts=data["counts"], classifier=(data["W"], data["b"]), val=data["val"])
+    full = create(name, device="cuda").fit(X, y, **kwargs).predict(Xt)
+    half = create(name, device="cuda").fit(torch.from_numpy(X).half().cuda(), y, **kwargs)
+    assert np.mean(half.predict(torch.from_numpy(Xt).half().cuda()) == full) > 0.95
+
+
+@pytest.mark.parametrize("name", ["lws", "disalign", "marc"])
+def test_frozen_logit_cache_on_and_off_on_cuda(name):
+    data = long_tailed_features()
+    (X, y), (Xt, _) = data["train"], data["test"]
+    kwargs = dict(class_counts=data["counts"], classifier=(data["W"], data["b"]))
+    cached = create(name, device="cuda", memory_budget=10**15).fit(X, y, **kwargs)
+    recomputed = create(name, device="cuda", memory_budget=0).fit(X, y, **kwargs)
+    np.testing.assert_allclose(recomputed.logits(Xt), cached.logits(Xt), rtol=1e-3, atol=1e-4)
+
+
+def test_two_representation_sweep_on_cuda_matches_cpu(tmp_path, cache_dir, runner):
+    from classifiers.sweep import load_records
+    from cli.lt_cls_cmd import main as lt_cls
+    entries = []
+    for seed in (0, 1):
+        data = long_tailed_features(seed=seed)
+        args = ["import", "--name", f"rep{seed}", "--dtype", "float16"]
+        for split in ("train", "val", "test"):
+            np.savez(tmp_path / f"{split}{seed}.npz", features=data[split][0], labels=data[split][1])
+            args += ["--split", f"{split}={tmp_path / f'{split}{seed}.npz'}"]
+        torch.save({"fc.weight": torch.from_numpy(data["W"]), "fc.bias": torch.from_numpy(data["b"])},
+                   tmp_path / f"clf{seed}.pth")
+        entries.append(invoke(runner, featcache, args + ["--classifier", tmp_path / f"clf{seed}.pth"]).output.split()[-1])
+    top1 = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / device
+        invoke(runner, lt_cls, ["sweep", "--cache", entries[0], "--cache", entries[1], "--methods",
+                                "joint,ncm,crt,tau,lws", "--param", "tau.tau=auto", "--device", device,
+                                "--out", out, "--quiet", "--no-plots"])
+        top1[device] = {(r["representation"], r["method"]): r["top1"] for r in load_records(out / "results.jsonl")}
+    assert top1["cpu"].keys() == top1["cuda"].keys() and len(top1["cpu"]) == 10
+    for key, value in top1["cpu"].items():
+        assert abs(top1["cuda"][key] - value) <= 2.0, (key, value, top1["cuda"][key])
