@@ -3,13 +3,13 @@ import torch
 
 from featcache.sampling import SAMPLERS
 
-from .base import FitData, LTClassifier, register
+from .base import FitData, register
 from .params import Device, Int, Options, Real
-from .training import DEFAULT_MEMORY_BUDGET, FrozenLogits, Schedule, draw_epochs, frozen_logits_bytes, sgd_train
+from .training import DEFAULT_MEMORY_BUDGET, FrozenLogits, OnFrozenLogits, Schedule, draw_epochs, sgd_train
 
 
 @register("lws")
-class LWS(LTClassifier):
+class LWS(OnFrozenLogits):
     """Learnable weight scaling: logits = (x W^T + b) * f_j, only the C scales f learned.
 
     W, b frozen; f learned with class-balanced sampling (official defaults: 5 epochs of N draws, SGD lr 0.2, momentum 0.9,
@@ -22,7 +22,6 @@ class LWS(LTClassifier):
     ``class_draws_`` (epochs x C), ``cached_logits_`` (whether the cache was used).
     """
 
-    needs_classifier = True
     _parameter_constraints = {
         "epochs": [Int(0)], "lr": [Real(0, closed="neither")], "momentum": [Real(0, 1, closed="left")],
         "weight_decay": [Real(0)], "batch_size": [Int(1)], "sampler": [Options(*SAMPLERS)], "seed": [Int(0)],
@@ -34,10 +33,6 @@ class LWS(LTClassifier):
         self.batch_size, self.sampler, self.seed, self.device = batch_size, sampler, seed, device
         self.memory_budget = memory_budget
 
-    def memory_estimate(self, rows: int, dim: int, num_classes: int) -> int:
-        """At most the frozen-logit cache's budget, plus the drawn indices."""
-        return (super().memory_estimate(rows, dim, num_classes) + frozen_logits_bytes(rows, num_classes, self.memory_budget)
-                + 16 * rows * max(1, self.epochs))
 
     def _fit(self, data: FitData) -> None:
         weight, bias = data.classifier

@@ -3,14 +3,14 @@ import torch
 
 from featcache.sampling import SAMPLERS
 
-from .base import FitData, LTClassifier, register, require_all_classes
+from .base import FitData, register, require_all_classes
 from .losses import make_loss
 from .params import Device, Int, Options, Real
-from .training import DEFAULT_MEMORY_BUDGET, FrozenLogits, Schedule, draw_epochs, frozen_logits_bytes, sgd_train
+from .training import DEFAULT_MEMORY_BUDGET, FrozenLogits, OnFrozenLogits, Schedule, draw_epochs, sgd_train
 
 
 @register("marc")
-class MARC(LTClassifier):
+class MARC(OnFrozenLogits):
     """Margin calibration (MARC): z'_j = omega_j * z_j + beta_j * ||w_j||, z = x W^T + b, W frozen.
 
     Only the 2C values omega (init 1) and beta (init 0) are learned, with the balanced-softmax /
@@ -22,7 +22,6 @@ class MARC(LTClassifier):
     ``class_draws_``.
     """
 
-    needs_classifier = True
     _parameter_constraints = {
         "tau": [Real()], "epochs": [Int(0)], "lr": [Real(0, closed="neither")],
         "momentum": [Real(0, 1, closed="left")], "weight_decay": [Real(0)], "batch_size": [Int(1)],
@@ -34,10 +33,6 @@ class MARC(LTClassifier):
         self.batch_size, self.sampler, self.seed, self.device = batch_size, sampler, seed, device
         self.memory_budget = memory_budget
 
-    def memory_estimate(self, rows: int, dim: int, num_classes: int) -> int:
-        """The frozen-logit cache up to its budget, and the drawn indices."""
-        return (super().memory_estimate(rows, dim, num_classes) + frozen_logits_bytes(rows, num_classes, self.memory_budget)
-                + 16 * rows * max(1, self.epochs))
 
     def _fit(self, data: FitData) -> None:
         require_all_classes(data, self.name)

@@ -16,6 +16,8 @@ import torch
 
 from featcache.sampling import ClassSampler, class_probabilities
 
+from .base import LTClassifier
+
 
 @dataclass
 class Schedule:
@@ -113,6 +115,13 @@ class FrozenLogits:
                 self.y.index_select(0, indices), indices)
 
 
-def frozen_logits_bytes(rows: int, num_classes: int, memory_budget: int) -> int:
-    """What :class:`FrozenLogits` may hold at most (for memory estimates)."""
-    return min(memory_budget, 4 * rows * num_classes)
+class OnFrozenLogits(LTClassifier):
+    """Base of the methods that learn on the frozen joint logits (:class:`FrozenLogits`); they have
+    ``epochs`` and ``memory_budget`` parameters."""
+
+    needs_classifier = True
+
+    def memory_estimate(self, rows: int, dim: int, num_classes: int) -> int:
+        """The frozen-logit cache up to its budget, and the drawn indices."""
+        cache = min(self.memory_budget, 4 * rows * num_classes)
+        return super().memory_estimate(rows, dim, num_classes) + cache + 16 * rows * max(1, self.epochs)
