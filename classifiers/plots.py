@@ -104,7 +104,7 @@ def _plot_grid(records: list[dict], path: Path) -> Path:
         ax.set_xticks(np.arange(len(representations)), representations, rotation=20, ha="right")
         ax.set_title(title)
     axes[0].set_ylabel("accuracy (%)")
-    axes[-1].legend(fontsize=8, loc="lower right")
+    axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.suptitle("Representation x classifier (mean over seeds)")
     return _save(fig, path)
 

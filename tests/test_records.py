@@ -308,3 +308,14 @@ def test_a_sweep_that_cannot_fit_in_memory_is_refused_with_the_numbers(entries, 
     assert "float16" in result.output and len(result.output.strip().splitlines()) == 1
     assert not (out / "results.jsonl").exists()
     assert sweep(runner, out, "--cache", entries[0][0], "--methods", "joint,knn", "--no-memory-check").exit_code == 0
+
+
+def test_plot_of_several_representations_draws_figure_one(entries, runner, tmp_path):
+    out = tmp_path / "fig1"
+    result = runner.invoke(lt_cls, ["sweep", "--cache", f"a={entries[0][0]}", "--cache", f"b={entries[1][0]}",
+                                    "--methods", "joint,tau,lws", "--param", "tau.tau=auto", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    names = {p.name for p in out.glob("*.png")}
+    assert {"representations.png", "weight_norms-a.png", "weight_norms-b.png", "tau_curve-a.png"} <= names
+    pictures = invoke(runner, lt_cls, ["plot", out]).output.split()
+    assert any(p.endswith("representations.png") for p in pictures)
