@@ -23,6 +23,7 @@ class LWS(LTClassifier):
     """
 
     needs_classifier = True
+    uses_views = True
     _parameter_constraints = {
         "epochs": [Int(0)], "lr": [Real(0, closed="neither")], "momentum": [Real(0, 1, closed="left")],
         "weight_decay": [Real(0)], "batch_size": [Int(1)], "sampler": [Options(*SAMPLERS)], "seed": [Int(0)],
@@ -44,8 +45,8 @@ class LWS(LTClassifier):
         self._set_linear(weight, bias)
         schedule = Schedule(self.epochs, self.lr, self.momentum, self.weight_decay, self.batch_size,
                             self.sampler, self.seed)
-        epochs, self.class_draws_ = draw_epochs(data.y, data.counts, schedule)
-        frozen = FrozenLogits(data.X, data.y, self._weight_t, bias, epochs, self.memory_budget)
+        epochs, self.class_draws_ = draw_epochs(data.y, data.counts, schedule, data.num_views)
+        frozen = FrozenLogits(data.rows_X, data.rows_y, self._weight_t, bias, epochs, self.memory_budget)
         self.cached_logits_ = frozen.cached
         scales = torch.ones(data.num_classes, device=data.device)
 
