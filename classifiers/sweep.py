@@ -247,13 +247,16 @@ class Representation:
 
 def default_label(cache) -> str:
     """The entry's name, else a short form of the training run that made its checkpoint
-    (``tinycnn/instance/e12/s0``), else the first 12 digits of its key."""
+    (``tinycnn/instance/e12/s0``, ``/K4`` added for 4 views per training image), else the first 12
+    digits of its key."""
     meta = cache.meta
     if meta.get("name"):
         return meta["name"]
     training = (meta.get("checkpoint") or {}).get("training")
     if training:
-        return f"{meta.get('arch')}/{training['sampler']}/e{training['epochs']}/s{training['seed']}"
+        views = cache.num_views("train") if "train" in cache.splits else 1
+        return (f"{meta.get('arch')}/{training['sampler']}/e{training['epochs']}/s{training['seed']}"
+                + (f"/K{views}" if views > 1 else ""))
     return cache.key[:12]
 
 

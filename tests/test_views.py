@@ -214,3 +214,10 @@ def test_views_of_the_wrong_shape_are_refused(entries):
     X, y = multi.split("train").features, multi.split("train").labels
     with pytest.raises(InvalidInputError, match="views must be K x"):
         create("lws").fit(X, y, classifier=multi.classifier, views=X[None, :-1])
+
+
+def test_default_sweep_labels_tell_view_counts_apart(entries):
+    from classifiers.sweep import default_label
+    for entry in entries:
+        entry.meta["checkpoint"]["training"] = {"sampler": "instance", "epochs": 12, "seed": 0}
+    assert [default_label(e) for e in entries] == ["tinycnn/instance/e12/s0", "tinycnn/instance/e12/s0/K3"]
