@@ -54,7 +54,7 @@ def views_section(checkpoints: list[Path], seeds: list[int], out: Path, cache_di
                                  "train_mib": sum(train_files) / 2**20,
                                  "rows": manifest["splits"]["train"]["rows"],
                                  "augmentation": manifest["splits"]["train"].get("view_transform")})
-        caches = [x for views, path in entries.items() for x in ("--cache", f"K={views}={path}")]
+        caches = [x for views, path in entries.items() for x in ("--cache", f"K{views}={path}")]
         run(lt_cls + ["sweep", *caches, "--methods", ",".join(METHODS), "--seeds", str(seed), "--out",
                       str(out / "sweep"), "--quiet", "--no-plots", "--overwrite" if index == 0 else "--resume"], log)
     records = [r for r in load_records(out / "sweep" / "results.jsonl") if r["status"] == "ok"]
@@ -62,7 +62,7 @@ def views_section(checkpoints: list[Path], seeds: list[int], out: Path, cache_di
 
 
 def _stats(records: list[dict], views: int, method: str, metric: str) -> tuple[float, float, int] | None:
-    values = [r[metric] for r in records if r["representation"] == f"K={views}" and r["method"] == method]
+    values = [r[metric] for r in records if r["representation"] == f"K{views}" and r["method"] == method]
     if not values:
         return None
     mean = sum(values) / len(values)

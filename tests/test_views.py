@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -221,3 +222,12 @@ def test_default_sweep_labels_tell_view_counts_apart(entries):
     for entry in entries:
         entry.meta["checkpoint"]["training"] = {"sampler": "instance", "epochs": 12, "seed": 0}
     assert [default_label(e) for e in entries] == ["tinycnn/instance/e12/s0", "tinycnn/instance/e12/s0/K3"]
+
+
+@pytest.mark.parametrize("k8, word", [(80.0, "help"), (75.2, "make no clear difference"), (70.0, "hurt")])
+def test_the_views_study_verdict_is_computed_from_the_numbers(k8, word):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from scripts.views_study import verdict
+    records = [{"representation": f"K{k}", "method": "crt", "top1": top1}
+               for k, top1 in ((1, 75.0), (1, 75.4), (4, 75.1), (4, 75.3), (8, k8), (8, k8))]
+    assert f"**{word}**" in verdict(records, "crt")
