@@ -121,6 +121,9 @@ def extract(request: ExtractRequest) -> Path:
     identity = {"checkpoint_sha256": checkpoint.sha256, "arch": arch, "data": source.identity,
                 "transform": transform, "dtype": request.dtype, **backbone.key}
     view_transform = _view_transform(request, source, backbone)
+    if view_transform and VIEWS_SPLIT not in splits:
+        raise FeatcacheError(f"--views {request.views} applies to the {VIEWS_SPLIT!r} split; add it to --split "
+                             f"(asked for: {', '.join(splits)})")
     if view_transform:
         identity["views"] = {"count": request.views, "train_transform": view_transform[1],
                              "seed": request.view_seed, "split": VIEWS_SPLIT}

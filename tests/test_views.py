@@ -231,3 +231,8 @@ def test_the_views_study_verdict_is_computed_from_the_numbers(k8, word):
     records = [{"representation": f"K{k}", "method": "crt", "top1": top1}
                for k, top1 in ((1, 75.0), (1, 75.4), (4, 75.1), (4, 75.3), (8, k8), (8, k8))]
     assert f"**{word}**" in verdict(records, "crt")
+
+
+def test_views_without_the_training_split_are_refused(tiny_ckpt, cache_dir, runner):
+    result = runner.invoke(featcache, [*DIGITS, "--ckpt", str(tiny_ckpt), *VIEWS, "--split", "val"])
+    assert result.exit_code == 1 and "applies to the 'train' split" in result.output
