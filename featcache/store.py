@@ -710,7 +710,7 @@ class SplitWriter:
         if features.shape != (stop - start, self.dim):
             raise ValueError(f"shard {index} expects {(stop - start, self.dim)}, got {features.shape}")
         shard, record_path = self._paths(index)
-        views = np.arange(start, stop) // (self.rows // self.views)
+        views = np.arange(start, stop) // max(1, self.rows // self.views)
         overflow = cast_overflow(features, self.dtype)
         if overflow:
             raise FeatcacheError(f"split {self.name!r} ({shard}): {overflow}; use --dtype float32")
