@@ -112,6 +112,8 @@ def _render(records, costs, checkpoints, seeds) -> str:
         lines.append(f"| {views} | " + " | ".join(cells) + f" | {seconds} | {mib:.1f} MiB |")
     augmentation = next((c["augmentation"] for c in costs[VIEW_COUNTS[-1]] if c["augmentation"]), "?")
     sentences = "; ".join(verdict(records, m) for m in METHODS)
+    caveat = ("" if len(seeds) > 1 else
+              f" With one seed there is no spread to judge by: the margin is only the {MIN_GAIN}-point floor.")
     runs = ", ".join(f"{Path(c).parent.name} (seed {s})" for c, s in zip(checkpoints, seeds))
     return f"""## Augmented views in the cache: cRT and LWS with K = 1, 4, 8
 
@@ -124,7 +126,7 @@ accuracy, mean ± std over {len(seeds)} seed(s). Extraction time is the wall tim
 
 {chr(10).join(lines)}
 
-Here {sentences}.
+Here {sentences}.{caveat}
 """
 
 
