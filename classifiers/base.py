@@ -13,7 +13,11 @@ Labels: without ``classifier`` / ``class_counts``, ``classes_`` are the sorted u
 checkpoint's W, the entries of ``class_counts``) and ``classes_`` is ``arange(C)``.
 
 Torch stays inside: the sweep hands tensors (already on the device) straight to ``fit`` and
-``decision_function``, which skips the scikit-learn input checks and their pass over X."""
+``decision_function``, which skips the scikit-learn input checks and their pass over X.
+
+Augmented views: ``fit(..., views=V)`` with V (K x N x D) the K cached views of the N training
+samples (``V[0]`` = X, the eval transform's). Methods with ``uses_views`` (the SGD-trained ones)
+draw a sample by their sampler, then one of its K views uniformly; the others use X only."""
 from __future__ import annotations
 
 import inspect
@@ -113,6 +117,21 @@ class FitData:
     classifier: tuple[torch.Tensor, torch.Tensor] | None
     val: tuple[torch.Tensor, torch.Tensor] | None
     device: torch.device
+    views: torch.Tensor | None = None  # (K * N) x D, view-major: row v * N + i = view v of sample i
+
+    @property
+    def num_views(self) -> int:
+        return 1 if self.views is None else len(self.views) // len(self.X)
+
+    @property
+    def rows_X(self) -> torch.Tensor:
+        """The features the SGD loops index: every view's rows (just X for one view)."""
+        return self.X if self.views is None else self.views
+
+    @property
+    def rows_y(self) -> torch.Tensor:
+        """The label of every row of :attr:`rows_X`."""
+        return self.y if self.views is None else self.y.repeat(self.num_views)
 
 
 class LTClassifier(ClassifierMixin, BaseEstimator):
@@ -120,6 +139,7 @@ class LTClassifier(ClassifierMixin, BaseEstimator):
 
     name = "?"
     needs_classifier = False
+    uses_views = False  # True: fit(views=...) trains on augmented views (see the module docstring)
     auto_params: tuple[str, ...] = ()  # parameters that accept "auto" (chosen on the val split)
     _parameter_constraints: dict = {}
     # scikit-learn estimator checks this method is known to fail, with the reason (see tests)
@@ -144,12 +164,13 @@ class LTClassifier(ClassifierMixin, BaseEstimator):
         return tags
 
     # -- fit ------------------------------------------------------------------------------------
-    def fit(self, X, y, *, class_counts=None, classifier=None, val=None) -> "LTClassifier":
+    def fit(self, X, y, *, class_counts=None, classifier=None, val=None, views=None) -> "LTClassifier":
         """Fit on training features ``X`` (N x D) and labels ``y``.
 
         ``class_counts`` (C,) training images per class (default: counted from ``y``);
         ``classifier`` the checkpoint's ``(W: C x D, b: C)``; ``val`` ``(X_val, y_val)`` for
-        parameters set to ``"auto"``."""
+        parameters set to ``"auto"``; ``views`` (K x N x D) the K views of every training sample,
+        ``views[0]`` equal to X (used by the methods with ``uses_views``, ignored by the others)."""
         check_params(self)
         device = resolve_device(getattr(self, "device", "auto"))
         if isinstance(X, torch.Tensor):
@@ -196,7 +217,14 @@ class LTClassifier(ClassifierMixin, BaseEstimator):
             yv = _class_indices(yv, num_classes, self.name, "val labels") if index_mode \
                 else self._encode_known(yv, "val labels")
             val_t = (Xv, torch.from_numpy(yv).to(device))
-        data = FitData(X_t, torch.from_numpy(y_idx).to(device), counts, num_classes, clf, val_t, device)
+        views_t = None
+        if views is not None and self.uses_views:
+            views_t = as_features(views, device)
+            if views_t.ndim != 3 or views_t.shape[1:] != X_t.shape:
+                raise InvalidInputError(f"{self.name}: views must be K x {len(X_t)} x {X_t.shape[1]} (the views of "
+                                        f"the training samples, view 0 first; got {tuple(views_t.shape)})")
+            views_t = views_t.reshape(-1, X_t.shape[1]) if len(views_t) > 1 else None
+        data = FitData(X_t, torch.from_numpy(y_idx).to(device), counts, num_classes, clf, val_t, device, views_t)
         self.device_ = device
         self._fit(data)
         return self

@@ -53,8 +53,8 @@ class DisAlign(OnFrozenLogits):
         beta = torch.zeros(data.num_classes, device=data.device)
         schedule = Schedule(self.epochs, self.lr, self.momentum, self.weight_decay, self.batch_size,
                             self.sampler, self.seed)
-        epochs, self.class_draws_ = draw_epochs(data.y, data.counts, schedule)
-        frozen = FrozenLogits(data.X, data.y, self._weight_t, self._bias, epochs, self.memory_budget)
+        epochs, self.class_draws_ = draw_epochs(data.y, data.counts, schedule, data.num_views)
+        frozen = FrozenLogits(data.rows_X, data.rows_y, self._weight_t, self._bias, epochs, self.memory_budget)
 
         buffers = torch.empty(2, self.batch_size, data.num_classes, device=data.device)
 
@@ -63,7 +63,7 @@ class DisAlign(OnFrozenLogits):
             # dc_i = Σ_j G_ij u_ij, dv = Σ_i dc_i c_i (1 − c_i) x_i; written into reused buffers
             n = len(batch)
             z, labels, rows = frozen.batch(batch)
-            features = data.X.index_select(0, rows).float()
+            features = data.rows_X.index_select(0, rows).float()
             conf = torch.sigmoid(torch.mv(features, v).add_(v0))
             u = torch.addcmul(beta, alpha, z, out=buffers[0, :n])
             g = loss.grad(torch.addcmul(z, u, conf.unsqueeze(1), out=buffers[1, :n]),

@@ -44,8 +44,8 @@ class MARC(OnFrozenLogits):
         beta = torch.zeros(data.num_classes, device=data.device)
         schedule = Schedule(self.epochs, self.lr, self.momentum, self.weight_decay, self.batch_size,
                             self.sampler, self.seed)
-        epochs, self.class_draws_ = draw_epochs(data.y, data.counts, schedule)
-        frozen = FrozenLogits(data.X, data.y, self._weight_t, bias, epochs, self.memory_budget)
+        epochs, self.class_draws_ = draw_epochs(data.y, data.counts, schedule, data.num_views)
+        frozen = FrozenLogits(data.rows_X, data.rows_y, self._weight_t, bias, epochs, self.memory_budget)
 
         def grad(batch):
             z, labels, _ = frozen.batch(batch)

@@ -247,13 +247,16 @@ class Representation:
 
 def default_label(cache) -> str:
     """The entry's name, else a short form of the training run that made its checkpoint
-    (``tinycnn/instance/e12/s0``), else the first 12 digits of its key."""
+    (``tinycnn/instance/e12/s0``, ``/K4`` added for 4 views per training image), else the first 12
+    digits of its key."""
     meta = cache.meta
     if meta.get("name"):
         return meta["name"]
     training = (meta.get("checkpoint") or {}).get("training")
     if training:
-        return f"{meta.get('arch')}/{training['sampler']}/e{training['epochs']}/s{training['seed']}"
+        views = cache.num_views("train") if "train" in cache.splits else 1
+        return (f"{meta.get('arch')}/{training['sampler']}/e{training['epochs']}/s{training['seed']}"
+                + (f"/K{views}" if views > 1 else ""))
     return cache.key[:12]
 
 
@@ -423,7 +426,9 @@ class Sweeper:
 
     def _sweep_entry(self, rep: Representation, runs: list[Run]) -> Iterator[dict]:
         cache = rep.cache
-        X, y = self._split(cache, "train")
+        train = cache.split("train", view=None)  # every view; X is view 0's rows (a zero-copy slice)
+        views = as_features(train.view_stack(), self.device) if train.num_views > 1 else None
+        X, y = (views[0], train.view(0).labels) if views is not None else self._split(cache, "train")
         counts = cache.class_counts("train")
         X_eval, y_eval = self._split(cache, self.spec.eval_split)
         val = self._split(cache, self.val_split) if self.val_split else None
@@ -433,7 +438,7 @@ class Sweeper:
         diagnostics.setdefault("cache_key", cache.key)
         try:
             for run in runs:
-                record, estimator, logits = self._run(run, X, y, counts, classifier, val, X_eval, y_eval)
+                record, estimator, logits = self._run(run, X, y, counts, classifier, val, X_eval, y_eval, views)
                 self._append(record)
                 if record["status"] == "ok":
                     self._diagnose(diagnostics, cache, run, estimator, logits, y_eval, X_eval)
@@ -451,11 +456,11 @@ class Sweeper:
         except OSError as exc:
             raise FeatcacheError(f"cannot write {self.results}: {exc.strerror or exc}") from None
 
-    def _run(self, run: Run, X, y, counts, classifier, val, X_eval, y_eval):
+    def _run(self, run: Run, X, y, counts, classifier, val, X_eval, y_eval, views=None):
         params = dict(run.params)
         estimator = create(run.method, **params, device=str(self.device))
         began = time.perf_counter()
-        estimator.fit(X, y, class_counts=counts, classifier=classifier, val=val)
+        estimator.fit(X, y, class_counts=counts, classifier=classifier, val=val, views=views)
         fitted = time.perf_counter()
         logits = estimator.logits(X_eval)
         evaluated = time.perf_counter()

@@ -44,8 +44,13 @@ def softmax_minus_onehot(logits: torch.Tensor, targets: torch.Tensor) -> torch.T
     return probs.scatter_add_(1, targets.unsqueeze(1), minus_one)  # cheaper than indexed assignment
 
 
-def draw_epochs(labels: torch.Tensor, counts: np.ndarray, schedule: Schedule) -> tuple[list[torch.Tensor], np.ndarray]:
-    """Every epoch's sample indices (an epoch is N draws), and the per-epoch class histogram (E x C)."""
+def draw_epochs(labels: torch.Tensor, counts: np.ndarray, schedule: Schedule,
+                num_views: int = 1) -> tuple[list[torch.Tensor], np.ndarray]:
+    """Every epoch's sample indices (an epoch is N draws), and the per-epoch class histogram (E x C).
+
+    With ``num_views`` K > 1 each drawn sample i then gets one of its views v uniformly (a second
+    generator seeded from ``schedule.seed``, so the samples drawn are those of K = 1) and the index
+    becomes the row v * N + i of the view-major rows (FitData.rows_X)."""
     num_classes = len(counts)
     sampler = ClassSampler(labels.cpu().numpy(), num_classes, labels.device)
     generator = torch.Generator().manual_seed(int(schedule.seed))
@@ -54,6 +59,11 @@ def draw_epochs(labels: torch.Tensor, counts: np.ndarray, schedule: Schedule) ->
               for epoch in range(schedule.epochs)]
     histogram = np.stack([torch.bincount(labels[i], minlength=num_classes).cpu().numpy() for i in epochs]) \
         if epochs else np.zeros((0, num_classes), dtype=np.int64)
+    if num_views > 1:
+        view_generator = torch.Generator().manual_seed(int(np.random.SeedSequence([int(schedule.seed), 1])
+                                                           .generate_state(1)[0]))
+        epochs = [e + torch.randint(0, num_views, (len(e),), generator=view_generator).to(e.device) * len(labels)
+                  for e in epochs]
     return epochs, histogram
 
 
@@ -117,9 +127,10 @@ class FrozenLogits:
 
 class OnFrozenLogits(LTClassifier):
     """Base of the methods that learn on the frozen joint logits (:class:`FrozenLogits`); they have
-    ``epochs`` and ``memory_budget`` parameters."""
+    ``epochs`` and ``memory_budget`` parameters, and draw among a multi-view entry's views."""
 
     needs_classifier = True
+    uses_views = True
 
     def memory_estimate(self, rows: int, dim: int, num_classes: int) -> int:
         """The frozen-logit cache up to its budget, and the drawn indices."""

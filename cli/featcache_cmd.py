@@ -77,12 +77,21 @@ def train(data_spec, arch, init, sampler, epochs, batch_size, lr, wd, momentum, 
 @click.option("--templates", type=click.Path(), help="Zero-shot head: one prompt template per line, the class as {} "
               "(default: 8 built-in, 'a photo of a {}.' first).")
 @click.option("--name", help="A name for the entry (usable wherever an entry is asked for; labels it in sweeps).")
+@click.option("--views", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Views per training image: view 0 the eval transform, the others augmented (Stage 2 SGD "
+                   "methods draw among them). Other splits keep one view.")
+@click.option("--train-transform", default="default", show_default=True,
+              help="Augmentation of views 1..K-1: default is the data set's own (image files: RandomResizedCrop, "
+                   "flip, colour jitter as the official Stage 2); flip / crop / crop-flip for in-memory data sets, "
+                   "official / rrc-flip for image files.")
+@click.option("--view-seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the augmented views (part of the key).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @trust_checkpoint_option
 @device_option
 def extract(ckpt, arch, data_spec, splits, cache_dir, dtype, compression, batch_size, num_workers,
-            shard_rows, allow_nonfinite, on_bad_image, zeroshot_head, class_names, templates, name, quiet,
-            trust_checkpoint, device):
+            shard_rows, allow_nonfinite, on_bad_image, zeroshot_head, class_names, templates, name, views,
+            train_transform, view_seed, quiet, trust_checkpoint, device):
     """Run the backbone over each split and cache its penultimate features.
 
     The last line printed is the entry directory; an identical second call is a hit."""
@@ -91,7 +100,8 @@ def extract(ckpt, arch, data_spec, splits, cache_dir, dtype, compression, batch_
 
     request = ExtractRequest(ckpt, arch, data_spec, comma_list(splits) or None, cache_dir, dtype, batch_size,
                              num_workers, shard_rows, compression, device, allow_nonfinite, not quiet,
-                             on_bad_image, zeroshot_head, class_names, templates, name, trust_checkpoint)
+                             on_bad_image, zeroshot_head, class_names, templates, name, trust_checkpoint,
+                             views, train_transform, view_seed)
     path = run_extract(request)
     if Dist.from_env().is_main:
         click.echo(str(path))
@@ -175,7 +185,10 @@ def info(entry, cache_dir):
         present = counts[counts > 0]
         summary = (f"max {present.max()}, min {present.min()}, imbalance {present.max() / present.min():.1f}"
                    if len(present) else "empty")
-        click.echo(f"split {name:<7}{meta['splits'][name]['rows']:>9} rows, {len(meta['splits'][name]['shards'])} "
+        views = cache.num_views(name)
+        shown_views = f" ({views} views of {meta['splits'][name]['rows'] // views})" if views > 1 else ""
+        click.echo(f"split {name:<7}{meta['splits'][name]['rows']:>9} rows{shown_views}, "
+                   f"{len(meta['splits'][name]['shards'])} "
                    f"shard(s), {len(present)} classes ({summary})")
     click.echo(f"size         {cache.disk_bytes() / 2**20:.1f} MiB")
 

@@ -18,7 +18,7 @@ import torch
 
 from . import __version__
 from .backbones import get_arch, model_channels
-from .batches import iterate_batches
+from .batches import ViewAugment, iterate_batches, resolve_view_transform
 from .checkpoints import HF_HUB_PREFIX, Checkpoint, load_checkpoint, load_model, resolve_hf_hub
 from .datasets import DataSource, DataSpec
 from .distributed import Dist, resolve_device
@@ -27,6 +27,7 @@ from .foundation import OPEN_CLIP, TIMM, Backbone, is_foundation, open_clip_back
 from .store import EntryWriter, cache_root, content_key, entry_lock
 
 DEFAULT_SPLITS = ("train", "val", "test")
+VIEWS_SPLIT = "train"  # the split that gets --views K views per sample; the others keep one
 
 
 @dataclass
@@ -50,6 +51,9 @@ class ExtractRequest:
     templates: str | None = None  # file, one prompt template per line (default: DEFAULT_TEMPLATES)
     name: str | None = None  # a name for the entry (not part of the key)
     trust_checkpoint: bool = False
+    views: int = 1  # views per training image: view 0 the eval transform, 1..K-1 augmented
+    train_transform: str = "default"  # the views' augmentation (batches.VIEW_TRANSFORMS)
+    view_seed: int = 0
 
 
 def resolve_data(checkpoint: Checkpoint, data: DataSpec | None) -> DataSpec:
@@ -116,6 +120,13 @@ def extract(request: ExtractRequest) -> Path:
     transform = backbone.transform_description or source.transform_description
     identity = {"checkpoint_sha256": checkpoint.sha256, "arch": arch, "data": source.identity,
                 "transform": transform, "dtype": request.dtype, **backbone.key}
+    view_transform = _view_transform(request, source, backbone)
+    if view_transform and VIEWS_SPLIT not in splits:
+        raise FeatcacheError(f"--views {request.views} applies to the {VIEWS_SPLIT!r} split; add it to --split "
+                             f"(asked for: {', '.join(splits)})")
+    if view_transform:
+        identity["views"] = {"count": request.views, "train_transform": view_transform[1],
+                             "seed": request.view_seed, "split": VIEWS_SPLIT}
     if request.on_bad_image == "skip":
         identity["on_bad_image"] = "skip"
     elif request.on_bad_image != "fail":
@@ -146,12 +157,27 @@ def extract(request: ExtractRequest) -> Path:
         if request.on_bad_image == "skip":
             _skip_undecodable(source, todo)
         try:
-            _extract_splits(request, writer, checkpoint, backbone, source, todo, num_classes, dist, device)
+            _extract_splits(request, writer, checkpoint, backbone, source, todo, num_classes, dist, device,
+                            view_transform)
         except Exception:
             if dist.is_main:
                 writer.discard_incomplete()
             raise
     return writer.path
+
+
+def _view_transform(request: ExtractRequest, source: DataSource, backbone: Backbone) -> tuple[str, str] | None:
+    """(name, description) of the augmentation of views 1..K-1, or None for one view."""
+    if not isinstance(request.views, int) or request.views < 1:
+        raise FeatcacheError(f"--views {request.views!r}: give a positive number of views per training image")
+    if request.view_seed < 0:
+        raise FeatcacheError(f"--view-seed {request.view_seed}: give a non-negative seed")
+    if request.views == 1:
+        return None
+    if backbone.transform is not None:
+        raise FeatcacheError("--views > 1 needs the data set's own transforms; timm/ and open_clip/ backbones "
+                             "bring their own eval transform, for which no training augmentation is defined here")
+    return resolve_view_transform(source, request.train_transform)
 
 
 def training_summary(checkpoint: Checkpoint) -> dict | None:
@@ -191,28 +217,33 @@ def _skip_undecodable(source: DataSource, splits: list[str]) -> None:
         source.split(name)  # an all-bad split is an empty split: a clear error
 
 
-def _extract_splits(request, writer, checkpoint, backbone, source, todo, num_classes, dist, device) -> None:
+def _extract_splits(request, writer, checkpoint, backbone, source, todo, num_classes, dist, device,
+                    view_transform=None) -> None:
     from tqdm.auto import tqdm
 
     classifier_record = None
     if dist.is_main and backbone.num_classes is not None and writer.existing_manifest() is None:
         classifier_record = writer.write_classifier(*backbone.classifier())
-    total = sum(len(source.split(s)) for s in todo)
+    def views_of(name):
+        return request.views if view_transform and name == VIEWS_SPLIT else 1
+
+    total = sum(len(source.split(s)) * views_of(s) for s in todo)
     with tqdm(total=total, unit="img", desc="extract", disable=not (request.progress and dist.is_main),
               dynamic_ncols=True, leave=False) as bar, ThreadPoolExecutor(max_workers=1) as pool:
         for name in todo:
             samples = source.split(name)
-            split = writer.split_writer(name, rows=len(samples), dim=backbone.feature_dim,
+            views = views_of(name)
+            split = writer.split_writer(name, rows=len(samples) * views, dim=backbone.feature_dim,
                                         dtype=request.dtype, shard_rows=request.shard_rows,
-                                        compression=request.compression)
+                                        compression=request.compression, views=views)
             mine = [i for i in range(split.num_shards) if i % dist.world_size == dist.rank]
             pending = [i for i in mine if not split.shard_is_complete(i)]
             bar.update(sum(split.rows_in_shard(i) for i in mine if i not in pending) * dist.world_size)
             writing: Future | None = None
             for index in pending:
                 start, stop = split.shard_range(index)
-                features, labels, ids = _forward(backbone, source, samples, np.arange(start, stop), request,
-                                                 device, bar, dist.world_size)
+                features, labels, ids = _forward_rows(backbone, source, samples, start, stop, request, device, bar,
+                                                      dist.world_size, view_transform)
                 if not request.allow_nonfinite and not np.isfinite(features).all():
                     bad = int(np.flatnonzero(~np.isfinite(features).all(axis=1))[0]) + start
                     raise FeatcacheError(f"non-finite features in split {name!r} (row {bad}) from checkpoint "
@@ -224,18 +255,32 @@ def _extract_splits(request, writer, checkpoint, backbone, source, todo, num_cla
                 writing.result()
             dist.barrier()
             if dist.is_main:
-                split.finish(samples.class_counts(num_classes), classifier_record)
+                extra = {"view_transform": view_transform[1], "view_seed": request.view_seed} if views > 1 else None
+                split.finish(samples.class_counts(num_classes), classifier_record, extra)
                 classifier_record = None
             dist.barrier()
 
 
+def _forward_rows(backbone, source, samples, start, stop, request, device, bar, world_size, view_transform):
+    """Features of the view-major rows [start, stop): row v * N + i is view v of sample i. Each view's
+    part is its own pass; view 0 runs exactly as a single-view extraction (same batches)."""
+    n = len(samples)
+    parts = []
+    for view in range(start // n, (stop - 1) // n + 1):
+        first, last = max(start, view * n) - view * n, min(stop, (view + 1) * n) - view * n
+        augment = ViewAugment(view_transform[0], request.view_seed, view) if view else None
+        parts.append(_forward(backbone, source, samples, np.arange(first, last), request, device, bar,
+                              world_size, augment))
+    return tuple(np.concatenate(arrays) for arrays in zip(*parts)) if len(parts) > 1 else parts[0]
+
+
 @torch.no_grad()
-def _forward(backbone, source, samples, rows, request, device, bar, world_size):
+def _forward(backbone, source, samples, rows, request, device, bar, world_size, view=None):
     chunks, labels, ids = [], [], []
     for images, batch_labels, batch_ids in iterate_batches(source, samples, rows, request.batch_size,
                                                            channels=backbone.channels,
                                                            num_workers=request.num_workers,
-                                                           transform=backbone.transform):
+                                                           transform=backbone.transform, view=view):
         features = backbone.features(images.to(device, non_blocking=True))
         chunks.append(features.float().cpu().numpy())
         labels.append(batch_labels.numpy())

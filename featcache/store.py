@@ -25,8 +25,11 @@ import numpy as np
 
 from .errors import CorruptEntryError, FeatcacheError, UnknownFormatError
 
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
+# The key hashes this, not FORMAT_VERSION: version 2 changed the files (a ``views`` dataset), not the
+# features a single-view key names, so entries written by version 1 keep their keys and stay hits.
+KEY_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 ENTRY_MARKER = ".featcache-entry"
 CLASSIFIER_FILE = "classifier.h5"
@@ -50,7 +53,7 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
 
 def content_key(identity: dict) -> str:
     """Hash of everything that changes the features (canonical JSON), with the format version."""
-    payload = json.dumps({"format_version": FORMAT_VERSION, **identity}, sort_keys=True, default=str)
+    payload = json.dumps({"format_version": KEY_FORMAT_VERSION, **identity}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
@@ -128,16 +131,38 @@ def _create_h5(path: Path):
 
 @dataclass
 class Split:
-    """One split of an entry, fully loaded: features (N x D) in the entry's dtype (float32, or
-    float16: half the memory; Stage 2 upcasts chunk by chunk), int64 labels and sample ids."""
+    """Rows of one split: features (rows x D) in the entry's dtype (float32, or float16: half the
+    memory; Stage 2 upcasts chunk by chunk), int64 labels, sample ids and view numbers.
+
+    A multi-view split (``num_views`` K > 1) is stored view-major: row ``v * N + i`` is view ``v`` of
+    the i-th sample, so ``features.reshape(K, N, D)[v]`` is view ``v`` and rows ``[0, N)`` are view 0."""
 
     name: str
     features: np.ndarray
     labels: np.ndarray
     indices: np.ndarray
+    views: np.ndarray
+    num_views: int = 1
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.labels) // self.num_views
+
+    def view(self, view: int) -> "Split":
+        """The N rows of one view (zero-copy slices)."""
+        if not 0 <= view < self.num_views:
+            raise FeatcacheError(f"split {self.name!r} has views 0..{self.num_views - 1}, not {view}")
+        if self.num_views == 1:
+            return self
+        rows = slice(view * self.num_samples, (view + 1) * self.num_samples)
+        return Split(self.name, self.features[rows], self.labels[rows], self.indices[rows], self.views[rows])
+
+    def view_stack(self) -> np.ndarray:
+        """All views as K x N x D (a zero-copy reshape of ``features``)."""
+        return self.features.reshape(self.num_views, self.num_samples, -1)
 
 
 class FeatureCache:
@@ -215,10 +240,17 @@ class FeatureCache:
                 f"entry {self.path} has no split {name!r} (it has: {', '.join(self.splits) or 'none'})"
             ) from None
 
-    def split(self, name: str) -> Split:
+    def num_views(self, split: str) -> int:
+        """Views per sample of ``split`` (1 unless extracted with ``--views K``)."""
+        return int(self._split_meta(split).get("views", 1))
+
+    def split(self, name: str, view: int | None = 0) -> Split:
+        """The rows of one view of split ``name`` (default view 0: one row per sample, the eval
+        transform's features); ``view=None`` gives all rows of every view. Loaded once."""
         if name not in self._loaded:
             self._loaded[name] = self._read_split(name)
-        return self._loaded[name]
+        split = self._loaded[name]
+        return split if view is None else split.view(view)
 
     def release(self) -> None:
         """Forget the loaded splits (their memory goes back once no caller holds them)."""
@@ -263,12 +295,18 @@ class FeatureCache:
         features = np.empty((rows, dim), dtype=np.float16 if self.meta["dtype"] == "float16" else np.float32)
         labels = np.empty(rows, dtype=np.int64)
         indices = np.empty(rows, dtype=np.int64)
+        views = np.empty(rows, dtype=np.int64)
+        num_views = self.num_views(name)
         for shard in meta["shards"]:
             path = self.path / shard["file"]
             self._check_file(path, shard)
             start, stop = shard["row_start"], shard["row_start"] + shard["rows"]
             with self._h5(path) as handle:
-                for key, out in (("features", features), ("labels", labels), ("indices", indices)):
+                for key, out in (("features", features), ("labels", labels), ("indices", indices),
+                                 ("views", views)):
+                    if key == "views" and key not in handle and num_views == 1:
+                        out[start:stop] = 0  # written by format version 1: one view
+                        continue
                     if key not in handle:
                         raise CorruptEntryError(f"{path} has no {key!r} dataset")
                     _read_into(handle[key], out[start:stop], self.check_chunks)
@@ -276,11 +314,20 @@ class FeatureCache:
             if len(outside):
                 raise CorruptEntryError(f"{path}: label {int(outside[0])} is outside 0..{self.num_classes - 1} "
                                         "(num_classes in the manifest)")
-        counts = np.bincount(labels, minlength=self.num_classes)
+        samples = rows // num_views
+        if not np.array_equal(views, np.arange(rows) // max(1, samples)):
+            raise CorruptEntryError(f"{self.path / name}: the 'views' of split {name!r} are not in the documented "
+                                    f"view-major order for {num_views} view(s) of {samples} samples")
+        for view in range(1, num_views):
+            block = slice(view * samples, (view + 1) * samples)
+            if not (np.array_equal(indices[block], indices[:samples]) and np.array_equal(labels[block], labels[:samples])):
+                raise CorruptEntryError(f"{self.path / name}: view {view} of split {name!r} does not hold the samples "
+                                        "of view 0 in the same order")
+        counts = np.bincount(labels[:samples], minlength=self.num_classes)
         if not np.array_equal(counts, self.class_counts(name)):
             raise CorruptEntryError(f"{self.path / MANIFEST}: class_counts of split {name!r} do not match "
                                     "the labels in its shards")
-        return Split(name, features, labels, indices)
+        return Split(name, features, labels, indices, views, num_views)
 
     def verify(self) -> list[str]:
         """Re-hash every file the manifest lists; return one message per bad file."""
@@ -343,8 +390,12 @@ def _manifest_problem(meta: dict) -> str | None:
         counts = split.get("class_counts")
         if not isinstance(counts, list) or len(counts) != meta["num_classes"] or not all(_is_int(c) for c in counts):
             return f"split {name!r}: 'class_counts' must be {meta['num_classes']} non-negative integers"
-        if sum(counts) != split["rows"]:
-            return f"split {name!r}: 'class_counts' sum to {sum(counts)}, 'rows' is {split['rows']}"
+        views = split.get("views", 1)
+        if not _is_int(views, 1) or (views > 1 and meta.get("format_version") == 1):
+            return f"split {name!r}: 'views' must be a positive integer (and 1 in format_version 1)"
+        if split["rows"] % views or sum(counts) != split["rows"] // views:
+            return (f"split {name!r}: 'class_counts' sum to {sum(counts)} samples, but 'rows' is "
+                    f"{split['rows']} for {views} view(s) per sample")
         shards = split.get("shards")
         if not isinstance(shards, list) or not shards:
             return f"split {name!r} lists no shards"
@@ -533,7 +584,7 @@ class EntryWriter:
         return list(manifest["splits"]) if manifest else []
 
     def split_writer(self, name: str, *, rows: int, dim: int, dtype: str, shard_rows: int,
-                     compression: str = "none") -> "SplitWriter":
+                     compression: str = "none", views: int = 1) -> "SplitWriter":
         if dtype not in DTYPES:
             raise FeatcacheError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
         if compression not in COMPRESSIONS:
@@ -541,7 +592,9 @@ class EntryWriter:
         if shard_rows < 1:
             raise FeatcacheError(f"--shard-rows must be at least 1 (got {shard_rows})")
         self.create_dir()
-        return SplitWriter(self, name, rows, dim, dtype, shard_rows, compression)
+        if views < 1 or rows % views:
+            raise FeatcacheError(f"--views {views}: a split of {rows} rows cannot hold {views} views per sample")
+        return SplitWriter(self, name, rows, dim, dtype, shard_rows, compression, views)
 
     def write_classifier(self, weight: np.ndarray, bias: np.ndarray) -> dict:
         final = self.path / CLASSIFIER_FILE
@@ -567,6 +620,7 @@ class EntryWriter:
             **self.base_meta, "format_version": FORMAT_VERSION, "key": self.key,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "splits": {}, "classifier": classifier}
+        manifest["format_version"] = FORMAT_VERSION  # a version-1 entry extended by this writer
         manifest["splits"][name] = split_meta
         _atomic_write_json(self.path / MANIFEST, manifest)
 
@@ -606,17 +660,18 @@ def cast_overflow(values: np.ndarray, dtype: str) -> str | None:
 
 
 class SplitWriter:
-    """Writes one split shard by shard. Shard i holds rows [i*shard_rows, (i+1)*shard_rows).
+    """Writes one split shard by shard. Shard i holds rows [i*shard_rows, (i+1)*shard_rows); with
+    ``views`` K > 1 the rows are view-major (row v*N + i = view v of sample i; N = rows / K).
 
     Each shard is written under a temporary name, hashed into a small sidecar record, then renamed
     into place; a rerun keeps every shard whose file and record agree (resume)."""
 
     def __init__(self, entry: EntryWriter, name: str, rows: int, dim: int, dtype: str,
-                 shard_rows: int, compression: str):
+                 shard_rows: int, compression: str, views: int = 1):
         if not name or "/" in name or name.startswith("."):
             raise FeatcacheError(f"invalid split name {name!r}")
         self.entry, self.name, self.rows, self.dim = entry, name, rows, dim
-        self.dtype, self.shard_rows, self.compression = dtype, shard_rows, compression
+        self.dtype, self.shard_rows, self.compression, self.views = dtype, shard_rows, compression, views
         self.dir = entry.path / name
         self.dir.mkdir(parents=True, exist_ok=True)
 
@@ -641,7 +696,7 @@ class SplitWriter:
             return False
         start, stop = self.shard_range(index)
         expected = {"row_start": start, "rows": stop - start, "dtype": self.dtype, "dim": self.dim,
-                    "compression": self.compression}
+                    "compression": self.compression, "views": self.views}
         if any(record.get(k) != v for k, v in expected.items()):
             return False
         return shard.stat().st_size == record["size"] and sha256_file(shard) == record["sha256"]
@@ -655,6 +710,7 @@ class SplitWriter:
         if features.shape != (stop - start, self.dim):
             raise ValueError(f"shard {index} expects {(stop - start, self.dim)}, got {features.shape}")
         shard, record_path = self._paths(index)
+        views = np.arange(start, stop) // max(1, self.rows // self.views)
         overflow = cast_overflow(features, self.dtype)
         if overflow:
             raise FeatcacheError(f"split {self.name!r} ({shard}): {overflow}; use --dtype float32")
@@ -662,9 +718,9 @@ class SplitWriter:
             stored = features.astype(self.dtype, copy=False)
         tmp = shard.with_name(f".{shard.name}.tmp-{os.getpid()}")
         try:
-            self._write_h5(tmp, stored, labels, indices, start)
+            self._write_h5(tmp, stored, labels, indices, views, start)
             record = {"row_start": start, "rows": stop - start, "dtype": self.dtype, "dim": self.dim,
-                      "compression": self.compression, "sha256": sha256_file(tmp),
+                      "compression": self.compression, "views": self.views, "sha256": sha256_file(tmp),
                       "size": tmp.stat().st_size}
             _atomic_write_json(record_path, record)
             os.replace(tmp, shard)
@@ -675,7 +731,7 @@ class SplitWriter:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def _write_h5(self, path: Path, features, labels, indices, start: int) -> None:
+    def _write_h5(self, path: Path, features, labels, indices, views, start: int) -> None:
         rows = max(1, len(labels))
         itemsize = np.dtype(self.dtype).itemsize
         chunk_rows = int(min(rows, max(1, _CHUNK_BYTES // (self.dim * itemsize))))
@@ -687,7 +743,7 @@ class SplitWriter:
             handle.create_dataset("features", data=features,
                                   chunks=(chunk_rows, self.dim), fletcher32=True,
                                   compression=compression)
-            for key, values in (("labels", labels), ("indices", indices)):
+            for key, values in (("labels", labels), ("indices", indices), ("views", views)):
                 handle.create_dataset(key, data=np.asarray(values, np.int64), chunks=(rows,),
                                       fletcher32=True, compression=compression)
         _fsync(path)
@@ -702,8 +758,8 @@ class SplitWriter:
             shard, _ = self._paths(index)
             start, stop = self.shard_range(index)
             shards.append(_file_record(shard, self.entry.path, row_start=start, rows=stop - start))
-        meta = {"rows": self.rows, "class_counts": [int(c) for c in class_counts], "shards": shards,
-                **(extra or {})}
+        meta = {"rows": self.rows, "views": self.views, "class_counts": [int(c) for c in class_counts],
+                "shards": shards, **(extra or {})}
         self.entry.commit_split(self.name, meta, classifier)
         for index in range(self.num_shards):
             self._paths(index)[1].unlink(missing_ok=True)
