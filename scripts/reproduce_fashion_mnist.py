@@ -11,6 +11,8 @@ Fashion-MNIST-LT: max 5000 per class, imbalance 500 (counts 5000 ... 10), a bala
   training its own backbone.
 - Table B: every Stage 2 method on the instance-balanced representation.
 - Training length: IB against CB representations at several lengths (first seed).
+- Augmented views (scripts/views_study.py): cRT and LWS on K = 1, 4, 8 cached views of the IB
+  representation.
 
 ``--stage 1`` only trains (the long part), ``--stage 2`` extracts, sweeps and writes the page from
 the runs in --out; the default does both. Everything goes through the CLI, as a user would run
@@ -152,9 +154,12 @@ def stage2(args, seeds, lengths) -> None:
     records = {name: load_records(args.out / name / "results.jsonl") for name in sweeps}
     (figures / "grid.tex").write_text(render(records["grid"], "latex", "grid") + "\n")
     (figures / "table_b.tex").write_text(render(records["table_b"], "latex") + "\n")
+    from scripts.views_study import views_section
+    views = views_section([run_dir(args, "instance", seed, args.epochs) / "last.pt" for seed in seeds], seeds,
+                          args.out / "views", args.out / "views" / "cache")  # own cache: K = 1 is timed too
     stage1_timings = json.loads((args.out / "stage1" / "timings.json").read_text())
     jobs = stage1_timings.pop("jobs", 1)
-    write_doc(args, seeds, lengths, records, stage1_timings, jobs, timings)
+    write_doc(args, seeds, lengths, records, stage1_timings, jobs, timings, views)
 
 
 def _mean(values) -> float:
@@ -185,7 +190,7 @@ def finding(records: list[dict], ib: str, others: list[str]) -> str:
             f"below or tied with {', '.join(better)}")
 
 
-def write_doc(args, seeds, lengths, records, stage1_timings, jobs, timings) -> None:
+def write_doc(args, seeds, lengths, records, stage1_timings, jobs, timings, views: str) -> None:
     grid, table_b, length = records["grid"], records["table_b"], records["lengths"]
     counts = json.loads((args.out / "grid" / "diagnostics.json").read_text())["representations"]["IB"]["train_counts"]
     reps = list(SAMPLERS.values())
@@ -248,6 +253,8 @@ IB joint training alone: {", ".join(f"{n} epochs {v:.1f}" for n, v in ib_joint.i
 {render(table_b, "md")}
 
 tau chosen on val: {", ".join(f"{t:g}" for t in chosen)}. LaTeX: [results/table_b.tex](results/table_b.tex).
+
+{views}
 
 ## Pictures (IB representation, seed {seeds[0]})
 
