@@ -6,6 +6,7 @@ Backbones are this project's (``featcache archs``) or delegated to timm / open_c
 (``timm/NAME``, ``open_clip/MODEL``; see foundation.py), with the library's own eval transform."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import platform
 import sys
@@ -199,7 +200,8 @@ def _extract_splits(request, writer, checkpoint, backbone, source, todo, num_cla
         classifier_record = writer.write_classifier(*backbone.classifier())
     total = sum(len(source.split(s)) for s in todo)
     with tqdm(total=total, unit="img", desc="extract", disable=not (request.progress and dist.is_main),
-              dynamic_ncols=True, leave=False) as bar, ThreadPoolExecutor(max_workers=1) as pool:
+              dynamic_ncols=True, leave=False) as bar, \
+            _ShardWriter(max_bytes=request.shard_rows * backbone.feature_dim * 4) as background:
         for name in todo:
             samples = source.split(name)
             split = writer.split_writer(name, rows=len(samples), dim=backbone.feature_dim,
@@ -208,7 +210,7 @@ def _extract_splits(request, writer, checkpoint, backbone, source, todo, num_cla
             mine = [i for i in range(split.num_shards) if i % dist.world_size == dist.rank]
             pending = [i for i in mine if not split.shard_is_complete(i)]
             bar.update(sum(split.rows_in_shard(i) for i in mine if i not in pending) * dist.world_size)
-            writing: Future | None = None
+            writes = []
             for index in pending:
                 start, stop = split.shard_range(index)
                 features, labels, ids = _forward(backbone, source, samples, np.arange(start, stop), request,
@@ -217,16 +219,66 @@ def _extract_splits(request, writer, checkpoint, backbone, source, todo, num_cla
                     bad = int(np.flatnonzero(~np.isfinite(features).all(axis=1))[0]) + start
                     raise FeatcacheError(f"non-finite features in split {name!r} (row {bad}) from checkpoint "
                                          f"{checkpoint.path}; --allow-nonfinite stores them anyway")
-                if writing is not None:
-                    writing.result()
-                writing = pool.submit(split.write_shard, index, features, labels, ids)
-            if writing is not None:
-                writing.result()
-            dist.barrier()
-            if dist.is_main:
-                split.finish(samples.class_counts(num_classes), classifier_record)
-                classifier_record = None
-            dist.barrier()
+                writes.append(background.submit(split.write_shard, index, features, labels, ids,
+                                                nbytes=features.nbytes))
+            counts = samples.class_counts(num_classes)
+            if dist.world_size == 1:  # commit the split behind the next split's forward pass
+                background.submit(_finish_after, writes, split, counts, classifier_record)
+            else:  # every rank's shards are written before rank 0 commits the split
+                background.drain()
+                dist.barrier()
+                if dist.is_main:
+                    split.finish(counts, classifier_record)
+                dist.barrier()
+            classifier_record = None
+
+
+class _ShardWriter:
+    """One background thread that writes (hashes, fsyncs) shards and commits splits in submission
+    order, overlapped with the forward pass. The features it holds (queued or being written) stay
+    within ``max_bytes`` (one full shard: with the shard being computed, memory holds two shards,
+    as a plain double buffer would), so small splits overlap too. A task's error is raised in the
+    caller by a later ``submit``, ``drain`` or the exit of the ``with`` block."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.tasks: collections.deque[tuple[Future, int]] = collections.deque()
+        self.held = 0
+
+    def submit(self, fn, *args, nbytes: int = 0) -> Future:
+        while self.tasks and self.held + nbytes > self.max_bytes:
+            self._wait_oldest()
+        task = self.pool.submit(fn, *args)
+        self.tasks.append((task, nbytes))
+        self.held += nbytes
+        return task
+
+    def _wait_oldest(self) -> None:
+        task, nbytes = self.tasks.popleft()
+        self.held -= nbytes
+        task.result()
+
+    def drain(self) -> None:
+        while self.tasks:
+            self._wait_oldest()
+
+    def __enter__(self) -> "_ShardWriter":
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        try:
+            if kind is None:
+                self.drain()
+        finally:
+            self.pool.shutdown(wait=True)
+
+
+def _finish_after(writes: list[Future], split, counts: np.ndarray, classifier_record) -> None:
+    """Commit ``split`` once its shard writes (earlier tasks of the same thread) have succeeded."""
+    for write in writes:
+        write.result()
+    split.finish(counts, classifier_record)
 
 
 @torch.no_grad()
