@@ -420,6 +420,7 @@ def main(argv=None) -> int:
                 m["float16"] = {**half, "agreement": float(agree.mean()),
                                 "extra_over_features": (half["peak_beyond_features"] - logits_bytes) / feature_bytes}
             results["methods"][name] = m
+            print(f"{name}: {json.dumps(m)}", file=sys.stderr, flush=True)  # long runs: progress as it goes
         results["logits_bytes"] = logits_bytes
         if not args.no_peers:
             cache = FeatureCache.open(Path(tmp) / "bench")
