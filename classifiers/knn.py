@@ -38,6 +38,10 @@ class KNN(LTClassifier):
         if data.device.type == "cpu":  # faiss keeps its own copy, filled chunk by chunk
             import faiss
             self._index = faiss.IndexFlatIP(data.X.shape[1])
+            # reserve the final size (a std::vector keeps its capacity when resized down): growing by
+            # doubling would peak at 1.4x the copy and keep up to 2x its capacity
+            self._index.codes.resize(4 * data.X.shape[0] * data.X.shape[1])
+            self._index.codes.resize(0)
             for start in range(0, len(data.X), self.chunk_size):
                 chunk = normalise(data.X[start:start + self.chunk_size].float(), self.feature_norm, mean)
                 self._index.add(np.ascontiguousarray(chunk.numpy()))
