@@ -49,11 +49,10 @@ class KNN(LTClassifier):
             self._index = normalise(data.X.float(), self.feature_norm, mean).contiguous()
 
     def _logits(self, X, scores):
-        queries = normalise(X, self.feature_norm, self._mean).contiguous()
         k = min(self.k, len(self._train_labels))
         scores.zero_()
-        for start in range(0, len(queries), self.chunk_size):
-            chunk = queries[start:start + self.chunk_size]
+        for start in range(0, len(X), self.chunk_size):  # normalised chunk by chunk: no full copy of X
+            chunk = normalise(X[start:start + self.chunk_size].float(), self.feature_norm, self._mean).contiguous()
             if isinstance(self._index, torch.Tensor):
                 sims, ids = (chunk @ self._index.T).topk(k, dim=1)
             else:
