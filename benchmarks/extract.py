@@ -1,6 +1,7 @@
 """Extraction: throughput with HDF5 writing against the pure forward pass, on-disk size and read
 time per dtype and compression, and the backbone FLOPs that caching saves over the official
-Stage 2 (which re-runs the frozen backbone on every batch of cRT and LWS).
+Stage 2 (which re-runs the frozen backbone on every batch of cRT and LWS). Extraction and the pure
+forward pass are timed in --runs interleaved pairs and reported as medians with their spread.
 
     python benchmarks/extract.py                 # Fashion-MNIST-LT (Debian's files) or digits-lt
     python benchmarks/extract.py --data digits-lt
@@ -91,6 +92,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=default)
     parser.add_argument("--arch", default="tinycnn")
     parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--runs", type=int, default=5, help="interleaved pairs (forward, extract)")
     args = parser.parse_args(argv)
     options = {"imbalance": 1.0, "max_per_class": 5000} if args.data == "fashion-mnist-lt" else {}
     spec = DataSpec(args.data, None, options)
@@ -102,23 +104,30 @@ def main(argv=None) -> int:
                                                                  source.channels).state_dict()}, ckpt)
         splits = [s for s in ("train", "val", "test") if s in source.splits]
         images = sum(len(source.split(s)) for s in splits)
-        pure_forward_seconds(ckpt, spec, args.arch, args.batch_size, splits[-1:])  # warm-up
-        forward_s, extract_s = float("inf"), float("inf")
-        for attempt in range(2):  # alternated, best of two each: this machine is noisy
-            forward_s = min(forward_s, pure_forward_seconds(ckpt, spec, args.arch, args.batch_size, splits))
+        pure_forward_seconds(ckpt, spec, args.arch, args.batch_size, splits[-1:])  # warm-up: imports, caches
+        extract(ExtractRequest(str(ckpt), data=spec, splits=splits[-1:], cache_dir=str(Path(tmp) / "warm"),
+                               batch_size=args.batch_size, progress=False))
+        forward_s, extract_s = [], []
+        for attempt in range(args.runs):  # interleaved: this machine is noisy, its load drifts
+            forward_s.append(pure_forward_seconds(ckpt, spec, args.arch, args.batch_size, splits))
             began = time.perf_counter()
             entry = extract(ExtractRequest(str(ckpt), data=spec, cache_dir=str(Path(tmp) / f"cache{attempt}"),
                                            batch_size=args.batch_size, progress=False))
-            extract_s = min(extract_s, time.perf_counter() - began)
+            extract_s.append(time.perf_counter() - began)
         train = FeatureCache.open(entry).split("train")
         storage = storage_table(train.features, train.labels, Path(tmp) / "sizes")
     flops = official_stage2_flops()
 
     print(f"data {args.data} ({images} images), arch {args.arch}, batch {args.batch_size}, "
           f"{torch.get_num_threads()} threads")
-    print(f"pure forward      {images / forward_s:9.0f} img/s")
-    print(f"extract to cache  {images / extract_s:9.0f} img/s  ({forward_s / extract_s:.2f}x the pure forward; "
-          "both load the data set and the checkpoint; extraction also writes and hashes every shard)")
+    ratios = [f / e for f, e in zip(forward_s, extract_s)]
+    print(f"{args.runs} interleaved runs (forward, extract, forward, ...); median (min-max):")
+    for label, seconds in (("pure forward", forward_s), ("extract to cache", extract_s)):
+        print(f"{label:<18}{images / np.median(seconds):9.0f} img/s  "
+              f"({images / max(seconds):.0f}-{images / min(seconds):.0f}; {np.median(seconds):.2f} s)")
+    print(f"extraction speed / pure forward: {np.median(forward_s) / np.median(extract_s):.3f}x (ratio of medians); "
+          f"per pair {np.median(ratios):.3f}x median ({min(ratios):.3f}-{max(ratios):.3f}). Both load the data "
+          "set and the checkpoint; extraction also writes, checksums and hashes every shard")
     print(f"\ntrain split, {train.features.shape[0]} x {train.features.shape[1]}:")
     print(f"{'dtype':<9}{'compression':<13}{'MiB':>8}{'write s':>9}{'read s':>8}")
     for dtype, compression, mib, write_s, read_s in storage:

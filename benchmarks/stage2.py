@@ -4,24 +4,31 @@
     python benchmarks/stage2.py --dim 512                # ImageNet-LT shape, D = 512
     python benchmarks/stage2.py                          # ImageNet-LT shape, D = 2048
     python benchmarks/stage2.py --profile places_lt --device cuda
+    python benchmarks/stage2.py --profile inat2018_like --dim 512 --epochs 1 --float16 --no-peers
 
 Synthetic Gaussian class clusters with a real long-tail profile (featcache/profiles/), written
 through the real cache and loaded back through the real API. For each method: wall time of
-fit + decision_function on the test split (best of 5; one run for the cRT family and knn), its floor (matmul FLOPs at the sgemm rate measured
+fit + decision_function on the test split (best of --repeats; one run for the cRT family and knn), its floor (matmul FLOPs at the sgemm rate measured
 here, best of 3, plus its unavoidable passes over logits at the measured copy bandwidth) and
 the ratio. Peers: an official-style Stage 2 (Python class-aware sampler feeding a DataLoader over
 feature rows, autograd, a full matmul and a per-row normalisation loop per tau), scikit-learn's
 LogisticRegression(class_weight="balanced") and KNeighborsClassifier(algorithm="brute").
+Each method runs in a fresh child process that loads the splits itself, so its peak RSS (beyond the
+features it loaded) is its own, not the import or load peak, nor an earlier method's freed memory.
+With --float16 each method runs again on a float16 copy of the entry: its peak, and how many test
+predictions agree with the float32 run.
 Exits non-zero only when it cannot run; prints a table and (with --json) writes the numbers.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
-import resource
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from importlib import resources
 from pathlib import Path
@@ -58,7 +65,7 @@ def make_features(counts: np.ndarray, centres: np.ndarray, rng: np.random.Genera
     return features, labels
 
 
-def build_entry(root: Path, profile: dict, dim: int, seed: int = 0):
+def build_entry(root: Path, profile: dict, dim: int, seed: int = 0, float16: bool = False):
     rng = np.random.default_rng(seed)
     num_classes = len(profile["train"])
     centres = rng.standard_normal((num_classes, dim), dtype=np.float32) * (2.0 / np.sqrt(dim) * 6)
@@ -68,17 +75,18 @@ def build_entry(root: Path, profile: dict, dim: int, seed: int = 0):
     means -= means.mean(0)  # a head-biased 'joint' classifier: centred class means, norms growing with n_j
     weight = means / np.linalg.norm(means, axis=1, keepdims=True) * (1 + np.log(counts))[:, None]
     bias = 0.3 * np.log(counts)
-    writer = EntryWriter(root, "bench", {"kind": "benchmark", "feature_dim": dim, "dtype": "float32",
+    for key, dtype in (("bench", "float32"), ("bench16", "float16"))[:2 if float16 else 1]:
+        writer = EntryWriter(root, key, {"kind": "benchmark", "feature_dim": dim, "dtype": dtype,
                                          "num_classes": num_classes})
-    with entry_lock(root, "bench"):
-        record = writer.write_classifier(weight.astype(np.float32), bias.astype(np.float32))
-        for name, (X, y) in splits.items():
-            out = writer.split_writer(name, rows=len(y), dim=dim, dtype="float32", shard_rows=65536)
-            for index in out.pending_shards():
-                a, b = out.shard_range(index)
-                out.write_shard(index, X[a:b], y[a:b], np.arange(a, b))
-            out.finish(np.bincount(y, minlength=num_classes), record)
-            record = None
+        with entry_lock(root, key):
+            record = writer.write_classifier(weight.astype(np.float32), bias.astype(np.float32))
+            for name, (X, y) in splits.items():
+                out = writer.split_writer(name, rows=len(y), dim=dim, dtype=dtype, shard_rows=65536)
+                for index in out.pending_shards():
+                    a, b = out.shard_range(index)
+                    out.write_shard(index, X[a:b].astype(dtype, copy=False), y[a:b], np.arange(a, b))
+                out.finish(np.bincount(y, minlength=num_classes), record)
+                record = None
     return splits
 
 
@@ -111,26 +119,46 @@ def copy_bandwidth(nbytes: int, device) -> float:
     return nbytes / best_of(lambda: (dst.copy_(src), sync()))
 
 
-def rss_bytes(field: str = "VmRSS") -> int:
-    """VmRSS (now) or VmHWM (peak since the last reset_peak_rss) of this process, Linux only."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def rss_bytes() -> int:
+    """Resident set size of this process now (Linux: /proc/self/statm)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def reset_peak_rss() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
+class PeakRSS:
+    """Peak RSS while the block runs: the kernel's VmHWM after resetting it (clear_refs 5), or,
+    where that reset is not allowed, the largest of /proc/self/statm sampled every millisecond."""
+
+    def __enter__(self):
+        self.start = rss_bytes()
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.sampler = None
+        except OSError:
+            self.sampled, self.done = self.start, threading.Event()
+            self.sampler = threading.Thread(target=self._sample, daemon=True)
+            self.sampler.start()
+        return self
+
+    def _sample(self):
+        while not self.done.wait(0.001):
+            self.sampled = max(self.sampled, rss_bytes())
+
+    def __exit__(self, *exc):
+        if self.sampler is None:
+            status = Path("/proc/self/status").read_text()
+            self.peak = int(status.split("VmHWM:")[1].split()[0]) * 1024
+        else:
+            self.done.set()
+            self.sampler.join()
+            self.peak = max(self.sampled, rss_bytes())
 
 
 # -- ours ---------------------------------------------------------------------------------------
 
 
-def run_ours(name: str, params: dict, data: dict, cache: FeatureCache, device, repeats: int) -> tuple[float, float]:
-    """Wall time of fit + decision_function on the test split (best of ``repeats``), balanced top-1."""
+def run_ours(name: str, params: dict, data: dict, cache: FeatureCache, device, repeats: int):
+    """Wall time of fit + decision_function on the test split (best of ``repeats``), balanced top-1,
+    the test predictions."""
     (X, y), (Xv, yv), (Xt, yt) = data["train"], data["val"], data["test"]
     counts, classifier = cache.class_counts("train"), cache.classifier
     best = float("inf")
@@ -140,9 +168,34 @@ def run_ours(name: str, params: dict, data: dict, cache: FeatureCache, device, r
                                                                 val=(Xv, yv))
         logits = model.decision_function(Xt)
         best = min(best, time.perf_counter() - began)
-        top1 = 100 * balanced_accuracy(logits.argmax(1), yt, len(model.classes_))
+        predictions = logits.argmax(1)
+        predictions = predictions.cpu().numpy() if isinstance(predictions, torch.Tensor) else predictions
+        top1 = 100 * balanced_accuracy(predictions, yt, len(model.classes_))
         del model, logits
-    return best, top1
+    return best, top1, predictions
+
+
+def worker(job: dict) -> dict:
+    """One method in this (fresh) process: load the splits, then time it and take its peak RSS
+    beyond the loaded features."""
+    device = torch.device(job["device"])
+    cache = FeatureCache.open(job["entry"])
+    splits = {s: cache.split(s) for s in ("train", "val", "test")}
+    data = {name: (torch.from_numpy(s.features).to(device), s.labels) for name, s in splits.items()}
+    with PeakRSS() as rss:
+        seconds, top1, predictions = run_ours(job["method"], job["params"], data, cache, device, job["repeats"])
+    np.save(job["predictions"], predictions)
+    return {"seconds": seconds, "top1": top1, "peak_beyond_features": rss.peak - rss.start,
+            "feature_bytes": sum(s.features.nbytes for s in splits.values())}
+
+
+def in_child(job: dict) -> dict:
+    """Run :func:`worker` in a fresh interpreter (a fork would inherit this one's allocator and
+    OpenMP state, and forked OpenMP hangs)."""
+    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{job['method']} failed in its child process:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 CRT_FAMILY = ("crt", "bsce", "maxnorm", "la_loss", "cb_loss", "ldam_drw", "las")
@@ -297,18 +350,31 @@ def sklearn_peers(data: dict, device, classes: int, queries: int) -> dict:
 # -- main ---------------------------------------------------------------------------------------
 
 
+EPOCHS_PARAM = CRT_FAMILY + ("lws", "disalign", "marc")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profile", default="imagenet_lt_like", choices=["imagenet_lt_like", "places_lt"])
+    parser.add_argument("--profile", default="imagenet_lt_like", choices=["imagenet_lt_like", "places_lt",
+                                                                          "inat2018_like"])
     parser.add_argument("--scale", default="full", choices=["full", "small"],
                         help="small: class counts / 4 and D = 256 (a quick run)")
     parser.add_argument("--dim", type=int, help="feature dimension (default 2048; 256 with --scale small)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--methods", default="joint,tau,ncm,lws,crt,knn",
                         help="comma-separated; also bsce, maxnorm, la_loss, cb_loss, ldam_drw, las, disalign, marc")
+    parser.add_argument("--epochs", type=int, help="epochs of the cRT family, lws, disalign and marc "
+                        "(default: each method's own; the floors follow)")
+    parser.add_argument("--repeats", type=int, default=5, help="best of this many runs (the cRT family and knn: 1)")
+    parser.add_argument("--float16", action="store_true",
+                        help="also run each method on a float16 copy of the entry: peak RSS, agreement")
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device here", file=sys.stderr)
         return 2
@@ -318,39 +384,50 @@ def main(argv=None) -> int:
     profile = load_profile(args.profile, shrink)
     with tempfile.TemporaryDirectory() as tmp:
         began = time.perf_counter()
-        generated = build_entry(Path(tmp), profile, dim)
+        generated = build_entry(Path(tmp), profile, dim, float16=args.float16)
         build_s = time.perf_counter() - began
         np.save(Path(tmp) / "train.npy", generated["train"][0])
         del generated
-        baseline_rss = rss_bytes()
-        cache = FeatureCache.open(Path(tmp) / "bench")
         load_s = best_of(lambda: FeatureCache.open(Path(tmp) / "bench").split("train"))
         npload_s = best_of(lambda: np.load(Path(tmp) / "train.npy"))
-        splits = {s: cache.split(s) for s in ("train", "val", "test")}
-        feature_bytes = sum(s.features.nbytes for s in splits.values())
-        data = {name: (torch.from_numpy(s.features).to(device), s.labels) for name, s in splits.items()}
-        data["train_np"] = (splits["train"].features, splits["train"].labels)
-        data["test_np"] = (splits["test"].features, splits["test"].labels)
-        shape = {"n": len(splits["train"]), "nv": len(splits["val"]), "nt": len(splits["test"]), "d": dim,
-                 "c": cache.num_classes}
+        (Path(tmp) / "train.npy").unlink()
+        shape = {"n": int(profile["train"].sum()), "nv": int(profile["val"].sum()), "nt": int(profile["test"].sum()),
+                 "d": dim, "c": len(profile["train"])}
         rate = sgemm_rate(shape["nt"], dim, shape["c"], device)
         bandwidth = copy_bandwidth(256 << 20, device)
-        floor = floors(shape, rate, bandwidth)
+        floor = floors(shape, rate, bandwidth, **({"lws_epochs": args.epochs, "crt_epochs": args.epochs}
+                                                  if args.epochs is not None else {}))
         results = {"shape": shape, "device": str(device), "sgemm_gflops": rate / 1e9, "copy_gbps": bandwidth / 1e9,
-                   "build_s": build_s, "split_load_s": load_s, "npload_s": npload_s, "methods": {}}
-        params = {"tau": {"tau": "auto"}}
+                   "build_s": build_s, "split_load_s": load_s, "npload_s": npload_s, "epochs": args.epochs,
+                   "methods": {}}
         logits_bytes = shape["nt"] * shape["c"] * 4
         for name in args.methods.split(","):
-            reset_peak_rss()
-            seconds, top1 = run_ours(name, params.get(name, {}), data, cache, device,
-                                     repeats=1 if name in CRT_FAMILY + ("knn",) else 5)
-            peak = rss_bytes("VmHWM") - baseline_rss
-            results["methods"][name] = {"seconds": seconds, "floor_s": floor[name], "ratio": seconds / floor[name],
-                                        "top1": top1, "peak_rss_over_features": peak / feature_bytes,
-                                        "extra_rss_over_features": (peak - feature_bytes - logits_bytes) / feature_bytes}
-        results["feature_bytes"] = feature_bytes
+            params = {"tau": {"tau": "auto"}}.get(name, {})
+            if args.epochs is not None and name in EPOCHS_PARAM:
+                params["epochs"] = args.epochs
+            job = {"entry": str(Path(tmp) / "bench"), "method": name, "params": params, "device": args.device,
+                   "repeats": 1 if name in CRT_FAMILY + ("knn",) else args.repeats,
+                   "predictions": str(Path(tmp) / "predictions32.npy")}
+            m = in_child(job)
+            results["feature_bytes"] = feature_bytes = m.pop("feature_bytes")
+            m.update(floor_s=floor[name], ratio=m["seconds"] / floor[name],
+                     extra_over_features=(m["peak_beyond_features"] - logits_bytes) / feature_bytes)
+            if args.float16:
+                half = in_child({**job, "entry": str(Path(tmp) / "bench16"),
+                                 "predictions": str(Path(tmp) / "predictions16.npy")})
+                results["feature_bytes16"] = half.pop("feature_bytes")
+                agree = np.load(Path(tmp) / "predictions16.npy") == np.load(Path(tmp) / "predictions32.npy")
+                m["float16"] = {**half, "agreement": float(agree.mean()),
+                                "extra_over_features": (half["peak_beyond_features"] - logits_bytes) / feature_bytes}
+            results["methods"][name] = m
+            print(f"{name}: {json.dumps(m)}", file=sys.stderr, flush=True)  # long runs: progress as it goes
         results["logits_bytes"] = logits_bytes
         if not args.no_peers:
+            cache = FeatureCache.open(Path(tmp) / "bench")
+            splits = {s: cache.split(s) for s in ("train", "val", "test")}
+            data = {name: (torch.from_numpy(s.features).to(device), s.labels) for name, s in splits.items()}
+            data["train_np"] = (splits["train"].features, splits["train"].labels)
+            data["test_np"] = (splits["test"].features, splits["test"].labels)
             official = official_sweep({k: data[k] for k in ("train", "val", "test")}, *cache.classifier)
             results["official"] = official
             ours_sweep = sum(results["methods"][m]["seconds"] for m in official if m in results["methods"])
@@ -370,17 +447,27 @@ def report(r: dict) -> None:
     print(f"cache: wrote the entry in {r['build_s']:.1f} s; train split loads in {r['split_load_s']:.3f} s vs "
           f"np.load {r['npload_s']:.3f} s ({r['npload_s'] / r['split_load_s']:.2f}x np.load speed)")
     print()
-    print(f"{'method':<10}{'seconds':>10}{'floor s':>10}{'ratio':>8}{'top1':>8}{'peak RSS':>10}{'extra':>7}" +
+    if r["epochs"] is not None:
+        print(f"epochs: {r['epochs']} for the cRT family, lws, disalign and marc (reduced; the floors follow)")
+    half = "feature_bytes16" in r
+    print(f"{'method':<10}{'seconds':>10}{'floor s':>10}{'ratio':>8}{'top1':>8}{'extra':>8}" +
+          (f"{'f16 extra':>10}{'f16 s':>8}{'agree %':>9}" if half else "") +
           (f"{'official':>11}{'speedup':>9}" if "official" in r else ""))
     for name, m in r["methods"].items():
         line = (f"{name:<10}{m['seconds']:>10.3f}{m['floor_s']:>10.3f}{m['ratio']:>8.2f}{m['top1']:>8.1f}"
-                f"{m['peak_rss_over_features']:>9.2f}x{m['extra_rss_over_features']:>6.2f}x")
+                f"{m['extra_over_features']:>7.2f}x")
+        if half:
+            h = m["float16"]
+            line += f"{h['extra_over_features']:>9.2f}x{h['seconds']:>8.2f}{100 * h['agreement']:>9.2f}"
         if name in r.get("official", {}):
             line += f"{r['official'][name]:>11.3f}{r['official'][name] / m['seconds']:>8.1f}x"
         print(line)
-    print(f"\npeak RSS: above the RSS before the splits were loaded, as a multiple of the features held in memory "
-          f"({r['feature_bytes'] / 2**20:.0f} MiB); extra: what remains after the features and the returned test "
-          f"logits ({r['logits_bytes'] / 2**20:.0f} MiB)")
+    print(f"\nextra: each method's peak RSS in its own process beyond the splits it loaded and the returned "
+          f"test logits ({r['logits_bytes'] / 2**20:.0f} MiB), as a multiple of the float32 features "
+          f"({r['feature_bytes'] / 2**20:.0f} MiB)")
+    if half:
+        print(f"f16: the same on the float16 entry, whose features take {r['feature_bytes16'] / 2**20:.0f} MiB; "
+              f"agree: test predictions equal to the float32 run's")
     if "official" in r:
         print(f"joint,crt,tau,lws,ncm sweep: {r['sweep_speedup']:.2f}x faster than the official-style peer")
         k = r["sklearn"]

@@ -38,6 +38,10 @@ class KNN(LTClassifier):
         if data.device.type == "cpu":  # faiss keeps its own copy, filled chunk by chunk
             import faiss
             self._index = faiss.IndexFlatIP(data.X.shape[1])
+            # reserve the final size (a std::vector keeps its capacity when resized down): growing by
+            # doubling would peak at 1.4x the copy and keep up to 2x its capacity
+            self._index.codes.resize(4 * data.X.shape[0] * data.X.shape[1])
+            self._index.codes.resize(0)
             for start in range(0, len(data.X), self.chunk_size):
                 chunk = normalise(data.X[start:start + self.chunk_size].float(), self.feature_norm, mean)
                 self._index.add(np.ascontiguousarray(chunk.numpy()))
@@ -45,11 +49,10 @@ class KNN(LTClassifier):
             self._index = normalise(data.X.float(), self.feature_norm, mean).contiguous()
 
     def _logits(self, X, scores):
-        queries = normalise(X, self.feature_norm, self._mean).contiguous()
         k = min(self.k, len(self._train_labels))
         scores.zero_()
-        for start in range(0, len(queries), self.chunk_size):
-            chunk = queries[start:start + self.chunk_size]
+        for start in range(0, len(X), self.chunk_size):  # normalised chunk by chunk: no full copy of X
+            chunk = normalise(X[start:start + self.chunk_size].float(), self.feature_norm, self._mean).contiguous()
             if isinstance(self._index, torch.Tensor):
                 sims, ids = (chunk @ self._index.T).topk(k, dim=1)
             else:

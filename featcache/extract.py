@@ -6,6 +6,7 @@ Backbones are this project's (``featcache archs``) or delegated to timm / open_c
 (``timm/NAME``, ``open_clip/MODEL``; see foundation.py), with the library's own eval transform."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import platform
 import sys
@@ -229,7 +230,8 @@ def _extract_splits(request, writer, checkpoint, backbone, source, todo, num_cla
 
     total = sum(len(source.split(s)) * views_of(s) for s in todo)
     with tqdm(total=total, unit="img", desc="extract", disable=not (request.progress and dist.is_main),
-              dynamic_ncols=True, leave=False) as bar, ThreadPoolExecutor(max_workers=1) as pool:
+              dynamic_ncols=True, leave=False) as bar, \
+            _ShardWriter(max_bytes=request.shard_rows * backbone.feature_dim * 4) as background:
         for name in todo:
             samples = source.split(name)
             views = views_of(name)
@@ -239,7 +241,7 @@ def _extract_splits(request, writer, checkpoint, backbone, source, todo, num_cla
             mine = [i for i in range(split.num_shards) if i % dist.world_size == dist.rank]
             pending = [i for i in mine if not split.shard_is_complete(i)]
             bar.update(sum(split.rows_in_shard(i) for i in mine if i not in pending) * dist.world_size)
-            writing: Future | None = None
+            writes = []
             for index in pending:
                 start, stop = split.shard_range(index)
                 features, labels, ids = _forward_rows(backbone, source, samples, start, stop, request, device, bar,
@@ -248,17 +250,67 @@ def _extract_splits(request, writer, checkpoint, backbone, source, todo, num_cla
                     bad = int(np.flatnonzero(~np.isfinite(features).all(axis=1))[0]) + start
                     raise FeatcacheError(f"non-finite features in split {name!r} (row {bad}) from checkpoint "
                                          f"{checkpoint.path}; --allow-nonfinite stores them anyway")
-                if writing is not None:
-                    writing.result()
-                writing = pool.submit(split.write_shard, index, features, labels, ids)
-            if writing is not None:
-                writing.result()
-            dist.barrier()
-            if dist.is_main:
-                extra = {"view_transform": view_transform[1], "view_seed": request.view_seed} if views > 1 else None
-                split.finish(samples.class_counts(num_classes), classifier_record, extra)
-                classifier_record = None
-            dist.barrier()
+                writes.append(background.submit(split.write_shard, index, features, labels, ids,
+                                                nbytes=features.nbytes))
+            counts = samples.class_counts(num_classes)
+            extra = {"view_transform": view_transform[1], "view_seed": request.view_seed} if views > 1 else None
+            if dist.world_size == 1:  # commit the split behind the next split's forward pass
+                background.submit(_finish_after, writes, split, counts, classifier_record, extra)
+            else:  # every rank's shards are written before rank 0 commits the split
+                background.drain()
+                dist.barrier()
+                if dist.is_main:
+                    split.finish(counts, classifier_record, extra)
+                dist.barrier()
+            classifier_record = None
+
+
+class _ShardWriter:
+    """One background thread that writes (hashes, fsyncs) shards and commits splits in submission
+    order, overlapped with the forward pass. The features it holds (queued or being written) stay
+    within ``max_bytes`` (one full shard: with the shard being computed, memory holds two shards,
+    as a plain double buffer would), so small splits overlap too. A task's error is raised in the
+    caller by a later ``submit``, ``drain`` or the exit of the ``with`` block."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.tasks: collections.deque[tuple[Future, int]] = collections.deque()
+        self.held = 0
+
+    def submit(self, fn, *args, nbytes: int = 0) -> Future:
+        while self.tasks and self.held + nbytes > self.max_bytes:
+            self._wait_oldest()
+        task = self.pool.submit(fn, *args)
+        self.tasks.append((task, nbytes))
+        self.held += nbytes
+        return task
+
+    def _wait_oldest(self) -> None:
+        task, nbytes = self.tasks.popleft()
+        self.held -= nbytes
+        task.result()
+
+    def drain(self) -> None:
+        while self.tasks:
+            self._wait_oldest()
+
+    def __enter__(self) -> "_ShardWriter":
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        try:
+            if kind is None:
+                self.drain()
+        finally:
+            self.pool.shutdown(wait=True)
+
+
+def _finish_after(writes: list[Future], split, counts: np.ndarray, classifier_record, extra: dict | None) -> None:
+    """Commit ``split`` once its shard writes (earlier tasks of the same thread) have succeeded."""
+    for write in writes:
+        write.result()
+    split.finish(counts, classifier_record, extra)
 
 
 def _forward_rows(backbone, source, samples, start, stop, request, device, bar, world_size, view_transform):

@@ -535,9 +535,10 @@ def entry_lock(root: Path, key: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _file_record(path: Path, entry: Path, **extra) -> dict:
+def _file_record(path: Path, entry: Path, sha256: str | None = None, **extra) -> dict:
+    """The manifest's record of a file; ``sha256`` when already known for exactly this file."""
     stat = path.stat()
-    return {"file": path.relative_to(entry).as_posix(), "sha256": sha256_file(path),
+    return {"file": path.relative_to(entry).as_posix(), "sha256": sha256 or sha256_file(path),
             "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, **extra}
 
 
@@ -748,6 +749,19 @@ class SplitWriter:
                                       fletcher32=True, compression=compression)
         _fsync(path)
 
+    @staticmethod
+    def _recorded_sha256(shard: Path, record_path: Path) -> str | None:
+        """The SHA-256 that :meth:`write_shard` took of the shard's file (or that resuming verified),
+        when its sidecar record is there and still matches the file's size; else None (hash again)."""
+        try:
+            record = json.loads(record_path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        if not isinstance(record, dict) or record.get("size") != shard.stat().st_size:
+            return None
+        sha = record.get("sha256")
+        return sha if isinstance(sha, str) and len(sha) == 64 else None
+
     def rows_in_shard(self, index: int) -> int:
         return self.shard_range(index)[1] - self.shard_range(index)[0]
 
@@ -755,9 +769,10 @@ class SplitWriter:
                extra: dict | None = None) -> None:
         shards = []
         for index in range(self.num_shards):
-            shard, _ = self._paths(index)
+            shard, record_path = self._paths(index)
             start, stop = self.shard_range(index)
-            shards.append(_file_record(shard, self.entry.path, row_start=start, rows=stop - start))
+            shards.append(_file_record(shard, self.entry.path, self._recorded_sha256(shard, record_path),
+                                       row_start=start, rows=stop - start))
         meta = {"rows": self.rows, "views": self.views, "class_counts": [int(c) for c in class_counts],
                 "shards": shards, **(extra or {})}
         self.entry.commit_split(self.name, meta, classifier)

@@ -109,3 +109,29 @@ def test_ls_and_rm(tmp_path, cache_dir, runner):
     assert "gone" in invoke(runner, featcache, ["ls"]).output
     invoke(runner, featcache, ["rm", "gone"])
     assert not (cache_dir / path.split("/")[-1]).exists()
+
+
+def test_commit_records_each_shards_file_hash_once_and_rehashes_a_changed_one(tmp_path, monkeypatch):
+    """finish() takes the SHA-256 write_shard took (no second hash), unless the shard's size no
+    longer matches its sidecar; either way the manifest holds the hash of the file on disk."""
+    from featcache import store
+    rng = np.random.default_rng(1)
+    features, labels = rng.normal(size=(200, 8)).astype(np.float32), rng.integers(0, 5, size=200)
+    writer = EntryWriter(tmp_path, "k", {"kind": "test", "feature_dim": 8, "dtype": "float32", "num_classes": 5})
+    hashed = []
+    original = store.sha256_file
+    monkeypatch.setattr(store, "sha256_file", lambda path, **kw: hashed.append(path) or original(path, **kw))
+    with entry_lock(tmp_path, "k"):
+        split = writer.split_writer("train", rows=200, dim=8, dtype="float32", shard_rows=100)
+        for i in split.pending_shards():
+            a, b = split.shard_range(i)
+            split.write_shard(i, features[a:b], labels[a:b], np.arange(a, b))
+        sidecar = tmp_path / "k" / "train" / "shard-00001.json"
+        sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "size": 1}))  # no longer matches
+        hashed.clear()
+        split.finish(np.bincount(labels, minlength=5))
+    assert [p.name for p in hashed] == ["shard-00001.h5"]
+    manifest = json.loads((tmp_path / "k" / "manifest.json").read_text())
+    for shard in manifest["splits"]["train"]["shards"]:
+        assert shard["sha256"] == original(tmp_path / "k" / shard["file"])
+    assert FeatureCache.open(tmp_path / "k").verify() == []
