@@ -13,23 +13,14 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.stage2 import best_of  # noqa: E402
 from featcache.store import EntryWriter, FeatureCache, entry_lock, fletcher32  # noqa: E402
-
-
-def best_of(fn, repeats: int = 5) -> float:
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - began)
-    return min(times)
 
 
 def main(argv=None) -> int:
@@ -52,12 +43,12 @@ def main(argv=None) -> int:
             out.finish(np.bincount(labels, minlength=10))
         np.save(root / "train.npy", features)
         assert np.array_equal(FeatureCache.open(root / "bench").split("train").features, features)
-        npload = best_of(lambda: np.load(root / "train.npy"))
-        checked = best_of(lambda: FeatureCache.open(root / "bench").split("train"))
-        trusted = best_of(lambda: FeatureCache.open(root / "bench", check_chunks=False).split("train"))
+        npload = best_of(lambda: np.load(root / "train.npy"), 5)
+        checked = best_of(lambda: FeatureCache.open(root / "bench").split("train"), 5)
+        trusted = best_of(lambda: FeatureCache.open(root / "bench", check_chunks=False).split("train"), 5)
         chunk = 1 << 20
         raw = features.reshape(-1).view(np.uint8)
-        alone = best_of(lambda: [fletcher32(raw[i:i + chunk]) for i in range(0, len(raw), chunk)])
+        alone = best_of(lambda: [fletcher32(raw[i:i + chunk]) for i in range(0, len(raw), chunk)], 5)
     mb = features.nbytes / 1e6
     print(f"split: {args.rows} x {args.dim} float32, {mb:.0f} MB")
     print(f"np.load                     {npload:.3f} s  {mb / 1e3 / npload:5.2f} GB/s")
