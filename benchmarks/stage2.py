@@ -373,6 +373,7 @@ def main(argv=None) -> int:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
+        torch.set_flush_denormal(True)  # as lt-cls sweep does: denormal softmax tails slow the CPU several-fold
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
