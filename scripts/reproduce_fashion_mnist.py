@@ -271,7 +271,9 @@ tau chosen on val: {", ".join(f"{t:g}" for t in chosen)}. LaTeX: [results/table_
 | extract (train + val + test) | {_mean(timings['extract']):.1f} | {len(timings['extract'])} |
 | Stage 2 sweep | {_mean(timings['sweep']):.1f} | {len(timings['sweep'])} |
 
-Whole reproduction: about {(sum(stage1_timings.values()) / jobs + sum(timings['extract']) + sum(timings['sweep'])) / 60:.0f} minutes.
+Whole reproduction: about {(sum(stage1_timings.values()) / jobs + sum(timings['extract']) + sum(timings['sweep'])) / 60:.0f} minutes
+(the views study's extractions come on top, in its own table). `--quick` (one seed, 4 epochs,
+lengths 2 and 4) is the short variant.
 """
     args.doc.write_text(text)
 
