@@ -632,15 +632,16 @@ class EntryWriter:
                 tmp.unlink(missing_ok=True)
 
     def discard_incomplete(self) -> None:
-        """Remove an entry that has no manifest yet, or the unlisted split folders of one that has."""
-        if not self.path.exists():
+        """Remove an entry that has no manifest yet, or the unlisted split folders of one that has.
+        Only this writer's own entry directory (marked, not a link) is ever touched."""
+        if self.path.is_symlink() or not is_entry_dir(self.path):
             return
         if not (self.path / MANIFEST).is_file():
             shutil.rmtree(self.path, ignore_errors=True)
             return
         listed = set(self.complete_splits())
         for child in self.path.iterdir():
-            if child.is_dir() and child.name not in listed:
+            if child.is_dir() and not child.is_symlink() and child.name not in listed:
                 shutil.rmtree(child, ignore_errors=True)
             elif child.name.startswith(".") and ".tmp-" in child.name:
                 child.unlink(missing_ok=True)
