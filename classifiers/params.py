@@ -96,7 +96,7 @@ class RealSequence:
                 and all(self.item.accepts(v) for v in value))
 
     def describe(self) -> str:
-        return f"a non-empty list of {self.item.describe().replace('a number', 'numbers').replace('a finite number', 'finite numbers')}"
+        return f"a non-empty list, each {self.item.describe()}"
 
 
 class Device:

@@ -87,13 +87,12 @@ def aggregate(records: list[dict]) -> list[Row]:
         identity = [record.get(f) for f in IDENTITY_FIELDS]
         key = json.dumps([identity, record["method"], params], sort_keys=True, default=str)
         groups.setdefault(key, []).append(record)
-    groups = {f"{key}\t{entry}": members for key, group in groups.items() for entry, members in _by_entry(group)}
+    parts = {(key, entry): members for key, group in groups.items() for entry, members in _by_entry(group)}
     varying = {f for f in IDENTITY_FIELDS if len({json.dumps(r.get(f)) for r in records}) > 1}
     order = {name: i for i, name in enumerate(REGISTRY)}
     representations = list(dict.fromkeys(r["representation"] for r in records))
     rows = []
-    for key, members in groups.items():
-        group_key, entry = key.split("\t")
+    for (group_key, entry), members in parts.items():
         identity, method, params = json.loads(group_key)
         fields = dict(zip(IDENTITY_FIELDS, identity))
         chosen = {}

@@ -99,7 +99,7 @@ def sweep(cache_refs, ckpt, arch, data_spec, cache_dir, methods, params, config,
     from tqdm.auto import tqdm
 
     from classifiers.sweep import Representation, SweepSpec, Sweeper, default_label, parse_param_flags, parse_value
-    from featcache.store import FeatureCache, cache_root, resolve_entry
+    from featcache.store import FeatureCache, cache_root
 
     # denormal floats (softmax tails of confident logits) slow CPU arithmetic several-fold and change
     # no prediction: flush them to zero in this process (DisAlign ran 1.8x faster in the benchmark)
