@@ -260,11 +260,15 @@ class LTClassifier(ClassifierMixin, BaseEstimator):
         else:
             X_t = as_features(validate_data(self, X, reset=False, dtype=_FLOAT_DTYPES), self.device_)
         out = torch.empty((len(X_t), len(self.classes_)), dtype=torch.float32, device=self.device_)
-        chunk = _ROW_CHUNK if X_t.dtype == torch.float32 else _HALF_CHUNK
         with torch.no_grad():
-            for start in range(0, len(X_t), chunk):
-                self._logits(X_t[start:start + chunk].float(), out[start:start + chunk])
+            self._fill_logits(X_t, out)
         return out.cpu().numpy()
+
+    def _fill_logits(self, X: torch.Tensor, out: torch.Tensor) -> None:
+        """Write the logits of X (float32 or float16) into ``out``, upcasting a chunk of rows at a time."""
+        chunk = _ROW_CHUNK if X.dtype == torch.float32 else _HALF_CHUNK
+        for start in range(0, len(X), chunk):
+            self._logits(X[start:start + chunk].float(), out[start:start + chunk])
 
     def predict(self, X) -> np.ndarray:
         best = self.logits(X).argmax(axis=1)

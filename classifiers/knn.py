@@ -2,9 +2,13 @@
 import numpy as np
 import torch
 
+from featcache.distributed import resolve_device
+
 from .base import FitData, LTClassifier, feature_mean, register
 from .ncm import normalise
 from .params import Device, Int, Options, Real
+
+_BLOCK_BYTES = 64 * 2**20  # training rows normalised at a time by the CPU search
 
 
 @register("knn")
@@ -16,9 +20,12 @@ class KNN(LTClassifier):
     or "cl2n" to centre first).
 
     Caron et al., "Emerging Properties in Self-Supervised Vision Transformers", ICCV 2021
-    (eval_knn.py). Search: faiss exact inner product on CPU, torch matmul + topk on GPU, queries in
-    chunks. The logits and ``predict_proba`` are the normalised votes, computed as
-    exp((sim - max sim) / T) so that no temperature overflows.
+    (eval_knn.py). Search on CPU: exact, with no copy of the training features: for each chunk of
+    queries, faiss's brute-force ``faiss.knn`` runs against the training rows normalised one block
+    (``_BLOCK_BYTES``) at a time, and ``faiss.ResultHeap`` merges the blocks' top k; the estimator
+    keeps a reference to X, not a copy (as scikit-learn's KNeighborsClassifier does). On GPU: one
+    normalised copy, torch matmul + topk. The logits and ``predict_proba`` are the normalised votes,
+    computed as exp((sim - max sim) / T) so that no temperature overflows.
     """
 
     _parameter_constraints = {"k": [Int(1)], "temperature": [Real(0, closed="neither")],
@@ -35,51 +42,54 @@ class KNN(LTClassifier):
         mean = feature_mean(data.X)
         self._mean, self.mean_ = mean, mean.cpu().numpy()
         self._train_labels = data.y
-        if data.device.type == "cpu":  # faiss keeps its own copy, filled chunk by chunk
-            import faiss
-            self._index = faiss.IndexFlatIP(data.X.shape[1])
-            # reserve the final size (a std::vector keeps its capacity when resized down): growing by
-            # doubling would peak at 1.4x the copy and keep up to 2x its capacity
-            self._index.codes.resize(4 * data.X.shape[0] * data.X.shape[1])
-            self._index.codes.resize(0)
-            for start in range(0, len(data.X), self.chunk_size):
-                chunk = normalise(data.X[start:start + self.chunk_size].float(), self.feature_norm, mean)
-                self._index.add(np.ascontiguousarray(chunk.numpy()))
+        if data.device.type == "cpu":
+            self._train = data.X  # normalised block by block at search time
         else:
-            self._index = normalise(data.X.float(), self.feature_norm, mean).contiguous()
+            self._train = normalise(data.X.float(), self.feature_norm, mean).contiguous()
 
-    def _logits(self, X, scores):
+    def _fill_logits(self, X, scores):
+        """All queries at once: the CPU search normalises each block of training rows once."""
         k = min(self.k, len(self._train_labels))
         scores.zero_()
-        for start in range(0, len(X), self.chunk_size):  # normalised chunk by chunk: no full copy of X
-            chunk = normalise(X[start:start + self.chunk_size].float(), self.feature_norm, self._mean).contiguous()
-            if isinstance(self._index, torch.Tensor):
-                sims, ids = (chunk @ self._index.T).topk(k, dim=1)
-            else:
-                sims, ids = self._index.search(np.ascontiguousarray(chunk.numpy()), k)
-                sims, ids = torch.from_numpy(sims), torch.from_numpy(ids)
-            votes = torch.exp((sims - sims[:, :1]) / self.temperature)  # topk: column 0 is the largest
-            rows = scores[start:start + len(chunk)]
+        starts = range(0, len(X), self.chunk_size)
+        if scores.device.type == "cpu":
+            neighbours = self._search_blocks(X, k)
+        else:
+            neighbours = ((self._query(X, start) @ self._train.T).topk(k, dim=1) for start in starts)
+        for start, (sims, ids) in zip(starts, neighbours):
+            votes = torch.exp((sims - sims[:, :1]) / self.temperature)  # sorted: column 0 is the largest
+            rows = scores[start:start + len(sims)]
             rows.scatter_add_(1, self._train_labels[ids.to(scores.device)], votes.to(scores.device))
             rows.div_(rows.sum(1, keepdim=True))
 
+    def _query(self, X, start: int) -> torch.Tensor:
+        """Chunk ``start`` of the queries, normalised (a chunk at a time: no full copy of X)."""
+        return normalise(X[start:start + self.chunk_size].float(), self.feature_norm, self._mean).contiguous()
+
+    def _search_blocks(self, X, k: int) -> list:
+        """Per chunk of queries, the similarities and ids of its k most similar training rows, most
+        similar first. Each block of training rows is normalised once and searched by every chunk."""
+        import faiss
+        starts = range(0, len(X), self.chunk_size)
+        heaps = [faiss.ResultHeap(len(X[start:start + self.chunk_size]), k, keep_max=True) for start in starts]
+        block_rows = max(k, _BLOCK_BYTES // (4 * self._train.shape[1]))
+        for first in range(0, len(self._train), block_rows):
+            block = normalise(self._train[first:first + block_rows].float(), self.feature_norm, self._mean)
+            block = np.ascontiguousarray(block.numpy())
+            for start, heap in zip(starts, heaps):
+                sims, ids = faiss.knn(self._query(X, start).numpy(), block, k, faiss.METRIC_INNER_PRODUCT)
+                heap.add_result(sims, np.where(ids >= 0, ids + first, -1))  # -1: a block shorter than k
+        for heap in heaps:
+            heap.finalize()
+        return [(torch.from_numpy(heap.D), torch.from_numpy(heap.I)) for heap in heaps]
+
     def memory_estimate(self, rows: int, dim: int, num_classes: int) -> int:
-        """faiss (or the GPU index) holds a float32 copy of the normalised training features."""
-        return super().memory_estimate(rows, dim, num_classes) + 4 * rows * dim
+        """On CPU a normalised block of training rows and a chunk of queries (the k best of every
+        query are counted with the logits); on GPU the index holds a float32 copy of the normalised
+        training features."""
+        search = 4 * rows * dim if resolve_device(self.device).type != "cpu" else _BLOCK_BYTES + 4 * self.chunk_size * dim
+        return super().memory_estimate(rows, dim, num_classes) + search
 
     def predict_proba(self, X) -> np.ndarray:
         """The normalised vote: each class's share of the k neighbours' weights."""
         return self.logits(X).astype(np.float64)
-
-    def __getstate__(self):
-        state = dict(super().__getstate__())
-        if "_index" in state and not isinstance(state["_index"], torch.Tensor):
-            import faiss  # a faiss index does not pickle; its serialised bytes do
-            state["_index"] = faiss.serialize_index(state["_index"])
-        return state
-
-    def __setstate__(self, state):
-        if isinstance(state.get("_index"), np.ndarray):
-            import faiss
-            state["_index"] = faiss.deserialize_index(state["_index"])
-        super().__setstate__(state)

@@ -1,6 +1,7 @@
 """Stage 2 estimators against independent numpy / scikit-learn implementations of their formulas."""
 import numpy as np
 import pytest
+import torch
 from sklearn.neighbors import NearestCentroid
 
 import classifiers
@@ -129,6 +130,26 @@ def test_knn_weighted_vote_matches_formula(data):
     np.testing.assert_allclose(got, scores, rtol=1e-3, atol=1e-7)
     np.testing.assert_allclose(model.predict_proba(X), scores, rtol=1e-3, atol=1e-7)
     assert abs(balanced(got.argmax(1), y) - balanced(scores.argmax(1), y)) <= 1e-4
+
+
+@pytest.mark.parametrize("feature_norm", ["l2n", "cl2n"])
+def test_knn_searched_block_by_block_equals_one_brute_force_search(data, monkeypatch, feature_norm):
+    import classifiers.knn
+    (Xtr, ytr), (X, _) = data["train"], data["test"]
+    mean = Xtr.mean(0) if feature_norm == "cl2n" else 0
+    sims = l2n(X - mean) @ l2n(Xtr - mean).T
+    order = np.argsort(-sims, axis=1)[:, :5]
+    top = np.take_along_axis(sims, order, 1)
+    expected = np.zeros((len(X), 8))
+    np.add.at(expected, (np.arange(len(X))[:, None], ytr[order]), np.exp((top - top[:, :1]) / 0.07))
+    monkeypatch.setattr(classifiers.knn, "_BLOCK_BYTES", 4 * Xtr.shape[1] * 7)  # blocks of k = 5 rows
+    model = fit("knn", data, k=5, chunk_size=23, feature_norm=feature_norm)
+    chunks = model._search_blocks(torch.from_numpy(X), 5)  # chunks of 23 queries
+    searched, ids = (torch.cat(parts).numpy() for parts in zip(*chunks))
+    np.testing.assert_allclose(searched, top, atol=1e-5)  # sorted, most similar first
+    np.testing.assert_allclose(np.take_along_axis(sims, ids, 1), top, atol=1e-5)
+    np.testing.assert_allclose(model.decision_function(X), expected / expected.sum(1, keepdims=True),
+                               rtol=1e-3, atol=1e-6)
 
 
 def test_logit_adjust_matches_formula(data):
