@@ -2,6 +2,7 @@
 
     python benchmarks/stage2.py --scale small            # < 3 minutes on 2 CPU cores
     python benchmarks/stage2.py --dim 512                # ImageNet-LT shape, D = 512
+    python benchmarks/stage2.py --dim 512 --rounds 5 --no-peers   # median and spread of 5 rounds
     python benchmarks/stage2.py                          # ImageNet-LT shape, D = 2048
     python benchmarks/stage2.py --profile places_lt --device cuda
     python benchmarks/stage2.py --profile inat2018_like --dim 512 --epochs 1 --float16 --no-peers
@@ -17,6 +18,8 @@ Each method runs in a fresh child process that loads the splits itself, so its p
 features it loaded) is its own, not the import or load peak, nor an earlier method's freed memory.
 With --float16 each method runs again on a float16 copy of the entry: its peak, and how many test
 predictions agree with the float32 run.
+With --rounds R the floors and every method are measured R times, interleaved (floors, each
+method, floors, each method, ...): the table gives the median ratio and its min-max over the rounds.
 Exits non-zero only when it cannot run; prints a table and (with --json) writes the numbers.
 """
 from __future__ import annotations
@@ -347,6 +350,18 @@ def sklearn_peers(data: dict, device, classes: int, queries: int) -> dict:
     return out
 
 
+def summarise(rounds: list[dict]) -> dict:
+    """A method's rounds in one line: median seconds, floor and ratio, the ratio's min-max, the
+    largest extra memory; float16 and top-1 from the first round."""
+    ratios = [r["ratio"] for r in rounds]
+    out = {key: float(np.median([r[key] for r in rounds])) for key in ("seconds", "floor_s", "ratio")}
+    out.update(ratio_min=min(ratios), ratio_max=max(ratios), top1=rounds[0]["top1"],
+               extra_over_features=max(r["extra_over_features"] for r in rounds))
+    if "float16" in rounds[0]:
+        out["float16"] = rounds[0]["float16"]
+    return out
+
+
 # -- main ---------------------------------------------------------------------------------------
 
 
@@ -366,6 +381,9 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, help="epochs of the cRT family, lws, disalign and marc "
                         "(default: each method's own; the floors follow)")
     parser.add_argument("--repeats", type=int, default=5, help="best of this many runs (the cRT family and knn: 1)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure the floors and every method this many times, interleaved (floors, "
+                             "joint, tau, ..., floors, joint, ...): median ratio and its min-max")
     parser.add_argument("--float16", action="store_true",
                         help="also run each method on a float16 copy of the entry: peak RSS, agreement")
     parser.add_argument("--no-peers", action="store_true")
@@ -394,34 +412,40 @@ def main(argv=None) -> int:
         (Path(tmp) / "train.npy").unlink()
         shape = {"n": int(profile["train"].sum()), "nv": int(profile["val"].sum()), "nt": int(profile["test"].sum()),
                  "d": dim, "c": len(profile["train"])}
-        rate = sgemm_rate(shape["nt"], dim, shape["c"], device)
-        bandwidth = copy_bandwidth(256 << 20, device)
-        floor = floors(shape, rate, bandwidth, **({"lws_epochs": args.epochs, "crt_epochs": args.epochs}
-                                                  if args.epochs is not None else {}))
-        results = {"shape": shape, "device": str(device), "sgemm_gflops": rate / 1e9, "copy_gbps": bandwidth / 1e9,
-                   "build_s": build_s, "split_load_s": load_s, "npload_s": npload_s, "epochs": args.epochs,
-                   "methods": {}}
+        results = {"shape": shape, "device": str(device), "build_s": build_s, "split_load_s": load_s,
+                   "npload_s": npload_s, "epochs": args.epochs, "rounds": args.rounds, "machine": [], "methods": {}}
         logits_bytes = shape["nt"] * shape["c"] * 4
-        for name in args.methods.split(","):
-            params = {"tau": {"tau": "auto"}}.get(name, {})
-            if args.epochs is not None and name in EPOCHS_PARAM:
-                params["epochs"] = args.epochs
-            job = {"entry": str(Path(tmp) / "bench"), "method": name, "params": params, "device": args.device,
-                   "repeats": 1 if name in CRT_FAMILY + ("knn",) else args.repeats,
-                   "predictions": str(Path(tmp) / "predictions32.npy")}
-            m = in_child(job)
-            results["feature_bytes"] = feature_bytes = m.pop("feature_bytes")
-            m.update(floor_s=floor[name], ratio=m["seconds"] / floor[name],
-                     extra_over_features=(m["peak_beyond_features"] - logits_bytes) / feature_bytes)
-            if args.float16:
-                half = in_child({**job, "entry": str(Path(tmp) / "bench16"),
-                                 "predictions": str(Path(tmp) / "predictions16.npy")})
-                results["feature_bytes16"] = half.pop("feature_bytes")
-                agree = np.load(Path(tmp) / "predictions16.npy") == np.load(Path(tmp) / "predictions32.npy")
-                m["float16"] = {**half, "agreement": float(agree.mean()),
-                                "extra_over_features": (half["peak_beyond_features"] - logits_bytes) / feature_bytes}
-            results["methods"][name] = m
-            print(f"{name}: {json.dumps(m)}", file=sys.stderr, flush=True)  # long runs: progress as it goes
+        names = args.methods.split(",")
+        for round_ in range(args.rounds):  # interleaved: each round measures its own floors
+            rate = sgemm_rate(shape["nt"], dim, shape["c"], device)
+            bandwidth = copy_bandwidth(256 << 20, device)
+            results["machine"].append({"sgemm_gflops": rate / 1e9, "copy_gbps": bandwidth / 1e9})
+            floor = floors(shape, rate, bandwidth, **({"lws_epochs": args.epochs, "crt_epochs": args.epochs}
+                                                      if args.epochs is not None else {}))
+            for name in names:
+                params = {"tau": {"tau": "auto"}}.get(name, {})
+                if args.epochs is not None and name in EPOCHS_PARAM:
+                    params["epochs"] = args.epochs
+                job = {"entry": str(Path(tmp) / "bench"), "method": name, "params": params, "device": args.device,
+                       "repeats": 1 if name in CRT_FAMILY + ("knn",) else args.repeats,
+                       "predictions": str(Path(tmp) / "predictions32.npy")}
+                m = in_child(job)
+                results["feature_bytes"] = feature_bytes = m.pop("feature_bytes")
+                m.update(floor_s=floor[name], ratio=m["seconds"] / floor[name],
+                         extra_over_features=(m["peak_beyond_features"] - logits_bytes) / feature_bytes)
+                if args.float16 and round_ == 0:
+                    half = in_child({**job, "entry": str(Path(tmp) / "bench16"),
+                                     "predictions": str(Path(tmp) / "predictions16.npy")})
+                    results["feature_bytes16"] = half.pop("feature_bytes")
+                    agree = np.load(Path(tmp) / "predictions16.npy") == np.load(Path(tmp) / "predictions32.npy")
+                    m["float16"] = {**half, "agreement": float(agree.mean()),
+                                    "extra_over_features": (half["peak_beyond_features"] - logits_bytes) / feature_bytes}
+                results["methods"].setdefault(name, {"rounds": []})["rounds"].append(m)
+                print(f"round {round_ + 1}, {name}: {json.dumps(m)}", file=sys.stderr, flush=True)
+        for name, entry in results["methods"].items():
+            entry.update(summarise(entry["rounds"]))
+        results["sgemm_gflops"] = float(np.median([m["sgemm_gflops"] for m in results["machine"]]))
+        results["copy_gbps"] = float(np.median([m["copy_gbps"] for m in results["machine"]]))
         results["logits_bytes"] = logits_bytes
         if not args.no_peers:
             cache = FeatureCache.open(Path(tmp) / "bench")
@@ -444,25 +468,33 @@ def main(argv=None) -> int:
 def report(r: dict) -> None:
     s = r["shape"]
     print(f"shape: train {s['n']}, val {s['nv']}, test {s['nt']}, D {s['d']}, C {s['c']} on {r['device']}")
-    print(f"machine: sgemm {r['sgemm_gflops']:.1f} GFLOP/s (best of 5), copy {r['copy_gbps']:.1f} GB/s")
+    print(f"machine: sgemm {r['sgemm_gflops']:.1f} GFLOP/s (best of 5), copy {r['copy_gbps']:.1f} GB/s"
+          + (f" (medians of {r['rounds']} rounds: sgemm {min(m['sgemm_gflops'] for m in r['machine']):.0f}-"
+             f"{max(m['sgemm_gflops'] for m in r['machine']):.0f})" if r["rounds"] > 1 else ""))
     print(f"cache: wrote the entry in {r['build_s']:.1f} s; train split loads in {r['split_load_s']:.3f} s vs "
           f"np.load {r['npload_s']:.3f} s ({r['npload_s'] / r['split_load_s']:.2f}x np.load speed)")
     print()
     if r["epochs"] is not None:
         print(f"epochs: {r['epochs']} for the cRT family, lws, disalign and marc (reduced; the floors follow)")
     half = "feature_bytes16" in r
-    print(f"{'method':<10}{'seconds':>10}{'floor s':>10}{'ratio':>8}{'top1':>8}{'extra':>8}" +
+    spread = r["rounds"] > 1
+    print(f"{'method':<10}{'seconds':>10}{'floor s':>10}{'ratio':>8}" + (f"{'min-max':>12}" if spread else "") +
+          f"{'top1':>8}{'extra':>8}" +
           (f"{'f16 extra':>10}{'f16 s':>8}{'agree %':>9}" if half else "") +
           (f"{'official':>11}{'speedup':>9}" if "official" in r else ""))
     for name, m in r["methods"].items():
-        line = (f"{name:<10}{m['seconds']:>10.3f}{m['floor_s']:>10.3f}{m['ratio']:>8.2f}{m['top1']:>8.1f}"
-                f"{m['extra_over_features']:>7.2f}x")
+        line = (f"{name:<10}{m['seconds']:>10.3f}{m['floor_s']:>10.3f}{m['ratio']:>8.2f}"
+                + (f"{m['ratio_min']:>7.2f}-{m['ratio_max']:<4.2f}" if spread else "")
+                + f"{m['top1']:>8.1f}{m['extra_over_features']:>7.2f}x")
         if half:
             h = m["float16"]
             line += f"{h['extra_over_features']:>9.2f}x{h['seconds']:>8.2f}{100 * h['agreement']:>9.2f}"
         if name in r.get("official", {}):
             line += f"{r['official'][name]:>11.3f}{r['official'][name] / m['seconds']:>8.1f}x"
         print(line)
+    if spread:
+        print(f"\nseconds, floor and ratio: medians of {r['rounds']} interleaved rounds (each with its own floors); "
+              "min-max: the ratio's range over the rounds")
     print(f"\nextra: each method's peak RSS in its own process beyond the splits it loaded and the returned "
           f"test logits ({r['logits_bytes'] / 2**20:.0f} MiB), as a multiple of the float32 features "
           f"({r['feature_bytes'] / 2**20:.0f} MiB)")
