@@ -171,7 +171,7 @@ def test_disalign_trains_like_autograd_of_its_formula(data):
         conf = torch.sigmoid(x @ v + v0)[:, None]
         return (1 + conf * alpha) * (x @ W.T + b) + conf * beta
 
-    optim_reference(data, "instance", 3, 0.02, 0.9, 5e-4, 512, [v, v0, alpha, beta], logits,
+    optim_reference(data, "instance", 3, 0.05, 0.9, 5e-4, 256, [v, v0, alpha, beta], logits,
                     lambda z, y, e: F.cross_entropy(z, y, weight=grw))
     np.testing.assert_allclose(model.logit_scale_, alpha.detach().numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(model.confidence_weight_, v.detach().numpy(), rtol=1e-4, atol=1e-5)
@@ -183,13 +183,15 @@ def test_marc_trains_like_autograd_of_its_formula(data):
     model = fit("marc", data, epochs=3)
     W, b = (torch.from_numpy(a) for a in (data["W"], data["b"]))
     omega, beta = torch.ones(len(W), requires_grad=True), torch.zeros(len(W), requires_grad=True)
-    log_prior = torch.log(torch.tensor(data["counts"] / data["counts"].sum(), dtype=torch.float32))
+    counts = torch.tensor(data["counts"], dtype=torch.float32)
+    grw = (counts.sum() / counts) ** 1.2
+    grw = grw / grw.sum() * len(W)
 
-    def logits(x):
+    def logits(x):  # the official MARCLinear: a * (x W^T + b) + b' * ||w||, trained with GRW (rho 1.2)
         return omega * (x @ W.T + b) + beta * W.norm(dim=1)
 
-    optim_reference(data, "instance", 3, 0.1, 0.9, 5e-4, 128, [omega, beta], logits,
-                    lambda z, y, e: F.cross_entropy(z + log_prior, y))
+    optim_reference(data, "instance", 3, 0.05, 0.9, 5e-4, 256, [omega, beta], logits,
+                    lambda z, y, e: F.cross_entropy(z, y, weight=grw))
     np.testing.assert_allclose(model.omega_, omega.detach().numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(model.beta_, beta.detach().numpy(), rtol=1e-4, atol=1e-5)
     Xt = torch.from_numpy(data["test"][0])
