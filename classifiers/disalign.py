@@ -10,6 +10,8 @@ from .losses import make_loss
 from .params import Device, Int, Options, Real
 from .training import DEFAULT_MEMORY_BUDGET, FrozenLogits, OnFrozenLogits, Schedule, draw_epochs, sgd_train
 
+_RECALIBRATE_ROWS = 1024  # rows of logits recalibrated at a time at inference
+
 
 @register("disalign")
 class DisAlign(OnFrozenLogits):
@@ -83,4 +85,6 @@ class DisAlign(OnFrozenLogits):
     def _logits(self, X, out):
         torch.addmm(self._bias, X, self._weight_t, out=out)
         conf = torch.sigmoid(torch.mv(X, self._v).add_(self._v0)).unsqueeze(1)
-        out.add_(conf * torch.addcmul(self._beta, self._alpha, out))
+        for start in range(0, len(out), _RECALIBRATE_ROWS):  # z += c (alpha z + beta), one small temporary
+            rows = out[start:start + _RECALIBRATE_ROWS]
+            rows.addcmul_(torch.addcmul(self._beta, self._alpha, rows), conf[start:start + _RECALIBRATE_ROWS])
