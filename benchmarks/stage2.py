@@ -368,6 +368,12 @@ def summarise(rounds: list[dict]) -> dict:
 EPOCHS_PARAM = CRT_FAMILY + ("lws", "disalign", "marc")
 
 
+def at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="imagenet_lt_like", choices=["imagenet_lt_like", "places_lt",
@@ -381,7 +387,7 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, help="epochs of the cRT family, lws, disalign and marc "
                         "(default: each method's own; the floors follow)")
     parser.add_argument("--repeats", type=int, default=5, help="best of this many runs (the cRT family and knn: 1)")
-    parser.add_argument("--rounds", type=int, default=1,
+    parser.add_argument("--rounds", type=at_least_one, default=1,
                         help="measure the floors and every method this many times, interleaved (floors, "
                              "joint, tau, ..., floors, joint, ...): median ratio and its min-max")
     parser.add_argument("--float16", action="store_true",

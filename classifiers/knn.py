@@ -3,6 +3,7 @@ import numpy as np
 import torch
 
 from featcache.distributed import resolve_device
+from featcache.errors import FeatcacheError
 
 from .base import FitData, LTClassifier, feature_mean, register
 from .ncm import normalise
@@ -25,7 +26,8 @@ class KNN(LTClassifier):
     (``_BLOCK_BYTES``) at a time, and ``faiss.ResultHeap`` merges the blocks' top k; the estimator
     keeps a reference to X, not a copy (as scikit-learn's KNeighborsClassifier does). On GPU: one
     normalised copy, torch matmul + topk. The logits and ``predict_proba`` are the normalised votes,
-    computed as exp((sim - max sim) / T) so that no temperature overflows.
+    computed as exp((sim - max sim) / T) so that no temperature overflows. Exact ties at the k-th
+    similarity are broken by the block layout (deterministic for given N and D, not by row order).
     """
 
     _parameter_constraints = {"k": [Int(1)], "temperature": [Real(0, closed="neither")],
@@ -93,3 +95,15 @@ class KNN(LTClassifier):
     def predict_proba(self, X) -> np.ndarray:
         """The normalised vote: each class's share of the k neighbours' weights."""
         return self.logits(X).astype(np.float64)
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        train = state.get("_train")
+        if isinstance(train, torch.Tensor) and train.untyped_storage().nbytes() > train.numel() * train.element_size():
+            state["_train"] = train.clone()  # a view of a bigger tensor (a sweep's views) pickles alone
+        return state
+
+    def __setstate__(self, state):
+        if "_index" in state:
+            raise FeatcacheError("this knn model was pickled by a version that kept a faiss index: fit it again")
+        super().__setstate__(state)

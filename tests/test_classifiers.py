@@ -277,3 +277,17 @@ def test_frozen_logit_methods_give_the_same_result_with_and_without_the_cache(da
     X, _ = data["test"]
     cached, recomputed = fit(name, data, memory_budget=10**15), fit(name, data, memory_budget=0)
     np.testing.assert_allclose(recomputed.logits(X), cached.logits(X), rtol=1e-4, atol=1e-5)
+
+
+def test_knn_pickles_only_its_own_rows_and_refuses_an_old_faiss_pickle(data):
+    import pickle
+    (Xtr, ytr), (X, _) = data["train"], data["test"]
+    stack = torch.from_numpy(np.stack([Xtr] * 20))  # a sweep's views: X is views[0]
+    model = create("knn", device="cpu").fit(stack[0], ytr)
+    restored = pickle.loads(pickle.dumps(model))
+    assert restored._train.untyped_storage().nbytes() == Xtr.nbytes
+    np.testing.assert_array_equal(restored.predict(X), model.predict(X))
+    state = model.__getstate__()
+    state["_index"] = np.zeros(3, dtype=np.uint8)  # what the faiss-index version pickled
+    with pytest.raises(FeatcacheError, match="fit it again"):
+        create("knn").__setstate__(state)
