@@ -368,6 +368,27 @@ def summarise(rounds: list[dict]) -> dict:
 EPOCHS_PARAM = CRT_FAMILY + ("lws", "disalign", "marc")
 
 
+def measure(name: str, args, tmp: Path, floor_s: float, logits_bytes: int, results: dict, float16: bool) -> dict:
+    """One method in a child process: seconds, ratio to ``floor_s``, extra memory; with ``float16``
+    also on the float16 entry, and how many test predictions agree."""
+    params = {"tau": {"tau": "auto"}}.get(name, {})
+    if args.epochs is not None and name in EPOCHS_PARAM:
+        params["epochs"] = args.epochs
+    job = {"entry": str(tmp / "bench"), "method": name, "params": params, "device": args.device,
+           "repeats": 1 if name in CRT_FAMILY + ("knn",) else args.repeats, "predictions": str(tmp / "predictions32.npy")}
+    m = in_child(job)
+    results["feature_bytes"] = feature_bytes = m.pop("feature_bytes")
+    m.update(floor_s=floor_s, ratio=m["seconds"] / floor_s,
+             extra_over_features=(m["peak_beyond_features"] - logits_bytes) / feature_bytes)
+    if float16:
+        half = in_child({**job, "entry": str(tmp / "bench16"), "predictions": str(tmp / "predictions16.npy")})
+        results["feature_bytes16"] = half.pop("feature_bytes")
+        agree = np.load(tmp / "predictions16.npy") == np.load(tmp / "predictions32.npy")
+        m["float16"] = {**half, "agreement": float(agree.mean()),
+                        "extra_over_features": (half["peak_beyond_features"] - logits_bytes) / feature_bytes}
+    return m
+
+
 def at_least_one(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
@@ -429,23 +450,7 @@ def main(argv=None) -> int:
             floor = floors(shape, rate, bandwidth, **({"lws_epochs": args.epochs, "crt_epochs": args.epochs}
                                                       if args.epochs is not None else {}))
             for name in names:
-                params = {"tau": {"tau": "auto"}}.get(name, {})
-                if args.epochs is not None and name in EPOCHS_PARAM:
-                    params["epochs"] = args.epochs
-                job = {"entry": str(Path(tmp) / "bench"), "method": name, "params": params, "device": args.device,
-                       "repeats": 1 if name in CRT_FAMILY + ("knn",) else args.repeats,
-                       "predictions": str(Path(tmp) / "predictions32.npy")}
-                m = in_child(job)
-                results["feature_bytes"] = feature_bytes = m.pop("feature_bytes")
-                m.update(floor_s=floor[name], ratio=m["seconds"] / floor[name],
-                         extra_over_features=(m["peak_beyond_features"] - logits_bytes) / feature_bytes)
-                if args.float16 and round_ == 0:
-                    half = in_child({**job, "entry": str(Path(tmp) / "bench16"),
-                                     "predictions": str(Path(tmp) / "predictions16.npy")})
-                    results["feature_bytes16"] = half.pop("feature_bytes")
-                    agree = np.load(Path(tmp) / "predictions16.npy") == np.load(Path(tmp) / "predictions32.npy")
-                    m["float16"] = {**half, "agreement": float(agree.mean()),
-                                    "extra_over_features": (half["peak_beyond_features"] - logits_bytes) / feature_bytes}
+                m = measure(name, args, Path(tmp), floor[name], logits_bytes, results, float16=args.float16 and round_ == 0)
                 results["methods"].setdefault(name, {"rounds": []})["rounds"].append(m)
                 print(f"round {round_ + 1}, {name}: {json.dumps(m)}", file=sys.stderr, flush=True)
         for name, entry in results["methods"].items():
