@@ -8,7 +8,8 @@ from featcache.sampling import SAMPLERS
 from .base import FitData, register, require_all_classes
 from .losses import make_loss
 from .params import Device, Int, Options, Real
-from .training import DEFAULT_MEMORY_BUDGET, FrozenLogits, OnFrozenLogits, Schedule, draw_epochs, sgd_train
+from .training import (DEFAULT_MEMORY_BUDGET, FrozenLogits, OnFrozenLogits, Schedule, draw_epochs, sgd_train,
+                       softmax_minus_onehot)
 
 _RECALIBRATE_ROWS = 1024  # rows of logits recalibrated at a time at inference
 
@@ -60,22 +61,24 @@ class DisAlign(OnFrozenLogits):
         epochs, self.class_draws_ = draw_epochs(data.y, data.counts, schedule, data.num_views)
         frozen = FrozenLogits(data.rows_X, data.rows_y, self._weight_t, self._bias, epochs, self.memory_budget)
 
-        buffers = torch.empty(2, self.batch_size, data.num_classes, device=data.device)
+        rows_X = data.rows_X
+        gathered = torch.empty(self.batch_size, dim, dtype=rows_X.dtype, device=data.device)  # reused: no allocator churn
 
         def grad(batch):
-            # z' = z + c·u, u = α z + β, c = σ(v·x + v0): dβ = cᵀG, dα = cᵀ(G ⊙ z),
-            # dc_i = Σ_j G_ij u_ij, dv = Σ_i dc_i c_i (1 − c_i) x_i; written into reused buffers
-            n = len(batch)
-            z, labels, rows = frozen.batch(batch)
-            features = data.rows_X.index_select(0, rows).float()
+            # z' = z + c u, u = alpha z + beta, c = sigma(v.x + v0); dL/dz' = diag(r) G (softmax_minus_onehot,
+            # r the row weights): d beta = G^T (r c), d alpha = (G * z)^T (r c),
+            # dL/dc_i = r_i (G_i . beta + (G * z)_i . alpha), d v = sum_i dL/dc_i c_i (1 - c_i) x_i
+            z, labels = frozen.batch(batch)
+            features = torch.index_select(rows_X, 0, frozen.rows(batch), out=gathered[:len(batch)]).float()
             conf = torch.sigmoid(torch.mv(features, v).add_(v0))
-            u = torch.addcmul(beta, alpha, z, out=buffers[0, :n])
-            g = loss.grad(torch.addcmul(z, u, conf.unsqueeze(1), out=buffers[1, :n]),
-                          labels, 0)
-            d_conf = u.mul_(g).sum(1).mul_(conf * (1 - conf))
-            d_beta = torch.mv(g.T, conf)
-            d_alpha = torch.mv(g.mul_(z).T, conf)
-            return [torch.mv(features.T, d_conf).div_(n), d_conf.sum().div(n).reshape(1), d_alpha.div_(n), d_beta.div_(n)]
+            g = softmax_minus_onehot(torch.addcmul(z, torch.addcmul(beta, alpha, z), conf.unsqueeze(1)), labels)
+            r = loss.row_weights(labels)
+            gated = r * conf
+            d_beta, d_conf = torch.mv(g.T, gated), torch.mv(g, beta)
+            g.mul_(z)
+            d_alpha = torch.mv(g.T, gated)
+            d_conf.add_(torch.mv(g, alpha)).mul_(r).mul_(conf * (1 - conf))
+            return [torch.mv(features.T, d_conf), d_conf.sum().reshape(1), d_alpha, d_beta]
 
         sgd_train([v, v0, alpha, beta], grad, frozen.epochs, schedule)
         self._v, self._v0, self._alpha, self._beta = v, v0, alpha, beta

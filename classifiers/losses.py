@@ -164,6 +164,11 @@ class GeneralisedReweighting(Loss):
     def grad(self, logits, targets, epoch):
         return _weighted_mean_grad(softmax_minus_onehot(logits, targets), self.weights, targets, lambda w: w.sum())
 
+    def row_weights(self, targets: torch.Tensor) -> torch.Tensor:
+        """r_i = w_{y_i} / sum_k w_{y_k}: the batch loss is sum_i r_i CE_i."""
+        weights = self.weights.index_select(0, targets)
+        return weights.div_(weights.sum())
+
     def value(self, logits, targets, epoch):
         w = self.weights.index_select(0, targets)
         return (w * _nll(logits, targets)).sum() / w.sum()

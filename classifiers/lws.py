@@ -45,7 +45,7 @@ class LWS(OnFrozenLogits):
         scales = torch.ones(data.num_classes, device=data.device)
 
         def grad(batch):
-            logits, labels, _ = frozen.batch(batch)
+            logits, labels = frozen.batch(batch)
             # d/df_j of the summed cross-entropy: sum_i (p_ij - [y_i = j]) z_ij
             g = torch.softmax(logits * scales, dim=1).mul_(logits).sum(0)
             g.index_add_(0, labels, logits.gather(1, labels.unsqueeze(1)).squeeze(1), alpha=-1.0)

@@ -6,7 +6,8 @@ from featcache.sampling import SAMPLERS
 from .base import FitData, register, require_all_classes
 from .losses import make_loss
 from .params import Device, Int, Options, Real
-from .training import DEFAULT_MEMORY_BUDGET, FrozenLogits, OnFrozenLogits, Schedule, draw_epochs, sgd_train
+from .training import (DEFAULT_MEMORY_BUDGET, FrozenLogits, OnFrozenLogits, Schedule, draw_epochs, sgd_train,
+                       softmax_minus_onehot)
 
 
 @register("marc")
@@ -50,9 +51,12 @@ class MARC(OnFrozenLogits):
         frozen = FrozenLogits(data.rows_X, data.rows_y, self._weight_t, bias, epochs, self.memory_budget)
 
         def grad(batch):
-            z, labels, _ = frozen.batch(batch)
-            g = loss.grad(torch.addcmul(beta * norms, omega, z), labels, 0)
-            return [(g * z).sum(0).div_(len(batch)), g.sum(0).mul_(norms).div_(len(batch))]
+            # dL/dz' = diag(r) G (softmax_minus_onehot, r the row weights):
+            # d omega = (G * z)^T r, d beta = ||w|| * G^T r
+            z, labels = frozen.batch(batch)
+            g, r = softmax_minus_onehot(torch.addcmul(beta * norms, omega, z), labels), loss.row_weights(labels)
+            d_beta = torch.mv(g.T, r).mul_(norms)
+            return [torch.mv(g.mul_(z).T, r), d_beta]
 
         sgd_train([omega, beta], grad, frozen.epochs, schedule)
         self._offset = beta * norms

@@ -3,8 +3,9 @@ DisAlign, MARC).
 
 Gradients and the optimiser are written by hand, no autograd and no ``torch.optim``, so a step
 costs its matmuls and nothing else. The update is PyTorch SGD's rule (L2 weight decay added to
-the gradient, momentum buffer started at the first gradient, no dampening or Nesterov), with the
-official cosine schedule stepped once per epoch."""
+the gradient, momentum buffer started at the first gradient, no dampening or Nesterov), applied
+to all parameters at once with torch's multi-tensor ``_foreach`` ops (as torch.optim.SGD's
+foreach path does), with the official cosine schedule stepped once per epoch."""
 from __future__ import annotations
 
 import math
@@ -37,8 +38,9 @@ def cosine_lr(base: float, epoch: int, epochs: int) -> float:
 
 
 def softmax_minus_onehot(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """B x d(sum of cross-entropies)/d(logits) = softmax(logits) - onehot(targets); callers divide
-    their (smaller) parameter gradients by B."""
+    """G = softmax(logits) - onehot(targets): row i is d CE(z_i, y_i) / d z_i. For a weighted batch
+    loss L = sum_i r_i CE_i a parameter's gradient is then a matrix-vector product with r (e.g.
+    dL/d(bias) = G^T r), without a pass to weight G's rows."""
     probs = torch.softmax(logits, dim=1)
     minus_one = torch.full((len(targets), 1), -1.0, device=probs.device, dtype=probs.dtype)
     return probs.scatter_add_(1, targets.unsqueeze(1), minus_one)  # cheaper than indexed assignment
@@ -72,20 +74,23 @@ def sgd_train(params: list[torch.Tensor], grad_fn: Callable[[torch.Tensor], list
               on_epoch: Callable[[int], None] | None = None) -> None:
     """Train ``params`` in place over the epochs' indices, ``schedule.batch_size`` at a time;
     ``on_epoch(epoch)`` runs before each epoch (deferred re-weighting switches weights there)."""
-    buffers: list[torch.Tensor | None] = [None] * len(params)
+    buffers: list[torch.Tensor] | None = None
     for epoch, indices in enumerate(epochs):
         if on_epoch is not None:
             on_epoch(epoch)
         lr = cosine_lr(schedule.lr, epoch, len(epochs))
         for start in range(0, len(indices), schedule.batch_size):
-            grads = grad_fn(indices[start:start + schedule.batch_size])
-            for i, (param, grad) in enumerate(zip(params, grads)):
-                if schedule.weight_decay:
-                    grad.add_(param, alpha=schedule.weight_decay)
-                if schedule.momentum:
-                    buffers[i] = grad if buffers[i] is None else buffers[i].mul_(schedule.momentum).add_(grad)
-                    grad = buffers[i]
-                param.sub_(grad, alpha=lr)
+            grads = grad_fn(indices[start:start + schedule.batch_size])  # fresh tensors, updated in place
+            if schedule.weight_decay:
+                torch._foreach_add_(grads, params, alpha=schedule.weight_decay)
+            if schedule.momentum:
+                if buffers is None:
+                    buffers = grads
+                else:
+                    torch._foreach_mul_(buffers, schedule.momentum)
+                    torch._foreach_add_(buffers, grads)
+                grads = buffers
+            torch._foreach_add_(params, grads, alpha=-lr)
             if post_step is not None:
                 post_step()
 
@@ -100,7 +105,7 @@ class FrozenLogits:
     are recomputed from its features. Both give the same numbers.
 
     ``epochs``: the batches to iterate (indices into the cache, or into X); ``batch(indices)``:
-    (logits B x C, labels B, row ids into X B)."""
+    (logits B x C, labels B); ``rows(indices)``: their row ids into X."""
 
     def __init__(self, X: torch.Tensor, y: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor,
                  epochs: list[torch.Tensor], memory_budget: int, chunk_rows: int = 8192):
@@ -110,19 +115,20 @@ class FrozenLogits:
         if not self.cached:
             self.epochs = epochs
             return
-        self.rows, self.epochs = drawn, list(local.split([len(e) for e in epochs]))
+        self.drawn, self.epochs = drawn, list(local.split([len(e) for e in epochs]))
         self.logits = torch.empty(len(drawn), len(bias), device=X.device)
         for start in range(0, len(drawn), chunk_rows):  # no full copy of the gathered features
             chunk = drawn[start:start + chunk_rows]
             torch.addmm(bias, X.index_select(0, chunk).float(), weight_t, out=self.logits[start:start + len(chunk)])
         self.labels = y.index_select(0, drawn)
 
-    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cached:
-            return (self.logits.index_select(0, indices), self.labels.index_select(0, indices),
-                    self.rows.index_select(0, indices))
-        return (torch.addmm(self.bias, self.X.index_select(0, indices).float(), self.weight_t),
-                self.y.index_select(0, indices), indices)
+            return self.logits.index_select(0, indices), self.labels.index_select(0, indices)
+        return torch.addmm(self.bias, self.X.index_select(0, indices).float(), self.weight_t), self.y.index_select(0, indices)
+
+    def rows(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.drawn.index_select(0, indices) if self.cached else indices
 
 
 class OnFrozenLogits(LTClassifier):
