@@ -9,6 +9,7 @@ foreach path does), with the official cosine schedule stepped once per epoch."""
 from __future__ import annotations
 
 import math
+import mmap
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -95,6 +96,21 @@ def sgd_train(params: list[torch.Tensor], grad_fn: Callable[[torch.Tensor], list
                 post_step()
 
 
+def zeros_on_huge_pages(rows: int, cols: int, device: torch.device) -> torch.Tensor:
+    """A float32 rows x cols tensor of zeros; in CPU memory, an anonymous mapping advised to use
+    transparent huge pages where the OS offers them (Linux). Random row gathers from a large array
+    mostly wait on TLB misses, far fewer over 2 MiB pages (docs/performance.md: marc, disalign, lws).
+    torch's own switch, THP_MEM_ALLOC_ENABLE, is read once per process before any allocation and
+    applies to all of them."""
+    nbytes = rows * cols * 4
+    if device.type != "cpu" or not nbytes or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.zeros(rows, cols, device=device)
+    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    memory.madvise(mmap.MADV_HUGEPAGE)
+    tensor = torch.frombuffer(memory, dtype=torch.float32).view(rows, cols)  # keeps the mapping alive
+    return tensor.zero_()  # fault the pages in here, not inside the threaded matmul that fills them
+
+
 DEFAULT_MEMORY_BUDGET = 2**29  # bytes of frozen logits a method may cache (512 MiB)
 
 
@@ -116,7 +132,7 @@ class FrozenLogits:
             self.epochs = epochs
             return
         self.drawn, self.epochs = drawn, list(local.split([len(e) for e in epochs]))
-        self.logits = torch.empty(len(drawn), len(bias), device=X.device)
+        self.logits = zeros_on_huge_pages(len(drawn), len(bias), X.device)
         for start in range(0, len(drawn), chunk_rows):  # no full copy of the gathered features
             chunk = drawn[start:start + chunk_rows]
             torch.addmm(bias, X.index_select(0, chunk).float(), weight_t, out=self.logits[start:start + len(chunk)])

@@ -279,6 +279,20 @@ def test_frozen_logit_methods_give_the_same_result_with_and_without_the_cache(da
     np.testing.assert_allclose(recomputed.logits(X), cached.logits(X), rtol=1e-4, atol=1e-5)
 
 
+def test_frozen_logit_cache_memory_lives_until_its_last_view_goes():
+    import gc
+    from classifiers.training import zeros_on_huge_pages
+    cache = zeros_on_huge_pages(3000, 700, torch.device("cpu"))
+    assert cache.shape == (3000, 700) and cache.dtype == torch.float32 and cache.is_contiguous()
+    assert not cache.any()
+    cache.copy_(torch.arange(3000 * 700, dtype=torch.float32).view(3000, 700))
+    rows = cache[10:12]
+    del cache
+    gc.collect()
+    assert rows[1, 0] == 11 * 700 and rows[0, 699] == 10 * 700 + 699
+    assert zeros_on_huge_pages(0, 700, torch.device("cpu")).shape == (0, 700)
+
+
 def test_knn_pickles_only_its_own_rows_and_refuses_an_old_faiss_pickle(data):
     import pickle
     (Xtr, ytr), (X, _) = data["train"], data["test"]
