@@ -62,7 +62,8 @@ class DisAlign(OnFrozenLogits):
         frozen = FrozenLogits(data.rows_X, data.rows_y, self._weight_t, self._bias, epochs, self.memory_budget)
 
         rows_X = data.rows_X
-        gathered = torch.empty(self.batch_size, dim, dtype=rows_X.dtype, device=data.device)  # reused: no allocator churn
+        longest_batch = min(self.batch_size, max(map(len, frozen.epochs), default=0))
+        gathered = torch.empty(longest_batch, dim, dtype=rows_X.dtype, device=data.device)  # reused: no allocator churn
 
         def grad(batch):
             # z' = z + c u, u = alpha z + beta, c = sigma(v.x + v0); dL/dz' = diag(r) G (softmax_minus_onehot,

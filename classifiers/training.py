@@ -74,14 +74,16 @@ def sgd_train(params: list[torch.Tensor], grad_fn: Callable[[torch.Tensor], list
               epochs: list[torch.Tensor], schedule: Schedule, post_step: Callable[[], None] | None = None,
               on_epoch: Callable[[int], None] | None = None) -> None:
     """Train ``params`` in place over the epochs' indices, ``schedule.batch_size`` at a time;
-    ``on_epoch(epoch)`` runs before each epoch (deferred re-weighting switches weights there)."""
+    ``on_epoch(epoch)`` runs before each epoch (deferred re-weighting switches weights there).
+    ``grad_fn`` must return new tensors it keeps no reference to: they are updated in place, and
+    the first step's become the momentum buffers."""
     buffers: list[torch.Tensor] | None = None
     for epoch, indices in enumerate(epochs):
         if on_epoch is not None:
             on_epoch(epoch)
         lr = cosine_lr(schedule.lr, epoch, len(epochs))
         for start in range(0, len(indices), schedule.batch_size):
-            grads = grad_fn(indices[start:start + schedule.batch_size])  # fresh tensors, updated in place
+            grads = grad_fn(indices[start:start + schedule.batch_size])
             if schedule.weight_decay:
                 torch._foreach_add_(grads, params, alpha=schedule.weight_decay)
             if schedule.momentum:
@@ -106,7 +108,10 @@ def zeros_on_huge_pages(rows: int, cols: int, device: torch.device) -> torch.Ten
     if device.type != "cpu" or not nbytes or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.zeros(rows, cols, device=device)
     memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    memory.madvise(mmap.MADV_HUGEPAGE)
+    try:
+        memory.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # a kernel without transparent huge pages: small pages, same zeros
+        pass
     tensor = torch.frombuffer(memory, dtype=torch.float32).view(rows, cols)  # keeps the mapping alive
     return tensor.zero_()  # fault the pages in here, not inside the threaded matmul that fills them
 

@@ -293,6 +293,23 @@ def test_frozen_logit_cache_memory_lives_until_its_last_view_goes():
     assert zeros_on_huge_pages(0, 700, torch.device("cpu")).shape == (0, 700)
 
 
+def test_frozen_logit_cache_falls_back_to_small_pages_where_the_kernel_refuses_huge_ones(monkeypatch):
+    import mmap
+    import types
+    import classifiers.training as training
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        pytest.skip("no MADV_HUGEPAGE on this platform")
+
+    class Refusing(mmap.mmap):
+        def madvise(self, *args):
+            raise OSError(22, "Invalid argument")  # a kernel built without transparent huge pages
+
+    monkeypatch.setattr(training, "mmap", types.SimpleNamespace(
+        mmap=Refusing, MADV_HUGEPAGE=mmap.MADV_HUGEPAGE, MAP_PRIVATE=mmap.MAP_PRIVATE, MAP_ANONYMOUS=mmap.MAP_ANONYMOUS))
+    cache = training.zeros_on_huge_pages(40, 3, torch.device("cpu"))
+    assert cache.shape == (40, 3) and not cache.any()
+
+
 def test_knn_pickles_only_its_own_rows_and_refuses_an_old_faiss_pickle(data):
     import pickle
     (Xtr, ytr), (X, _) = data["train"], data["test"]
