@@ -458,7 +458,9 @@ def main(argv=None) -> int:
         results["sgemm_gflops"] = float(np.median([m["sgemm_gflops"] for m in results["machine"]]))
         results["copy_gbps"] = float(np.median([m["copy_gbps"] for m in results["machine"]]))
         results["logits_bytes"] = logits_bytes
-        if not args.no_peers:
+        if not args.no_peers and device.type != "cpu":
+            print("peers: they run on the CPU, so they are compared only with --device cpu", file=sys.stderr)
+        elif not args.no_peers:
             cache = FeatureCache.open(Path(tmp) / "bench")
             splits = {s: cache.split(s) for s in ("train", "val", "test")}
             data = {name: (torch.from_numpy(s.features).to(device), s.labels) for name, s in splits.items()}

@@ -28,7 +28,9 @@ def test_extract_on_cuda_matches_cpu(tiny_ckpt, tmp_path, runner):
                                         "--cache-dir", tmp_path / device, "--quiet"]).output.split()[-1]
              for device in ("cpu", "cuda")]
     cpu, gpu = (FeatureCache.open(p).split("test").features for p in paths)
-    assert np.abs(cpu - gpu).max() <= 1e-4 * np.abs(cpu).max()
+    # cuDNN convolutions run in TF32 by default (torch.backends.cudnn.allow_tf32): a 10-bit mantissa,
+    # about 1e-3 relative; the first H200 run measured 5.5e-4 of the largest feature
+    assert np.abs(cpu - gpu).max() <= 2e-3 * np.abs(cpu).max()
 
 
 def test_train_on_cuda_with_amp(tmp_path, runner):
