@@ -146,7 +146,8 @@ class FrozenLogits:
     def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cached:
             return self.logits.index_select(0, indices), self.labels.index_select(0, indices)
-        return torch.addmm(self.bias, self.X.index_select(0, indices).float(), self.weight_t), self.y.index_select(0, indices)
+        logits = torch.addmm(self.bias, self.X.index_select(0, indices).float(), self.weight_t)
+        return logits, self.y.index_select(0, indices)
 
     def rows(self, indices: torch.Tensor) -> torch.Tensor:
         return self.drawn.index_select(0, indices) if self.cached else indices
