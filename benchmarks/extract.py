@@ -26,7 +26,7 @@ from featcache.batches import iterate_batches  # noqa: E402
 from featcache.checkpoints import load_checkpoint, load_model  # noqa: E402
 from featcache.datasets import FASHION_MNIST_ROOT, DataSpec  # noqa: E402
 from featcache.extract import ExtractRequest, extract  # noqa: E402
-from featcache.store import EntryWriter, FeatureCache, entry_lock  # noqa: E402
+from featcache.store import FeatureCache, writing  # noqa: E402
 
 
 def pure_forward_seconds(ckpt: Path, spec: DataSpec, arch: str, batch_size: int, splits: list[str]) -> float:
@@ -64,15 +64,9 @@ def storage_table(features: np.ndarray, labels: np.ndarray, root: Path) -> list[
     for dtype in ("float32", "float16"):
         for compression in ("none", "lzf", "gzip"):
             key = f"{dtype}-{compression}"
-            writer = EntryWriter(root, key, {"feature_dim": features.shape[1], "dtype": dtype, "num_classes": 10})
             began = time.perf_counter()
-            with entry_lock(root, key):
-                split = writer.split_writer("train", rows=len(labels), dim=features.shape[1], dtype=dtype,
-                                            shard_rows=65536, compression=compression)
-                for index in split.pending_shards():
-                    a, b = split.shard_range(index)
-                    split.write_shard(index, features[a:b], labels[a:b], np.arange(a, b))
-                split.finish(np.bincount(labels, minlength=10))
+            with writing(root, key, {"feature_dim": features.shape[1], "dtype": dtype, "num_classes": 10}) as entry:
+                entry.write_split("train", features, labels, compression=compression)
             write_s = time.perf_counter() - began
             size = sum(p.stat().st_size for p in (root / key / "train").glob("*.h5"))
             read_s = min(_timed(lambda: FeatureCache.open(root / key).split("train")) for _ in range(3))
@@ -105,13 +99,13 @@ def main(argv=None) -> int:
         splits = [s for s in ("train", "val", "test") if s in source.splits]
         images = sum(len(source.split(s)) for s in splits)
         pure_forward_seconds(ckpt, spec, args.arch, args.batch_size, splits[-1:])  # warm-up: imports, caches
-        extract(ExtractRequest(str(ckpt), data=spec, splits=splits[-1:], cache_dir=str(Path(tmp) / "warm"),
+        extract(ExtractRequest(ckpt=str(ckpt), data=spec, splits=splits[-1:], cache_dir=str(Path(tmp) / "warm"),
                                batch_size=args.batch_size, progress=False))
         forward_s, extract_s = [], []
         for attempt in range(args.runs):  # interleaved: this machine is noisy, its load drifts
             forward_s.append(pure_forward_seconds(ckpt, spec, args.arch, args.batch_size, splits))
             began = time.perf_counter()
-            entry = extract(ExtractRequest(str(ckpt), data=spec, cache_dir=str(Path(tmp) / f"cache{attempt}"),
+            entry = extract(ExtractRequest(ckpt=str(ckpt), data=spec, cache_dir=str(Path(tmp) / f"cache{attempt}"),
                                            batch_size=args.batch_size, progress=False))
             extract_s.append(time.perf_counter() - began)
         train = FeatureCache.open(entry).split("train")

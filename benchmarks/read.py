@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.stage2 import best_of  # noqa: E402
-from featcache.store import EntryWriter, FeatureCache, entry_lock, fletcher32  # noqa: E402
+from featcache.store import FeatureCache, fletcher32, writing  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -33,14 +33,9 @@ def main(argv=None) -> int:
     labels = rng.integers(0, 10, args.rows)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        writer = EntryWriter(root, "bench", {"kind": "benchmark", "feature_dim": args.dim, "dtype": "float32",
-                                             "num_classes": 10})
-        with entry_lock(root, "bench"):
-            out = writer.split_writer("train", rows=args.rows, dim=args.dim, dtype="float32", shard_rows=65536)
-            for index in out.pending_shards():
-                a, b = out.shard_range(index)
-                out.write_shard(index, features[a:b], labels[a:b], np.arange(a, b))
-            out.finish(np.bincount(labels, minlength=10))
+        with writing(root, "bench", {"kind": "benchmark", "feature_dim": args.dim, "dtype": "float32",
+                                     "num_classes": 10}) as entry:
+            entry.write_split("train", features, labels)
         np.save(root / "train.npy", features)
         assert np.array_equal(FeatureCache.open(root / "bench").split("train").features, features)
         npload = best_of(lambda: np.load(root / "train.npy"), 5)

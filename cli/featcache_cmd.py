@@ -98,10 +98,12 @@ def extract(ckpt, arch, data_spec, splits, cache_dir, dtype, compression, batch_
     from featcache.distributed import Dist
     from featcache.extract import ExtractRequest, extract as run_extract
 
-    request = ExtractRequest(ckpt, arch, data_spec, comma_list(splits) or None, cache_dir, dtype, batch_size,
-                             num_workers, shard_rows, compression, device, allow_nonfinite, not quiet,
-                             on_bad_image, zeroshot_head, class_names, templates, name, trust_checkpoint,
-                             views, train_transform, view_seed)
+    request = ExtractRequest(
+        ckpt=ckpt, arch=arch, data=data_spec, splits=comma_list(splits) or None, cache_dir=cache_dir, dtype=dtype,
+        batch_size=batch_size, num_workers=num_workers, shard_rows=shard_rows, compression=compression, device=device,
+        allow_nonfinite=allow_nonfinite, progress=not quiet, on_bad_image=on_bad_image, zeroshot_head=zeroshot_head,
+        class_names=class_names, templates=templates, name=name, trust_checkpoint=trust_checkpoint, views=views,
+        train_transform=train_transform, view_seed=view_seed)
     path = run_extract(request)
     if Dist.from_env().is_main:
         click.echo(str(path))

@@ -7,7 +7,6 @@ Backbones are this project's (``featcache archs``) or delegated to timm / open_c
 from __future__ import annotations
 
 import collections
-import contextlib
 import platform
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,14 +24,16 @@ from .datasets import DataSource, DataSpec
 from .distributed import Dist, resolve_device
 from .errors import FeatcacheError
 from .foundation import OPEN_CLIP, TIMM, Backbone, is_foundation, open_clip_backbone, timm_backbone, zeroshot_inputs
-from .store import EntryWriter, cache_root, content_key, entry_lock
+from .store import EntryWriter, cache_root, content_key, writing
 
 DEFAULT_SPLITS = ("train", "val", "test")
 VIEWS_SPLIT = "train"  # the split that gets --views K views per sample; the others keep one
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ExtractRequest:
+    """What ``featcache extract`` is asked for (the CLI's options, by name)."""
+
     ckpt: str
     arch: str | None = None
     data: DataSpec | None = None
@@ -86,8 +87,52 @@ def _check_labels(source: DataSource, splits: list[str], num_classes: int | None
                                  f"{num_classes}-class classifier in {ckpt}")
 
 
+@dataclass
+class _Extraction:
+    """One extraction's state, shared by the functions that run it."""
+
+    request: ExtractRequest
+    checkpoint: Checkpoint
+    arch: str
+    backbone: Backbone
+    data_spec: DataSpec
+    source: DataSource
+    num_classes: int
+    dist: Dist
+    device: torch.device
+    view_transform: tuple[str, str] | None  # (name, description) of views 1..K-1; None: one view
+    bar: object = None  # the progress bar, while splits are extracted
+
+    def views_of(self, split: str) -> int:
+        return self.request.views if self.view_transform and split == VIEWS_SPLIT else 1
+
+
 def extract(request: ExtractRequest) -> Path:
     """Return the entry directory holding every requested split, computing only what is missing."""
+    run, splits = _prepare(request)
+    identity = {"checkpoint_sha256": run.checkpoint.sha256, "arch": run.arch, "data": run.source.identity,
+                "transform": run.backbone.transform_description or run.source.transform_description,
+                "dtype": request.dtype, **run.backbone.key}
+    if run.view_transform:
+        identity["views"] = {"count": request.views, "train_transform": run.view_transform[1],
+                             "seed": request.view_seed, "split": VIEWS_SPLIT}
+    if request.on_bad_image == "skip":
+        identity["on_bad_image"] = "skip"
+    dist = run.dist
+    with writing(cache_root(request.cache_dir), content_key(identity), _base_meta(run, identity),
+                 name=request.name, coordinator=dist.is_main) as entry:
+        dist.barrier()
+        todo = [s for s in splits if s not in entry.complete_splits()]
+        dist.barrier()
+        if todo:
+            if request.on_bad_image == "skip":
+                _skip_undecodable(run.source, todo)
+            _extract_splits(run, entry, todo)
+    return entry.path
+
+
+def _prepare(request: ExtractRequest) -> tuple[_Extraction, list[str]]:
+    """Check the request, load the checkpoint, the data set and the backbone; the splits to extract."""
     dist = Dist.from_env()
     ckpt = request.ckpt
     if str(ckpt).startswith(HF_HUB_PREFIX) and (request.arch or "").startswith(OPEN_CLIP):
@@ -103,6 +148,8 @@ def extract(request: ExtractRequest) -> Path:
         raise FeatcacheError(f"--zeroshot-head / --class-names / --templates need an open_clip/ arch, not {arch}")
     if (request.class_names or request.templates) and not request.zeroshot_head:
         raise FeatcacheError("--class-names / --templates are the zero-shot head's: add --zeroshot-head")
+    if request.on_bad_image not in ("fail", "skip"):
+        raise FeatcacheError(f"--on-bad-image {request.on_bad_image!r}: choose fail or skip")
     data_spec = resolve_data(checkpoint, request.data)
     source = data_spec.load()
     splits = request.splits or [s for s in DEFAULT_SPLITS if s in source.splits]
@@ -117,54 +164,29 @@ def extract(request: ExtractRequest) -> Path:
     device = dist.device(resolve_device(request.device))
     backbone = load_backbone(checkpoint, arch, source, data_spec, request, device)
     _check_labels(source, splits, backbone.num_classes, checkpoint.path)
-    num_classes = max(backbone.num_classes or 0, source.num_classes)
-    transform = backbone.transform_description or source.transform_description
-    identity = {"checkpoint_sha256": checkpoint.sha256, "arch": arch, "data": source.identity,
-                "transform": transform, "dtype": request.dtype, **backbone.key}
     view_transform = _view_transform(request, source, backbone)
     if view_transform and VIEWS_SPLIT not in splits:
         raise FeatcacheError(f"--views {request.views} applies to the {VIEWS_SPLIT!r} split; add it to --split "
                              f"(asked for: {', '.join(splits)})")
-    if view_transform:
-        identity["views"] = {"count": request.views, "train_transform": view_transform[1],
-                             "seed": request.view_seed, "split": VIEWS_SPLIT}
-    if request.on_bad_image == "skip":
-        identity["on_bad_image"] = "skip"
-    elif request.on_bad_image != "fail":
-        raise FeatcacheError(f"--on-bad-image {request.on_bad_image!r}: choose fail or skip")
-    key = content_key(identity)
-    root = cache_root(request.cache_dir)
-    base_meta = {"kind": "extract", "name": request.name, "arch": arch, "feature_dim": backbone.feature_dim,
-                 "dtype": request.dtype, "compression": request.compression, "num_classes": num_classes,
-                 "checkpoint": {"sha256": checkpoint.sha256, "path": str(checkpoint.path),
-                                "format": checkpoint.format, "training": training_summary(checkpoint)},
-                 "data": {"spec": data_spec.to_dict(), "identity": source.identity},
-                 "transform": transform, "class_names": source.class_names,
-                 "versions": versions()}
+    num_classes = max(backbone.num_classes or 0, source.num_classes)
+    run = _Extraction(request, checkpoint, arch, backbone, data_spec, source, num_classes, dist, device,
+                      view_transform)
+    return run, splits
+
+
+def _base_meta(run: _Extraction, identity: dict) -> dict:
+    """The new entry's manifest fields (besides its splits)."""
+    request, checkpoint, backbone = run.request, run.checkpoint, run.backbone
+    meta = {"kind": "extract", "name": request.name, "arch": run.arch, "feature_dim": backbone.feature_dim,
+            "dtype": request.dtype, "compression": request.compression, "num_classes": run.num_classes,
+            "checkpoint": {"sha256": checkpoint.sha256, "path": str(checkpoint.path),
+                           "format": checkpoint.format, "training": training_summary(checkpoint)},
+            "data": {"spec": run.data_spec.to_dict(), "identity": run.source.identity},
+            "transform": identity["transform"], "class_names": run.source.class_names,
+            "versions": versions()}
     if backbone.meta:
-        base_meta["backbone"] = backbone.meta
-    writer = EntryWriter(root, key, base_meta)
-    lock = entry_lock(root, key) if dist.is_main else contextlib.nullcontext()
-    with lock:
-        if dist.is_main:
-            writer.remove_stale_temporaries()
-            if request.name:
-                writer.set_name(request.name)
-        dist.barrier()
-        todo = [s for s in splits if s not in writer.complete_splits()]
-        dist.barrier()
-        if not todo:
-            return writer.path
-        if request.on_bad_image == "skip":
-            _skip_undecodable(source, todo)
-        try:
-            _extract_splits(request, writer, checkpoint, backbone, source, todo, num_classes, dist, device,
-                            view_transform)
-        except Exception:
-            if dist.is_main:
-                writer.discard_incomplete()
-            raise
-    return writer.path
+        meta["backbone"] = backbone.meta
+    return meta
 
 
 def _view_transform(request: ExtractRequest, source: DataSource, backbone: Backbone) -> tuple[str, str] | None:
@@ -218,51 +240,45 @@ def _skip_undecodable(source: DataSource, splits: list[str]) -> None:
         source.split(name)  # an all-bad split is an empty split: a clear error
 
 
-def _extract_splits(request, writer, checkpoint, backbone, source, todo, num_classes, dist, device,
-                    view_transform=None) -> None:
+def _extract_splits(run: _Extraction, entry: EntryWriter, todo: list[str]) -> None:
     from tqdm.auto import tqdm
 
-    classifier_record = None
-    if dist.is_main and backbone.num_classes is not None and writer.existing_manifest() is None:
-        classifier_record = writer.write_classifier(*backbone.classifier())
-    def views_of(name):
-        return request.views if view_transform and name == VIEWS_SPLIT else 1
-
-    total = sum(len(source.split(s)) * views_of(s) for s in todo)
+    request, backbone, dist = run.request, run.backbone, run.dist
+    if backbone.num_classes is not None and entry.takes_classifier:
+        entry.write_classifier(*backbone.classifier())
+    total = sum(len(run.source.split(s)) * run.views_of(s) for s in todo)
     with tqdm(total=total, unit="img", desc="extract", disable=not (request.progress and dist.is_main),
-              dynamic_ncols=True, leave=False) as bar, \
+              dynamic_ncols=True, leave=False) as run.bar, \
             _ShardWriter(max_bytes=request.shard_rows * backbone.feature_dim * 4) as background:
         for name in todo:
-            samples = source.split(name)
-            views = views_of(name)
-            split = writer.split_writer(name, rows=len(samples) * views, dim=backbone.feature_dim,
-                                        dtype=request.dtype, shard_rows=request.shard_rows,
-                                        compression=request.compression, views=views)
+            samples = run.source.split(name)
+            views = run.views_of(name)
+            split = entry.split_writer(name, rows=len(samples) * views, dim=backbone.feature_dim,
+                                       dtype=request.dtype, shard_rows=request.shard_rows,
+                                       compression=request.compression, views=views)
             mine = [i for i in range(split.num_shards) if i % dist.world_size == dist.rank]
             pending = [i for i in mine if not split.shard_is_complete(i)]
-            bar.update(sum(split.rows_in_shard(i) for i in mine if i not in pending) * dist.world_size)
+            run.bar.update(sum(split.rows_in_shard(i) for i in mine if i not in pending) * dist.world_size)
             writes = []
             for index in pending:
                 start, stop = split.shard_range(index)
-                features, labels, ids = _forward_rows(backbone, source, samples, start, stop, request, device, bar,
-                                                      dist.world_size, view_transform)
+                features, labels, ids = _forward_rows(run, samples, start, stop)
                 if not request.allow_nonfinite and not np.isfinite(features).all():
                     bad = int(np.flatnonzero(~np.isfinite(features).all(axis=1))[0]) + start
                     raise FeatcacheError(f"non-finite features in split {name!r} (row {bad}) from checkpoint "
-                                         f"{checkpoint.path}; --allow-nonfinite stores them anyway")
+                                         f"{run.checkpoint.path}; --allow-nonfinite stores them anyway")
                 writes.append(background.submit(split.write_shard, index, features, labels, ids,
                                                 nbytes=features.nbytes))
-            counts = samples.class_counts(num_classes)
-            extra = {"view_transform": view_transform[1], "view_seed": request.view_seed} if views > 1 else None
+            counts = samples.class_counts(run.num_classes)
+            extra = {"view_transform": run.view_transform[1], "view_seed": request.view_seed} if views > 1 else None
             if dist.world_size == 1:  # commit the split behind the next split's forward pass
-                background.submit(_finish_after, writes, split, counts, classifier_record, extra)
+                background.submit(_finish_after, writes, split, counts, extra)
             else:  # every rank's shards are written before rank 0 commits the split
                 background.drain()
                 dist.barrier()
                 if dist.is_main:
-                    split.finish(counts, classifier_record, extra)
+                    split.finish(counts, extra)
                 dist.barrier()
-            classifier_record = None
 
 
 class _ShardWriter:
@@ -306,36 +322,36 @@ class _ShardWriter:
             self.pool.shutdown(wait=True)
 
 
-def _finish_after(writes: list[Future], split, counts: np.ndarray, classifier_record, extra: dict | None) -> None:
+def _finish_after(writes: list[Future], split, counts: np.ndarray, extra: dict | None) -> None:
     """Commit ``split`` once its shard writes (earlier tasks of the same thread) have succeeded."""
     for write in writes:
         write.result()
-    split.finish(counts, classifier_record, extra)
+    split.finish(counts, extra)
 
 
-def _forward_rows(backbone, source, samples, start, stop, request, device, bar, world_size, view_transform):
+def _forward_rows(run: _Extraction, samples, start: int, stop: int):
     """Features of the view-major rows [start, stop): row v * N + i is view v of sample i. Each view's
     part is its own pass; view 0 runs exactly as a single-view extraction (same batches)."""
     n = len(samples)
     parts = []
     for view in range(start // n, (stop - 1) // n + 1):
         first, last = max(start, view * n) - view * n, min(stop, (view + 1) * n) - view * n
-        augment = ViewAugment(view_transform[0], request.view_seed, view) if view else None
-        parts.append(_forward(backbone, source, samples, np.arange(first, last), request, device, bar,
-                              world_size, augment))
+        augment = ViewAugment(run.view_transform[0], run.request.view_seed, view) if view else None
+        parts.append(_forward(run, samples, np.arange(first, last), augment))
     return tuple(np.concatenate(arrays) for arrays in zip(*parts)) if len(parts) > 1 else parts[0]
 
 
 @torch.no_grad()
-def _forward(backbone, source, samples, rows, request, device, bar, world_size, view=None):
+def _forward(run: _Extraction, samples, rows, view=None):
+    backbone, request = run.backbone, run.request
     chunks, labels, ids = [], [], []
-    for images, batch_labels, batch_ids in iterate_batches(source, samples, rows, request.batch_size,
+    for images, batch_labels, batch_ids in iterate_batches(run.source, samples, rows, request.batch_size,
                                                            channels=backbone.channels,
                                                            num_workers=request.num_workers,
                                                            transform=backbone.transform, view=view):
-        features = backbone.features(images.to(device, non_blocking=True))
+        features = backbone.features(images.to(run.device, non_blocking=True))
         chunks.append(features.float().cpu().numpy())
         labels.append(batch_labels.numpy())
         ids.append(batch_ids.numpy())
-        bar.update(len(batch_labels) * world_size)
+        run.bar.update(len(batch_labels) * run.dist.world_size)
     return np.concatenate(chunks), np.concatenate(labels), np.concatenate(ids)

@@ -9,7 +9,7 @@ import numpy as np
 
 from .errors import FeatcacheError
 from .safe_pickle import load_restricted, torch_load
-from .store import EntryWriter, cache_root, cast_overflow, content_key, entry_lock, sha256_file
+from .store import cache_root, cast_overflow, content_key, sha256_file, writing
 
 FEATURE_KEYS, LABEL_KEYS = ("features", "feats"), ("labels",)
 MAX_CLASSES = 1_000_000  # a label beyond this is an id, not a class index (and its counts would not fit)
@@ -112,28 +112,12 @@ def import_features(splits: dict[str, str], *, name: str, classifier_ckpt: str |
                  "class_names": [], "versions": {}}
     from .extract import versions
     base_meta["versions"] = versions()
-    writer = EntryWriter(root, key, base_meta)
-    with entry_lock(root, key):
-        writer.remove_stale_temporaries()
-        done = writer.complete_splits()
-        try:
-            record = None
-            if classifier is not None and writer.existing_manifest() is None:
-                record = writer.write_classifier(*classifier)
-            for split, (features, labels, indices) in loaded.items():
-                if split in done:
-                    continue
-                rows = len(labels)
-                indices = np.arange(rows, dtype=np.int64) if indices is None else indices
-                out = writer.split_writer(split, rows=rows, dim=dim, dtype=dtype, shard_rows=shard_rows,
-                                          compression=compression)
-                for index in out.pending_shards():
-                    start, stop = out.shard_range(index)
-                    out.write_shard(index, np.asarray(features[start:stop], np.float32),
-                                    labels[start:stop], indices[start:stop])
-                out.finish(np.bincount(labels, minlength=num_classes), record)
-                record = None
-        except Exception:
-            writer.discard_incomplete()
-            raise
-    return writer.path
+    with writing(root, key, base_meta) as entry:
+        done = entry.complete_splits()
+        if classifier is not None:
+            entry.write_classifier(*classifier)
+        for split, (features, labels, indices) in loaded.items():
+            if split not in done:
+                entry.write_split(split, features, labels, indices, num_classes=num_classes, dtype=dtype,
+                                  shard_rows=shard_rows, compression=compression)
+    return entry.path

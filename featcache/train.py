@@ -7,7 +7,6 @@ its slice of one global index stream; only rank 0 logs and writes checkpoints.""
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,10 +56,10 @@ class TrainConfig:
         return payload
 
 
-def _atomic_save(payload: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+def _save_checkpoint(payload: dict, path: Path) -> None:
+    from .store import atomic_output
+    with atomic_output(path) as handle:
+        torch.save(payload, handle)
 
 
 def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
@@ -202,8 +201,8 @@ def train(config: TrainConfig) -> Path:
                    "args": config.to_dict(), "data": config.data.to_dict(),
                    "train_ids": torch.from_numpy(train_split.ids), "class_counts": counts.tolist(),
                    "versions": versions()}
-        _atomic_save(payload, out / "last.pt")
+        _save_checkpoint(payload, out / "last.pt")
         if improved and val:
-            _atomic_save(payload, out / "best.pt")
+            _save_checkpoint(payload, out / "best.pt")
     dist.barrier()
     return out / "last.pt"

@@ -61,7 +61,7 @@ def install(point: str) -> None:
 
     store.SplitWriter.write_shard = write_shard
     h5py.Group.create_dataset = create_dataset
-    store.os.replace = replace
+    os.replace = replace
     store.EntryWriter.commit_split = commit_split
     extract_module._extract_splits = extract_splits
 

@@ -9,7 +9,7 @@ import torch
 from cli.featcache_cmd import main as featcache
 from featcache import FeatureCache
 from featcache.errors import CorruptEntryError, FeatcacheError, UnknownFormatError
-from featcache.store import EntryWriter, entry_lock
+from featcache.store import writing
 from tests.conftest import invoke
 
 
@@ -17,14 +17,9 @@ def make_entry(root, rows=300, dim=16, shard_rows=100, key="k"):
     rng = np.random.default_rng(0)
     features = rng.normal(size=(rows, dim)).astype(np.float32)
     labels = rng.integers(0, 5, size=rows)
-    writer = EntryWriter(root, key, {"kind": "test", "feature_dim": dim, "dtype": "float32", "num_classes": 5})
-    with entry_lock(root, key):
-        split = writer.split_writer("train", rows=rows, dim=dim, dtype="float32", shard_rows=shard_rows)
-        for i in split.pending_shards():
-            a, b = split.shard_range(i)
-            split.write_shard(i, features[a:b], labels[a:b], np.arange(a, b))
-        split.finish(np.bincount(labels, minlength=5))
-    return writer.path, features, labels
+    with writing(root, key, {"kind": "test", "feature_dim": dim, "dtype": "float32", "num_classes": 5}) as entry:
+        entry.write_split("train", features, labels, shard_rows=shard_rows)
+    return entry.path, features, labels
 
 
 def test_round_trip(tmp_path):
@@ -117,11 +112,10 @@ def test_commit_records_each_shards_file_hash_once_and_rehashes_a_changed_one(tm
     from featcache import store
     rng = np.random.default_rng(1)
     features, labels = rng.normal(size=(200, 8)).astype(np.float32), rng.integers(0, 5, size=200)
-    writer = EntryWriter(tmp_path, "k", {"kind": "test", "feature_dim": 8, "dtype": "float32", "num_classes": 5})
     hashed = []
     original = store.sha256_file
-    monkeypatch.setattr(store, "sha256_file", lambda path, **kw: hashed.append(path) or original(path, **kw))
-    with entry_lock(tmp_path, "k"):
+    monkeypatch.setattr(store.writer, "sha256_file", lambda path, **kw: hashed.append(path) or original(path, **kw))
+    with writing(tmp_path, "k", {"kind": "test", "feature_dim": 8, "dtype": "float32", "num_classes": 5}) as writer:
         split = writer.split_writer("train", rows=200, dim=8, dtype="float32", shard_rows=100)
         for i in split.pending_shards():
             a, b = split.shard_range(i)

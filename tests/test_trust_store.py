@@ -146,7 +146,7 @@ def test_fletcher32_matches_hdf5s_definition(size):
 
 def test_fletcher32_matches_the_checksums_hdf5_stores(tmp_path):
     import h5py
-    from featcache.store import _stored_fletcher_matches
+    from featcache.store import stored_fletcher_matches as _stored_fletcher_matches
     rng = np.random.default_rng(0)
     with h5py.File(tmp_path / "f.h5", "w") as handle:
         handle.create_dataset("a", data=rng.normal(size=(5000, 33)).astype(np.float32), chunks=(700, 33), fletcher32=True)

@@ -1,0 +1,300 @@
+"""Reading a complete entry through its manifest: the splits' rows, the checkpoint classifier, and
+the checks every read makes (file size and mtime else SHA-256, each chunk's Fletcher-32, shapes,
+labels, views and class counts)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import CorruptEntryError, FeatcacheError, UnknownFormatError
+from .checksum import sha256_file, stored_fletcher_matches
+from .format import MANIFEST, SUPPORTED_FORMAT_VERSIONS, manifest_problem
+
+
+@dataclass
+class Split:
+    """Rows of one split: features (rows x D) in the entry's dtype (float32, or float16: half the
+    memory; Stage 2 upcasts chunk by chunk), int64 labels, sample ids and view numbers.
+
+    A multi-view split (``num_views`` K > 1) is stored view-major: row ``v * N + i`` is view ``v`` of
+    the i-th sample, so ``features.reshape(K, N, D)[v]`` is view ``v`` and rows ``[0, N)`` are view 0."""
+
+    name: str
+    features: np.ndarray
+    labels: np.ndarray
+    indices: np.ndarray
+    views: np.ndarray
+    num_views: int = 1
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.labels) // self.num_views
+
+    def view(self, view: int) -> "Split":
+        """The N rows of one view (zero-copy slices)."""
+        if not 0 <= view < self.num_views:
+            raise FeatcacheError(f"split {self.name!r} has views 0..{self.num_views - 1}, not {view}")
+        if self.num_views == 1:
+            return self
+        rows = slice(view * self.num_samples, (view + 1) * self.num_samples)
+        return Split(self.name, self.features[rows], self.labels[rows], self.indices[rows], self.views[rows])
+
+    def view_stack(self) -> np.ndarray:
+        """All views as K x N x D (a zero-copy reshape of ``features``)."""
+        return self.features.reshape(self.num_views, self.num_samples, -1)
+
+
+class FeatureCache:
+    """A complete cache entry, read through its manifest."""
+
+    def __init__(self, path: Path, manifest: dict, check_chunks: bool = True):
+        self.path = path
+        self.meta = manifest
+        self.check_chunks = check_chunks
+        self._loaded: dict[str, Split] = {}
+        self._classifier = None
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, check_chunks: bool = True) -> "FeatureCache":
+        """Open a complete entry. Every read checks each chunk's fletcher32; ``check_chunks=False``
+        skips that on the uncompressed fast path, for explicitly trusted scratch entries only."""
+        path = Path(path)
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise FeatcacheError(f"{path} is not a complete cache entry (no {MANIFEST})")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CorruptEntryError(f"{manifest_path} is not valid JSON: {exc}") from None
+        except OSError as exc:
+            raise CorruptEntryError(f"{manifest_path} cannot be read: {exc.strerror or exc}") from None
+        if not isinstance(manifest, dict):
+            raise CorruptEntryError(f"{manifest_path} is not a JSON object")
+        version = manifest.get("format_version")
+        if version not in SUPPORTED_FORMAT_VERSIONS:
+            raise UnknownFormatError(
+                f"{manifest_path} has format_version {version!r}; this featcache reads "
+                f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))} (upgrade featcache)")
+        problem = manifest_problem(manifest)
+        if problem:
+            raise CorruptEntryError(f"{manifest_path} is damaged: {problem}")
+        return cls(path, manifest, check_chunks)
+
+    def quick_check(self) -> str | None:
+        """Every listed file present with its recorded size (no hashing); the first problem, or None."""
+        for info in self._listed_files():
+            path = self.path / info["file"]
+            if not path.is_file():
+                return f"{path} is missing"
+            if path.stat().st_size != info["size"]:
+                return f"{path} has {path.stat().st_size} bytes, the manifest says {info['size']}"
+        return None
+
+    def _listed_files(self) -> list[dict]:
+        files = [s for split in self.meta["splits"].values() for s in split["shards"]]
+        if self.meta.get("classifier"):
+            files.append(self.meta["classifier"])
+        return files
+
+    @property
+    def key(self) -> str:
+        return self.meta["key"]
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.meta["splits"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta["num_classes"])
+
+    def class_counts(self, split: str) -> np.ndarray:
+        return np.asarray(self._split_meta(split)["class_counts"], dtype=np.int64)
+
+    def _split_meta(self, name: str) -> dict:
+        try:
+            return self.meta["splits"][name]
+        except KeyError:
+            raise FeatcacheError(
+                f"entry {self.path} has no split {name!r} (it has: {', '.join(self.splits) or 'none'})"
+            ) from None
+
+    def num_views(self, split: str) -> int:
+        """Views per sample of ``split`` (1 unless extracted with ``--views K``)."""
+        return int(self._split_meta(split).get("views", 1))
+
+    def split(self, name: str, view: int | None = 0) -> Split:
+        """The rows of one view of split ``name`` (default view 0: one row per sample, the eval
+        transform's features); ``view=None`` gives all rows of every view. Loaded once."""
+        if name not in self._loaded:
+            self._loaded[name] = self._read_split(name)
+        split = self._loaded[name]
+        return split if view is None else split.view(view)
+
+    def release(self) -> None:
+        """Forget the loaded splits (their memory goes back once no caller holds them)."""
+        self._loaded.clear()
+
+    @property
+    def classifier(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The checkpoint's final linear layer ``(W: C x D, b: C)`` as float32, or None."""
+        info = self.meta.get("classifier")
+        if info is None:
+            return None
+        if self._classifier is None:
+            path = self.path / info["file"]
+            self._check_file(path, info)
+            with self._h5(path) as handle:
+                self._classifier = (handle["weight"][...].astype(np.float32),
+                                    handle["bias"][...].astype(np.float32))
+        return self._classifier
+
+    def _check_file(self, path: Path, info: dict) -> None:
+        """Trust a file whose size and mtime are as written; otherwise re-hash it."""
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            raise CorruptEntryError(f"{path} is listed in the manifest but missing") from None
+        if stat.st_size == info["size"] and stat.st_mtime_ns == info["mtime_ns"]:
+            return
+        if stat.st_size != info["size"] or sha256_file(path) != info["sha256"]:
+            raise CorruptEntryError(f"{path} fails its sha256 checksum (run `featcache verify`)")
+
+    @contextlib.contextmanager
+    def _h5(self, path: Path):
+        try:
+            with h5py.File(path, "r") as handle:
+                yield handle
+        except (OSError, KeyError) as exc:
+            raise CorruptEntryError(f"{path} cannot be read ({exc}); run `featcache verify`") from None
+
+    def _read_split(self, name: str) -> Split:
+        meta = self._split_meta(name)
+        rows, dim = int(meta["rows"]), int(self.meta["feature_dim"])
+        features = np.empty((rows, dim), dtype=np.float16 if self.meta["dtype"] == "float16" else np.float32)
+        labels = np.empty(rows, dtype=np.int64)
+        indices = np.empty(rows, dtype=np.int64)
+        views = np.empty(rows, dtype=np.int64)
+        num_views = self.num_views(name)
+        for shard in meta["shards"]:
+            path = self.path / shard["file"]
+            self._check_file(path, shard)
+            start, stop = shard["row_start"], shard["row_start"] + shard["rows"]
+            with self._h5(path) as handle:
+                for key, out in (("features", features), ("labels", labels), ("indices", indices),
+                                 ("views", views)):
+                    if key == "views" and key not in handle and num_views == 1:
+                        out[start:stop] = 0  # written by format version 1: one view
+                        continue
+                    if key not in handle:
+                        raise CorruptEntryError(f"{path} has no {key!r} dataset")
+                    _read_into(handle[key], out[start:stop], self.check_chunks)
+            outside = labels[start:stop][(labels[start:stop] < 0) | (labels[start:stop] >= self.num_classes)]
+            if len(outside):
+                raise CorruptEntryError(f"{path}: label {int(outside[0])} is outside 0..{self.num_classes - 1} "
+                                        "(num_classes in the manifest)")
+        samples = rows // num_views
+        if not np.array_equal(views, np.arange(rows) // max(1, samples)):
+            raise CorruptEntryError(f"{self.path / name}: the 'views' of split {name!r} are not in the documented "
+                                    f"view-major order for {num_views} view(s) of {samples} samples")
+        for view in range(1, num_views):
+            block = slice(view * samples, (view + 1) * samples)
+            if not (np.array_equal(indices[block], indices[:samples]) and np.array_equal(labels[block], labels[:samples])):
+                raise CorruptEntryError(f"{self.path / name}: view {view} of split {name!r} does not hold the samples "
+                                        "of view 0 in the same order")
+        counts = np.bincount(labels[:samples], minlength=self.num_classes)
+        if not np.array_equal(counts, self.class_counts(name)):
+            raise CorruptEntryError(f"{self.path / MANIFEST}: class_counts of split {name!r} do not match "
+                                    "the labels in its shards")
+        return Split(name, features, labels, indices, views, num_views)
+
+    def verify(self) -> list[str]:
+        """Re-hash every file the manifest lists; return one message per bad file."""
+        problems = []
+        for info in self._listed_files():
+            path = self.path / info["file"]
+            if not path.is_file():
+                problems.append(f"{path}: missing")
+            elif sha256_file(path) != info["sha256"]:
+                problems.append(f"{path}: sha256 mismatch")
+        if problems:
+            return problems
+        for name in self.splits:  # every chunk's fletcher32, shapes, rows and class counts
+            try:
+                FeatureCache(self.path, self.meta)._read_split(name)
+            except CorruptEntryError as exc:
+                problems.append(str(exc))
+        return problems
+
+    def disk_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+
+
+def _read_into(dataset, out: np.ndarray, check_chunks: bool = True) -> None:
+    if dataset.shape[0] != out.shape[0]:
+        raise CorruptEntryError(f"{dataset.file.filename}: {dataset.name} has {dataset.shape[0]} rows, "
+                                f"manifest says {out.shape[0]}")
+    if dataset.shape[1:] != out.shape[1:]:
+        raise CorruptEntryError(f"{dataset.file.filename}: {dataset.name} has shape {dataset.shape}, "
+                                f"manifest says {out.shape}")
+    if check_chunks and not dataset.fletcher32:
+        raise CorruptEntryError(f"{dataset.file.filename}: {dataset.name} has no fletcher32 checksums")
+    if dataset.dtype != out.dtype:
+        out[...] = dataset[...]  # through HDF5's filter pipeline, which checks fletcher32 itself
+    elif not _read_raw_chunks(dataset, out, check_chunks):
+        dataset.read_direct(out)
+
+
+def _read_raw_chunks(dataset, out: np.ndarray, check_chunks: bool = True) -> bool:
+    """Copy uncompressed row chunks straight from the file into ``out`` (one pass, like np.load),
+    checking each chunk's fletcher32 on the raw bytes unless ``check_chunks`` is False.
+
+    Returns False where the layout does not allow it (compression, partial-width chunks, an
+    HDF5 without chunk queries); h5py then reads it, and HDF5's filter checks fletcher32."""
+    chunks = dataset.chunks
+    if (chunks is None or dataset.compression is not None or not out.flags.c_contiguous
+            or tuple(chunks[1:]) != tuple(dataset.shape[1:]) or not hasattr(dataset.id, "get_chunk_info")):
+        return False
+    row_bytes = out[:1].nbytes if len(out) else 0
+    chunk_bytes = chunks[0] * row_bytes
+    extra = 4 if dataset.fletcher32 else 0
+    target = memoryview(out.reshape(-1).view(np.uint8))
+    filename = dataset.file.filename
+    scratch, checks = None, []
+    with open(filename, "rb", buffering=0) as handle, ThreadPoolExecutor(1) as checker:
+        for index in range(dataset.id.get_num_chunks()):
+            info = dataset.id.get_chunk_info(index)
+            if info.filter_mask != 0 or info.size != chunk_bytes + extra:
+                return False
+            start = info.chunk_offset[0] * row_bytes
+            stop = min(start + chunk_bytes, out.nbytes)
+            handle.seek(info.byte_offset)
+            if stop - start == chunk_bytes:  # a full chunk lands in place
+                view, got = target[start:stop], handle.readinto(target[start:stop])
+                stored = handle.read(extra)
+            else:  # the last, partial chunk is stored padded to full size
+                scratch = scratch or bytearray(chunk_bytes + extra)
+                if handle.readinto(scratch) != len(scratch):
+                    raise CorruptEntryError(f"{filename}: {dataset.name} is truncated")
+                view, stored = memoryview(scratch)[:chunk_bytes], bytes(scratch[chunk_bytes:])
+                target[start:stop] = view[:stop - start]
+                got = stop - start
+            if got != stop - start or len(stored) != extra:
+                raise CorruptEntryError(f"{filename}: {dataset.name} is truncated")
+            if check_chunks and extra:  # checksummed in a second thread while the next chunk is read
+                checks.append((index, checker.submit(stored_fletcher_matches, view, stored)))
+    for index, matches in checks:
+        if not matches.result():
+            raise CorruptEntryError(f"{filename} fails its checksum ({dataset.name}, chunk {index}); "
+                                    "run `featcache verify`")
+    return True
