@@ -73,8 +73,10 @@ def data_options(func):
                      help="Which classes become the head."),
         click.option("--order-seed", type=int, help="Seed of the shuffled class order."),
         click.option("--val-per-class", type=int, help="Balanced val images per class (from unused train images)."),
-        click.option("--resize", type=int, help="Natural images: resize shorter side (default 256)."),
-        click.option("--crop", type=int, help="Natural images: center-crop size (default 224)."),
+        click.option("--resize", type=int, help="Eval resize of the shorter side: image files (default 256); "
+                     "timm / open_clip backbones on any data (default: theirs)."),
+        click.option("--crop", type=int, help="Eval center-crop size: image files (default 224); "
+                     "timm / open_clip backbones on any data (default: theirs)."),
         click.option("--hash-images", is_flag=True, default=None,
                      help="imagefolder / txt: key the cache on each image's SHA-256 instead of its size "
                           "and mtime (reads every image once more)."),
@@ -94,7 +96,8 @@ def data_options(func):
 
 
 def build_data_spec(raw: dict):
-    from featcache.datasets import DATASETS, FILE_DATASETS, DataSpec
+    """The DataSpec of the given flags, refused (one line) if the data set does not declare one of them."""
+    from featcache.datasets import DATASETS, FILE_DATASETS, DataSpec, dataset_options
     name = raw.pop("data_name")
     root = raw.pop("data_root")
     lists = key_value(raw.pop("lists"), "--list")
@@ -109,6 +112,7 @@ def build_data_spec(raw: dict):
         raise FeatcacheError(f"unknown --data {name!r}; choose one of {', '.join(DATASETS)}")
     if options.get("hash_images") and name not in FILE_DATASETS:
         raise FeatcacheError(f"--hash-images applies to {' / '.join(FILE_DATASETS)} data, not --data {name}")
+    dataset_options(name, options)  # before a checkpoint or the data is read
     return DataSpec(name, root, options)
 
 

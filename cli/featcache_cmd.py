@@ -48,8 +48,10 @@ def train(data_spec, arch, init, sampler, epochs, batch_size, lr, wd, momentum, 
         raise click.UsageError("--data is required")
     if not arch.startswith(TIMM):
         get_arch(arch)
-    config = TrainConfig(data_spec, arch, out, sampler, epochs, batch_size, lr, wd, momentum, seed, device,
-                         epoch_draws, not no_augment, num_workers, resume, not quiet, init, trust_checkpoint)
+    config = TrainConfig(data=data_spec, arch=arch, out=out, sampler=sampler, epochs=epochs, batch_size=batch_size,
+                         lr=lr, weight_decay=wd, momentum=momentum, seed=seed, device=device, epoch_draws=epoch_draws,
+                         augment=not no_augment, num_workers=num_workers, resume=resume, progress=not quiet,
+                         init=init, trust_checkpoint=trust_checkpoint)
     path = run_train(config)
     if Dist.from_env().is_main:
         click.echo(str(path))

@@ -2,6 +2,8 @@
 
 In-memory data sets (digits, MNIST, Fashion-MNIST, CIFAR) are batched with tensor indexing and
 vectorised augmentation, no per-sample Python; file data sets go through a DataLoader with workers.
+Both apply a :class:`~featcache.transforms.Transform`, the object whose description the cache key
+records, reading its parameters from its steps.
 """
 from __future__ import annotations
 
@@ -13,9 +15,11 @@ import torch
 
 from .datasets import DataSource, SplitSamples
 from .errors import FeatcacheError
+from .transforms import (CenterCrop, ColorJitter, Normalize, RandomCrop, RandomHorizontalFlip, RandomResizedCrop,
+                         Resize, ToTensor, Transform)
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-Transform = tuple[Callable, int]  # (RGB PIL image -> tensor, output side), e.g. timm's or open_clip's
+LibraryTransform = tuple[Callable, int]  # (RGB PIL image -> tensor, output side), e.g. timm's or open_clip's
 
 # --train-transform names: array data sets (digits, MNIST, Fashion-MNIST, CIFAR) and file data sets
 ARRAY_VIEW_TRANSFORMS = ("flip", "crop", "crop-flip")
@@ -31,33 +35,66 @@ class ViewAugment:
     seed: int
     view: int
 
+    def crop_offsets(self, ids: np.ndarray, padding: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per image, the (dy, dx) of its crop from the ``padding``-padded image."""
+        u = torch.from_numpy(view_uniforms(self.seed, ids, self.view, 3))
+        offsets = (u[:, :2] * (2 * padding + 1)).long().clamp_(max=2 * padding)
+        return offsets[:, 0], offsets[:, 1]
+
+    def flips(self, ids: np.ndarray) -> torch.Tensor:
+        """Per image, whether it is mirrored."""
+        return torch.from_numpy(view_uniforms(self.seed, ids, self.view, 3))[:, 2] < 0.5
+
+
+@dataclass(frozen=True)
+class _FreshDraws:
+    """Training augmentation's draws, fresh from ``generator`` (torch's global one when None)."""
+
+    generator: torch.Generator | None
+
+    def crop_offsets(self, ids: np.ndarray, padding: int) -> tuple[torch.Tensor, torch.Tensor]:
+        dy = torch.randint(0, 2 * padding + 1, (len(ids),), generator=self.generator)
+        dx = torch.randint(0, 2 * padding + 1, (len(ids),), generator=self.generator)
+        return dy, dx
+
+    def flips(self, ids: np.ndarray) -> torch.Tensor:
+        return torch.rand(len(ids), generator=self.generator) < 0.5
+
+
+def augmented_transform(source: DataSource, name: str) -> Transform:
+    """The training transform ``name`` of ``source``: none, flip, crop or crop-flip of the normalised
+    tensor for in-memory images (crop: zero padding 4, 1 below 28 pixels), official, rrc-flip or flip
+    of the PIL image for image files."""
+    if source.in_memory:
+        crop = RandomCrop(padding=4 if source.image_size >= 28 else 1)
+        random = {"none": (), "flip": (RandomHorizontalFlip(),), "crop": (crop,),
+                  "crop-flip": (crop, RandomHorizontalFlip())}[name]
+        return Transform((ToTensor(), source.normalize, *random))
+    size = source.image_size
+    random = {"official": (RandomResizedCrop(size), RandomHorizontalFlip(), ColorJitter(0.4, 0.4, 0.4, 0)),
+              "rrc-flip": (RandomResizedCrop(size), RandomHorizontalFlip()),
+              "flip": (Resize(source.resize), CenterCrop(size), RandomHorizontalFlip())}[name]
+    return Transform((*random, ToTensor(), source.normalize))
+
 
 def resolve_view_transform(source: DataSource, name: str) -> tuple[str, str]:
     """The --train-transform to use for ``source`` (``default``: the data set's own training
     augmentation; the official classifier-balancing one for image files) and its description."""
-    array = any(samples.images is not None for samples in source.splits.values())
     if name == "default":
-        name = "official" if not array else source.augment
+        name = source.augment if source.in_memory else "official"
         if name == "none":
             raise FeatcacheError(f"data set {source.name!r} has no training augmentation; choose one for the "
                                  f"views with --train-transform {' / '.join(ARRAY_VIEW_TRANSFORMS)}")
-    allowed = ARRAY_VIEW_TRANSFORMS if array else FILE_VIEW_TRANSFORMS
+    allowed = ARRAY_VIEW_TRANSFORMS if source.in_memory else FILE_VIEW_TRANSFORMS
     if name not in allowed:
         raise FeatcacheError(f"--train-transform {name!r} does not apply to data set {source.name!r}; "
                              f"choose default, {', '.join(allowed)}")
-    normalize = f"Normalize({source.mean},{source.std})"
-    if array:
-        steps = {"flip": "RandomHorizontalFlip", "crop": f"RandomCrop(pad={_crop_padding(source)})",
-                 "crop-flip": f"RandomCrop(pad={_crop_padding(source)}),RandomHorizontalFlip"}[name]
-        return name, f"ToTensor,{normalize},{steps}"
-    steps = {"official": f"RandomResizedCrop({source.image_size}),RandomHorizontalFlip,ColorJitter(0.4,0.4,0.4,0)",
-             "rrc-flip": f"RandomResizedCrop({source.image_size}),RandomHorizontalFlip",
-             "flip": f"Resize({source.resize}),CenterCrop({source.image_size}),RandomHorizontalFlip"}[name]
-    return name, f"{steps},ToTensor,{normalize}"
+    return name, augmented_transform(source, name).description
 
 
-def _crop_padding(source: DataSource) -> int:
-    return 4 if source.image_size >= 28 else 1
+def _training_transform(source: DataSource) -> Transform:
+    """``augment=True``: the data set's own augmentation (image files: RandomResizedCrop and flip)."""
+    return augmented_transform(source, source.augment if source.in_memory else "rrc-flip")
 
 
 def view_uniforms(seed: int, ids: np.ndarray, view: int, slots: int) -> np.ndarray:
@@ -77,22 +114,32 @@ def view_uniforms(seed: int, ids: np.ndarray, view: int, slots: int) -> np.ndarr
 
 def iterate_batches(source: DataSource, samples: SplitSamples, order: np.ndarray, batch_size: int, *,
                     augment: bool = False, channels: int | None = None, num_workers: int = 0,
-                    generator: torch.Generator | None = None, transform: Transform | None = None,
+                    generator: torch.Generator | None = None, transform: LibraryTransform | None = None,
                     view: ViewAugment | None = None) -> Iterator[Batch]:
     """Yield ``(images, labels, ids)`` for the rows ``order`` of ``samples``, in that order.
 
     ``channels`` is what the backbone expects (gray images are repeated to 3 channels). ``transform``
-    replaces the data set's own (and its augmentation): every image goes through it as RGB. ``view``
-    gives every image its deterministic augmented view instead of the eval transform."""
+    replaces the data set's own (and its augmentation): every image goes through it as RGB. ``augment``
+    applies the data set's training augmentation, drawn from ``generator``; ``view`` instead gives
+    every image its deterministic augmented view."""
     order = np.asarray(order, dtype=np.int64)
     if view is not None and transform is not None:
         raise FeatcacheError("augmented views need the data set's own transforms, not a library's")
-    if samples.images is not None and transform is not None:
-        yield from _array_batches_transformed(samples, order, batch_size, transform[0])
-    elif samples.images is not None:
-        yield from _array_batches(source, samples, order, batch_size, augment, channels, generator, view)
+    if view is not None and augment:
+        raise FeatcacheError("an augmented view is drawn from its seed: give view or augment, not both")
+    if transform is not None:
+        if samples.images is not None:
+            yield from _array_batches_transformed(samples, order, batch_size, transform[0])
+        else:
+            yield from _file_batches(_FileDataset(samples, *transform), order, batch_size, num_workers)
+        return
+    own = (augmented_transform(source, view.name) if view is not None
+           else _training_transform(source) if augment else source.eval_transform)
+    if samples.images is not None:
+        yield from _array_batches(samples, order, batch_size, own, view or _FreshDraws(generator), channels)
     else:
-        yield from _file_batches(source, samples, order, batch_size, augment, num_workers, transform, view)
+        dataset = _FileDataset(samples, own.torchvision(), source.image_size, view)
+        yield from _file_batches(dataset, order, batch_size, num_workers)
 
 
 def _array_batches_transformed(samples, order, batch_size, transform):
@@ -103,45 +150,37 @@ def _array_batches_transformed(samples, order, batch_size, transform):
         yield x, torch.from_numpy(samples.labels[rows]), torch.from_numpy(samples.ids[rows])
 
 
-def _array_batches(source, samples, order, batch_size, augment, channels, generator, view=None):
-    mean = torch.tensor(source.mean, dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(source.std, dtype=torch.float32).view(1, -1, 1, 1)
+def _array_batches(samples, order, batch_size, transform: Transform, draws, channels):
     images = torch.from_numpy(samples.images)
     labels = torch.from_numpy(samples.labels)
     ids = torch.from_numpy(samples.ids)
     for start in range(0, len(order), batch_size):
         rows = torch.from_numpy(order[start:start + batch_size])
-        x = images[rows].float().div_(255.0)
-        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
-        x = (x - mean) / std
-        if view is not None:
-            x = _array_view(x, samples.ids[rows.numpy()], view, _crop_padding(source))
-        if augment and source.augment in ("crop", "crop-flip"):
-            x = random_crop(x, padding=4 if source.image_size >= 28 else 1, generator=generator)
-        if augment and source.augment in ("flip", "crop-flip"):
-            flip = torch.rand(len(x), generator=generator) < 0.5
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+        x = _apply_to_arrays(transform, images[rows], samples.ids[rows.numpy()], draws)
         if channels and x.shape[1] != channels:
             x = x.expand(-1, channels, -1, -1)
         yield x.contiguous(), labels[rows], ids[rows]
 
 
-def _array_view(x: torch.Tensor, ids: np.ndarray, view: ViewAugment, padding: int) -> torch.Tensor:
-    """The training augmentation ``view.name`` of a normalised batch, drawn by :func:`view_uniforms`."""
-    u = torch.from_numpy(view_uniforms(view.seed, ids, view.view, 3))
-    if "crop" in view.name:
-        offsets = (u[:, :2] * (2 * padding + 1)).long().clamp_(max=2 * padding)
-        x = crop_at(x, padding, offsets[:, 0], offsets[:, 1])
-    if "flip" in view.name:
-        x = torch.where((u[:, 2] < 0.5).view(-1, 1, 1, 1), x.flip(3), x)
+def _apply_to_arrays(transform: Transform, images: torch.Tensor, ids: np.ndarray, draws) -> torch.Tensor:
+    """``transform`` on a uint8 batch of in-memory images, step by step; the random steps take their
+    draws from ``draws`` (a :class:`ViewAugment` or fresh ones)."""
+    x = images
+    for step in transform.steps:
+        if isinstance(step, ToTensor):
+            x = x.float().div_(255.0)
+            x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+        elif isinstance(step, Normalize):
+            mean = torch.tensor(step.mean, dtype=torch.float32).view(1, -1, 1, 1)
+            std = torch.tensor(step.std, dtype=torch.float32).view(1, -1, 1, 1)
+            x = (x - mean) / std
+        elif isinstance(step, RandomCrop):
+            x = crop_at(x, step.padding, *draws.crop_offsets(ids, step.padding))
+        elif isinstance(step, RandomHorizontalFlip):
+            x = torch.where(draws.flips(ids).view(-1, 1, 1, 1), x.flip(3), x)
+        else:
+            raise FeatcacheError(f"{step.description} does not apply to in-memory images")
     return x
-
-
-def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Zero-pad by ``padding`` and take one random crop of the original size per image."""
-    dy = torch.randint(0, 2 * padding + 1, (len(x),), generator=generator)
-    dx = torch.randint(0, 2 * padding + 1, (len(x),), generator=generator)
-    return crop_at(x, padding, dy, dx)
 
 
 def crop_at(x: torch.Tensor, padding: int, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
@@ -155,26 +194,12 @@ def crop_at(x: torch.Tensor, padding: int, dy: torch.Tensor, dx: torch.Tensor) -
 
 
 class _FileDataset(torch.utils.data.Dataset):
-    def __init__(self, source: DataSource, samples: SplitSamples, augment: bool, transform: Transform | None = None,
-                 view: ViewAugment | None = None):
-        from torchvision import transforms
-        self.paths, self.labels, self.ids, self.view = samples.paths, samples.labels, samples.ids, view
-        if transform is not None:
-            self.transform, self.size = transform
-            return
-        normalize = transforms.Normalize(source.mean, source.std)
-        if view is not None:
-            steps = {"official": [transforms.RandomResizedCrop(source.image_size), transforms.RandomHorizontalFlip(),
-                                  transforms.ColorJitter(0.4, 0.4, 0.4, 0)],
-                     "rrc-flip": [transforms.RandomResizedCrop(source.image_size), transforms.RandomHorizontalFlip()],
-                     "flip": [transforms.Resize(source.resize), transforms.CenterCrop(source.image_size),
-                              transforms.RandomHorizontalFlip()]}[view.name]
-        elif augment:
-            steps = [transforms.RandomResizedCrop(source.image_size), transforms.RandomHorizontalFlip()]
-        else:
-            steps = [transforms.Resize(source.resize), transforms.CenterCrop(source.image_size)]
-        self.transform = transforms.Compose(steps + [transforms.ToTensor(), normalize])
-        self.size = source.image_size
+    """Image files through ``transform`` (RGB PIL image -> tensor of side ``size``); with ``view``, each
+    image's random draws are seeded from (seed, sample id, view) alone."""
+
+    def __init__(self, samples: SplitSamples, transform: Callable, size: int, view: ViewAugment | None = None):
+        self.paths, self.labels, self.ids = samples.paths, samples.labels, samples.ids
+        self.transform, self.size, self.view = transform, size, view
 
     def __len__(self):
         return len(self.paths)
@@ -188,7 +213,6 @@ class _FileDataset(torch.utils.data.Dataset):
         except (OSError, ValueError, SyntaxError) as exc:
             tensor, error = torch.zeros(3, self.size, self.size), f"{self.paths[index]}: {exc}"
         return tensor, int(self.labels[index]), int(self.ids[index]), error
-
 
     def _apply(self, image, index: int) -> torch.Tensor:
         if self.view is None:
@@ -216,8 +240,7 @@ def drop_undecodable(samples: SplitSamples) -> tuple[SplitSamples, list[str]]:
                         paths=[samples.paths[i] for i in keep]), bad
 
 
-def _file_batches(source, samples, order, batch_size, augment, num_workers, transform=None, view=None):
-    dataset = _FileDataset(source, samples, augment, transform, view)
+def _file_batches(dataset: _FileDataset, order, batch_size, num_workers):
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order.tolist(),
                                          num_workers=num_workers, pin_memory=torch.cuda.is_available())
     for images, labels, ids, errors in loader:

@@ -28,8 +28,10 @@ CHECKPOINT_FORMAT = "featcache-checkpoint"
 CHECKPOINT_VERSION = 1
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainConfig:
+    """What ``featcache train`` runs: the data, the network, where to write, and the SGD schedule."""
+
     data: DataSpec
     arch: str
     out: str

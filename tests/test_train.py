@@ -14,7 +14,9 @@ import torch
 from cli.featcache_cmd import main as featcache
 from featcache import FeatureCache
 from featcache.datasets import DataSpec, long_tail_counts
+from featcache.errors import FeatcacheError
 from featcache.sampling import class_probabilities
+from featcache.train import TrainConfig, train
 from tests.conftest import invoke
 
 FEATCACHE = [sys.executable, "-m", "cli.featcache_cmd"]
@@ -103,6 +105,28 @@ def test_data_options_are_deterministic_and_follow_the_profile():
     assert set(a.splits["test"].ids).isdisjoint(a.splits["train"].ids)
     step = DataSpec("digits-lt", None, {**options, "profile": "step"}).load()
     assert step.splits["train"].class_counts(10).tolist() == [100] * 5 + [10] * 5
+
+
+def test_train_config_is_keyword_only_and_records_the_same_args():
+    with pytest.raises(TypeError):
+        TrainConfig(DataSpec("digits-lt"), "tinycnn", "runs/x")
+    config = TrainConfig(data=DataSpec("digits-lt"), arch="tinycnn", out="runs/x")
+    assert list(config.to_dict()) == ["data", "arch", "out", "sampler", "epochs", "batch_size", "lr", "weight_decay",
+                                      "momentum", "seed", "device", "epoch_draws", "augment", "num_workers", "resume",
+                                      "progress", "init"]
+
+
+def test_train_refuses_a_misspelled_data_option_before_writing(tmp_path, runner, image_tree):
+    config = TrainConfig(data=DataSpec("digits-lt", options={"imbalanse": 2.0}), arch="tinycnn", out=str(tmp_path / "a"))
+    with pytest.raises(FeatcacheError, match=r"^data set 'digits-lt' has no option 'imbalanse' \(did you mean "
+                                             r"'imbalance'\?\)"):
+        train(config)
+    result = runner.invoke(featcache, ["train", "--data", "imagefolder", "--data-root", str(image_tree), "--imbalance",
+                                       "10", "--arch", "tinycnn", "--out", str(tmp_path / "b")])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and lines == ["Error: data set 'imagefolder' has no option 'imbalance'; "
+                                               "its options: resize, crop, hash_images"], result.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
