@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli.featcache_cmd import main as featcache
-from featcache.errors import FeatcacheError
+from featcache.errors import CorruptEntryError, FeatcacheError
 from featcache.store import ENTRY_MARKER, FeatureCache, resolve_entry
 from tests.conftest import invoke
 
@@ -424,3 +424,130 @@ def test_out_of_memory_message_names_only_options_the_command_has(tmp_path, runn
     assert line.startswith("Error: out of memory") and "--batch-size" not in line and "--dtype float16" in line
     monkeypatch.setattr(store, "scan_entries", oom)
     assert _one_error_line(runner.invoke(featcache, ["ls", "--cache-dir", str(tmp_path)])) == "Error: out of memory"
+
+
+# -- HDF5 metadata and the manifest's dtype, checked on every read -------------------------------
+
+
+def _small_entry(root, dtype="float32", classifier=True):
+    from featcache.store import writing
+    rng = np.random.default_rng(3)
+    features, labels = rng.normal(size=(12, 3)).astype(np.float32), np.arange(12) % 3
+    with writing(root, "k", {"kind": "test", "feature_dim": 3, "dtype": dtype, "num_classes": 3}) as entry:
+        if classifier:
+            entry.write_classifier(rng.normal(size=(3, 3)), rng.normal(size=3))
+        entry.write_split("train", features, labels)
+    return root / "k"
+
+
+def _chunk_bytes(path):
+    """Byte offsets of every chunk's data (fletcher32 covers them) in the HDF5 file at ``path``."""
+    import h5py
+    covered = set()
+    with h5py.File(path, "r") as handle:
+        for name in handle:
+            dataset = handle[name]
+            for index in range(dataset.id.get_num_chunks()):
+                info = dataset.id.get_chunk_info(index)
+                covered.update(range(info.byte_offset, info.byte_offset + info.size))
+    return covered
+
+
+@pytest.mark.parametrize("file, stride", [("train/shard-00000.h5", 2), ("classifier.h5", 3)])
+def test_every_metadata_byte_flip_reads_the_original_or_is_refused(tmp_path, file, stride):
+    """A single-byte flip anywhere outside the chunks' data, mtime restored (so the SHA-256 is
+    skipped): every read returns the original values or one CorruptEntryError, never a traceback
+    or other values. (Every ``stride``-th byte here; all 15,464 of the shard's were run for
+    docs/reliability.md.)"""
+    entry = _small_entry(tmp_path)
+    path = entry / file
+    original, stat = path.read_bytes(), path.stat()
+    reference = FeatureCache.open(entry)
+    expected = [reference.split("train").features, reference.split("train").labels,
+                reference.split("train").indices, *reference.classifier]
+    outcomes = {"same": 0, "refused": 0}
+    covered = _chunk_bytes(path)
+    for offset in [i for i in range(len(original)) if i not in covered][::stride]:
+        damaged = bytearray(original)
+        damaged[offset] ^= 0xFF
+        path.write_bytes(bytes(damaged))
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        try:
+            cache = FeatureCache.open(entry)
+            split = cache.split("train")
+            got = [split.features, split.labels, split.indices, *cache.classifier]
+        except CorruptEntryError:
+            outcomes["refused"] += 1
+            continue
+        assert all(np.array_equal(a, b) for a, b in zip(got, expected)), f"byte {offset}: other values read"
+        outcomes["same"] += 1
+    path.write_bytes(original)
+    assert outcomes["refused"] > 10 and outcomes["same"] > 10, outcomes
+
+
+def _rewrite_dataset(path, name, values, **kwargs):
+    """Replace dataset ``name`` of an HDF5 file in place, keeping the file's size and mtime checks
+    honest afterwards is the caller's business (the manifest is updated by _rehash)."""
+    import h5py
+    with h5py.File(path, "r+") as handle:
+        del handle[name]
+        handle.create_dataset(name, data=values, **kwargs)
+
+
+def _rehash(entry):
+    """Record the shards' current hashes, sizes and mtimes in the manifest (so only the layout
+    checks can notice the change)."""
+    from featcache.store import sha256_file
+    manifest_path = entry / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for info in manifest["splits"]["train"]["shards"] + [manifest["classifier"]]:
+        stat = (entry / info["file"]).stat()
+        info.update(sha256=sha256_file(entry / info["file"]), size=stat.st_size, mtime_ns=stat.st_mtime_ns)
+    manifest_path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("name, values, kwargs, message", [
+    ("indices", np.arange(12, dtype=">i8"), {"chunks": (12,), "fletcher32": True}, "stored as >i8"),
+    ("labels", (np.arange(12) % 3).astype("<i4"), {"chunks": (12,), "fletcher32": True}, "stored as int32"),
+    ("features", np.zeros((12, 3), ">f4"), {"chunks": (12, 3), "fletcher32": True}, "stored as >f4"),
+    ("features", np.zeros((12, 3), "<f8"), {"chunks": (12, 3), "fletcher32": True}, "stored as float64"),
+    ("features", np.zeros((12, 3), "<f4"), {"chunks": (12, 3)}, "no fletcher32"),
+    ("features", np.zeros((12, 3), "<f4"), {"chunks": (12, 3), "fletcher32": True, "shuffle": True},
+     "unknown filter pipeline"),
+    ("features", np.zeros((12, 3), "<f4"), {}, "not stored in chunks"),
+])
+def test_a_dataset_of_another_type_or_layout_is_refused_not_converted(tmp_path, runner, name, values, kwargs,
+                                                                      message):
+    entry = _small_entry(tmp_path / "cache")
+    _rewrite_dataset(entry / "train" / "shard-00000.h5", name, values, **kwargs)
+    _rehash(entry)
+    with pytest.raises(CorruptEntryError, match=message):
+        FeatureCache.open(entry).split("train")
+    verify = runner.invoke(featcache, ["verify", str(entry)])
+    assert verify.exit_code == 1 and message in verify.output
+
+
+def test_a_manifest_dtype_that_contradicts_its_shards_fails_verify_every_read_and_the_sweep(tmp_path, runner):
+    from cli.lt_cls_cmd import main as lt_cls
+    entry = _small_entry(tmp_path / "cache")
+    manifest_path = entry / "manifest.json"
+    manifest_path.write_text(json.dumps({**json.loads(manifest_path.read_text()), "dtype": "float16"}))
+    with pytest.raises(CorruptEntryError, match="stored as float32, not the float16"):
+        FeatureCache.open(entry).split("train")
+    verify = runner.invoke(featcache, ["verify", str(entry)])
+    assert verify.exit_code == 1 and "not the float16" in verify.output
+    result = runner.invoke(lt_cls, ["sweep", "--cache", str(entry), "--methods", "ncm", "--eval-split", "train",
+                                    "--out", str(tmp_path / "sweep"), "--quiet"])
+    assert "not the float16" in _one_error_line(result)
+
+
+def test_a_classifier_of_another_shape_or_type_is_refused(tmp_path):
+    entry = _small_entry(tmp_path / "cache")
+    _rewrite_dataset(entry / "classifier.h5", "bias", np.zeros(4, "<f4"), chunks=True, fletcher32=True)
+    _rehash(entry)
+    with pytest.raises(CorruptEntryError, match="bias has 4 rows, manifest says 3"):
+        FeatureCache.open(entry).classifier
+    _rewrite_dataset(entry / "classifier.h5", "bias", np.zeros(3, "<f8"), chunks=True, fletcher32=True)
+    _rehash(entry)
+    with pytest.raises(CorruptEntryError, match="stored as float64"):
+        FeatureCache.open(entry).classifier

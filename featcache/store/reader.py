@@ -4,6 +4,7 @@ labels, views and class counts)."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -155,8 +156,13 @@ class FeatureCache:
             path = self.path / info["file"]
             self._check_file(path, info)
             with self._h5(path) as handle:
-                self._classifier = (handle["weight"][...].astype(np.float32),
-                                    handle["bias"][...].astype(np.float32))
+                weight, bias = (_dataset(handle, name) for name in ("weight", "bias"))
+                classes = weight.shape[0] if len(weight.shape) == 2 else -1
+                arrays = tuple(np.empty(shape, np.float32) for shape in ((classes, self.meta["feature_dim"]), (classes,)))
+                for dataset, out in zip((weight, bias), arrays):
+                    _check_layout(dataset, FLOAT_TYPES["float32"], out.shape)
+                    _read_through_hdf5(dataset, out)
+            self._classifier = arrays
         return self._classifier
 
     def _check_file(self, path: Path, info: dict) -> None:
@@ -172,11 +178,16 @@ class FeatureCache:
 
     @contextlib.contextmanager
     def _h5(self, path: Path):
+        """The HDF5 file at ``path``; anything HDF5 or h5py raise on a damaged file is one
+        :class:`CorruptEntryError` naming it."""
         try:
-            with h5py.File(path, "r") as handle:
+            with h5py.File(path, "r", locking=False) as handle:
                 yield handle
-        except (OSError, KeyError) as exc:
-            raise CorruptEntryError(f"{path} cannot be read ({exc}); run `featcache verify`") from None
+        except CorruptEntryError:
+            raise
+        except Exception as exc:  # h5py raises OSError, KeyError, ValueError, RuntimeError, ... on damage
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise CorruptEntryError(f"{path} cannot be read ({reason}); run `featcache verify`") from None
 
     def _read_split(self, name: str) -> Split:
         meta = self._split_meta(name)
@@ -196,9 +207,7 @@ class FeatureCache:
                     if key == "views" and key not in handle and num_views == 1:
                         out[start:stop] = 0  # written by format version 1: one view
                         continue
-                    if key not in handle:
-                        raise CorruptEntryError(f"{path} has no {key!r} dataset")
-                    _read_into(handle[key], out[start:stop], self.check_chunks)
+                    _read_into(_dataset(handle, key), out[start:stop], self.check_chunks)
             outside = labels[start:stop][(labels[start:stop] < 0) | (labels[start:stop] >= self.num_classes)]
             if len(outside):
                 raise CorruptEntryError(f"{path}: label {int(outside[0])} is outside 0..{self.num_classes - 1} "
@@ -240,19 +249,70 @@ class FeatureCache:
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
 
 
+# What the writer stores (docs/cache-format.md), compared in full on every read: a dataset whose
+# HDF5 type (size, byte order, precision, exponent bias, ...), shape or filters differ is refused,
+# never converted.
+FLOAT_TYPES = {"float32": h5py.h5t.IEEE_F32LE, "float16": h5py.h5t.IEEE_F16LE}
+INDEX_TYPE = h5py.h5t.STD_I64LE
+_FLETCHER32, _DEFLATE, _LZF = h5py.h5z.FILTER_FLETCHER32, h5py.h5z.FILTER_DEFLATE, 32000
+_PIPELINES = ((_FLETCHER32,), (_DEFLATE, _FLETCHER32), (_LZF, _FLETCHER32))
+
+
+def _dataset(handle, key: str):
+    item = handle.get(key)
+    if not isinstance(item, h5py.Dataset):
+        raise CorruptEntryError(f"{handle.filename} has no {key!r} dataset")
+    return item
+
+
+def _check_layout(dataset, h5type, shape: tuple, check_chunks: bool = True) -> None:
+    """Refuse ``dataset`` unless its type is exactly ``h5type``, its shape ``shape``, it is stored
+    through one of the writer's filter pipelines and its chunks tile it exactly (no chunk missing,
+    which HDF5 would read as fill values, none misplaced)."""
+    where = f"{dataset.file.filename}: {dataset.name}"
+    if len(dataset.shape) != len(shape) or dataset.shape[0] != shape[0]:
+        raise CorruptEntryError(f"{where} has {dataset.shape[0] if dataset.shape else 0} rows, "
+                                f"manifest says {shape[0]}")
+    if dataset.shape != shape:
+        raise CorruptEntryError(f"{where} has shape {dataset.shape}, manifest says {shape}")
+    if not dataset.id.get_type().equal(h5type):
+        raise CorruptEntryError(f"{where} is stored as {dataset.dtype}, not the {np.dtype(h5type.dtype)} "
+                                "the manifest and the format say")
+    chunks = dataset.chunks
+    if chunks is None or min(chunks) < 1:
+        raise CorruptEntryError(f"{where} is not stored in chunks")
+    plist = dataset.id.get_create_plist()
+    pipeline = tuple(plist.get_filter(i)[0] for i in range(plist.get_nfilters()))
+    allowed = _PIPELINES if check_chunks else _PIPELINES + tuple(p[:-1] for p in _PIPELINES)
+    if pipeline not in allowed:
+        raise CorruptEntryError(f"{where} has no fletcher32 checksums" if _FLETCHER32 not in pipeline
+                                else f"{where} has an unknown filter pipeline {pipeline}")
+    grid = [range(0, size, step) for size, step in zip(shape, chunks)]
+    expected = sorted(itertools.product(*grid)) if all(shape) else []
+    found = sorted(tuple(dataset.id.get_chunk_info(i).chunk_offset) for i in range(dataset.id.get_num_chunks()))
+    if found != expected:
+        raise CorruptEntryError(f"{where}: its {len(found)} chunks do not tile its {len(expected)} chunk places")
+
+
 def _read_into(dataset, out: np.ndarray, check_chunks: bool = True) -> None:
-    if dataset.shape[0] != out.shape[0]:
-        raise CorruptEntryError(f"{dataset.file.filename}: {dataset.name} has {dataset.shape[0]} rows, "
-                                f"manifest says {out.shape[0]}")
-    if dataset.shape[1:] != out.shape[1:]:
-        raise CorruptEntryError(f"{dataset.file.filename}: {dataset.name} has shape {dataset.shape}, "
-                                f"manifest says {out.shape}")
-    if check_chunks and not dataset.fletcher32:
-        raise CorruptEntryError(f"{dataset.file.filename}: {dataset.name} has no fletcher32 checksums")
-    if dataset.dtype != out.dtype:
-        out[...] = dataset[...]  # through HDF5's filter pipeline, which checks fletcher32 itself
-    elif not _read_raw_chunks(dataset, out, check_chunks):
-        dataset.read_direct(out)
+    h5type = FLOAT_TYPES["float16" if out.dtype == np.float16 else "float32"] if out.ndim == 2 else INDEX_TYPE
+    _check_layout(dataset, h5type, out.shape, check_chunks)
+    if not _read_raw_chunks(dataset, out, check_chunks):
+        _read_through_hdf5(dataset, out)
+
+
+def _read_through_hdf5(dataset, out: np.ndarray) -> None:
+    """Read through HDF5's filter pipeline, which checks fletcher32 itself. HDF5 finds each chunk by
+    its index, and reads a chunk it cannot find there as fill values: every chunk is looked up the
+    same way first, and one that is not found is damage."""
+    grid = [range(0, size, step) for size, step in zip(dataset.shape, dataset.chunks)]
+    for offset in itertools.product(*grid):
+        try:
+            dataset.id.read_direct_chunk(offset)
+        except (RuntimeError, ValueError, OSError):
+            raise CorruptEntryError(f"{dataset.file.filename}: {dataset.name}: chunk {offset} cannot be found "
+                                    "in its index") from None
+    dataset.read_direct(out)
 
 
 def _read_raw_chunks(dataset, out: np.ndarray, check_chunks: bool = True) -> bool:

@@ -145,7 +145,7 @@ class EntryWriter:
         with staged(final) as tmp, create_h5(tmp) as handle:
             handle.attrs["format_version"] = FORMAT_VERSION
             for name, values in (("weight", weight), ("bias", bias)):
-                handle.create_dataset(name, data=np.asarray(values, np.float32), fletcher32=True, chunks=True)
+                handle.create_dataset(name, data=np.asarray(values, "<f4"), fletcher32=True, chunks=True)
         self.classifier_record = _file_record(final, self.path, shape=list(np.shape(weight)))
 
     def commit_split(self, name: str, split_meta: dict) -> None:
@@ -257,7 +257,7 @@ class SplitWriter:
         if overflow:
             raise FeatcacheError(f"split {self.name!r} ({shard}): {overflow}; use --dtype float32")
         with np.errstate(over="ignore"):  # only NaN / Inf that were already there (--allow-nonfinite)
-            stored = features.astype(self.dtype, copy=False)
+            stored = features.astype(np.dtype(self.dtype).newbyteorder("<"), copy=False)
         with staged(shard) as tmp:
             self._write_h5(tmp, stored, labels, indices, views, start)
             atomic_write_json(record_path, {**self._expected_record(index), "sha256": sha256_file(tmp),
@@ -276,7 +276,7 @@ class SplitWriter:
                                   chunks=(chunk_rows, self.dim), fletcher32=True,
                                   compression=compression)
             for key, values in (("labels", labels), ("indices", indices), ("views", views)):
-                handle.create_dataset(key, data=np.asarray(values, np.int64), chunks=(rows,),
+                handle.create_dataset(key, data=np.asarray(values, "<i8"), chunks=(rows,),
                                       fletcher32=True, compression=compression)
 
     @staticmethod
