@@ -41,9 +41,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from classifiers import create  # noqa: E402
+from classifiers import REGISTRY, create  # noqa: E402
+from classifiers.base import default_methods  # noqa: E402
+from classifiers.crt import CRT  # noqa: E402
 from classifiers.metrics import balanced_accuracy  # noqa: E402
-from featcache.store import EntryWriter, FeatureCache, entry_lock  # noqa: E402
+from featcache.store import FeatureCache, writing  # noqa: E402
 
 TAU_GRID = [round(0.1 * i, 1) for i in range(21)]
 
@@ -79,17 +81,11 @@ def build_entry(root: Path, profile: dict, dim: int, seed: int = 0, float16: boo
     weight = means / np.linalg.norm(means, axis=1, keepdims=True) * (1 + np.log(counts))[:, None]
     bias = 0.3 * np.log(counts)
     for key, dtype in (("bench", "float32"), ("bench16", "float16"))[:2 if float16 else 1]:
-        writer = EntryWriter(root, key, {"kind": "benchmark", "feature_dim": dim, "dtype": dtype,
-                                         "num_classes": num_classes})
-        with entry_lock(root, key):
-            record = writer.write_classifier(weight.astype(np.float32), bias.astype(np.float32))
+        with writing(root, key, {"kind": "benchmark", "feature_dim": dim, "dtype": dtype,
+                                 "num_classes": num_classes}) as entry:
+            entry.write_classifier(weight.astype(np.float32), bias.astype(np.float32))
             for name, (X, y) in splits.items():
-                out = writer.split_writer(name, rows=len(y), dim=dim, dtype=dtype, shard_rows=65536)
-                for index in out.pending_shards():
-                    a, b = out.shard_range(index)
-                    out.write_shard(index, X[a:b].astype(dtype, copy=False), y[a:b], np.arange(a, b))
-                out.finish(np.bincount(y, minlength=num_classes), record)
-                record = None
+                entry.write_split(name, X, y)
     return splits
 
 
@@ -201,7 +197,7 @@ def in_child(job: dict) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-CRT_FAMILY = ("crt", "bsce", "maxnorm", "la_loss", "cb_loss", "ldam_drw", "las")
+CRT_FAMILY = tuple(name for name, cls in REGISTRY.items() if issubclass(cls, CRT))
 
 
 def floors(shape: dict, rate: float, bandwidth: float, lws_epochs=5, crt_epochs=10) -> dict[str, float]:
@@ -365,14 +361,11 @@ def summarise(rounds: list[dict]) -> dict:
 # -- main ---------------------------------------------------------------------------------------
 
 
-EPOCHS_PARAM = CRT_FAMILY + ("lws", "disalign", "marc")
-
-
 def measure(name: str, args, tmp: Path, floor_s: float, logits_bytes: int, results: dict, float16: bool) -> dict:
     """One method in a child process: seconds, ratio to ``floor_s``, extra memory; with ``float16``
     also on the float16 entry, and how many test predictions agree."""
-    params = {"tau": {"tau": "auto"}}.get(name, {})
-    if args.epochs is not None and name in EPOCHS_PARAM:
+    params = {param: "auto" for param in REGISTRY[name].info.chosen_on_val}
+    if args.epochs is not None and "epochs" in REGISTRY[name].param_names():
         params["epochs"] = args.epochs
     job = {"entry": str(tmp / "bench"), "method": name, "params": params, "device": args.device,
            "repeats": 1 if name in CRT_FAMILY + ("knn",) else args.repeats, "predictions": str(tmp / "predictions32.npy")}
@@ -403,14 +396,15 @@ def main(argv=None) -> int:
                         help="small: class counts / 4 and D = 256 (a quick run)")
     parser.add_argument("--dim", type=int, help="feature dimension (default 2048; 256 with --scale small)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--methods", default="joint,tau,ncm,lws,crt,knn",
-                        help="comma-separated; also bsce, maxnorm, la_loss, cb_loss, ldam_drw, las, disalign, marc")
+    parser.add_argument("--methods", default=",".join(default_methods()),
+                        help="comma-separated (default: those registered default=True, %(default)s); also "
+                             f"{', '.join(m for m in CRT_FAMILY if m not in default_methods())}, disalign, marc")
     parser.add_argument("--epochs", type=int, help="epochs of the cRT family, lws, disalign and marc "
                         "(default: each method's own; the floors follow)")
     parser.add_argument("--repeats", type=int, default=5, help="best of this many runs (the cRT family and knn: 1)")
     parser.add_argument("--rounds", type=at_least_one, default=1,
                         help="measure the floors and every method this many times, interleaved (floors, "
-                             "joint, tau, ..., floors, joint, ...): median ratio and its min-max")
+                             "each method, floors, each method, ...): median ratio and its min-max")
     parser.add_argument("--float16", action="store_true",
                         help="also run each method on a float16 copy of the entry: peak RSS, agreement")
     parser.add_argument("--no-peers", action="store_true")
@@ -418,7 +412,7 @@ def main(argv=None) -> int:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        torch.set_flush_denormal(True)  # as lt-cls sweep does: denormal softmax tails slow the CPU several-fold
+        torch.set_flush_denormal(True)  # as the Sweeper does: denormal softmax tails slow the CPU several-fold
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -515,7 +509,7 @@ def report(r: dict) -> None:
         print(f"f16: the same on the float16 entry, whose features take {r['feature_bytes16'] / 2**20:.0f} MiB; "
               f"agree: test predictions equal to the float32 run's")
     if "official" in r:
-        print(f"joint,crt,tau,lws,ncm sweep: {r['sweep_speedup']:.2f}x faster than the official-style peer")
+        print(f"{','.join(r['official'])} sweep: {r['sweep_speedup']:.2f}x faster than the official-style peer")
         k = r["sklearn"]
         print(f"sklearn LogisticRegression(balanced), {k['logreg_classes']} classes: {k['sklearn_logreg_s']:.1f} s "
               f"(top1 {k['sklearn_logreg_top1']:.1f}) vs our crt {k['ours_crt_subset_s']:.1f} s "

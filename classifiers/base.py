@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -50,12 +51,59 @@ class NotFittedError(FeatcacheError, sklearn_exceptions.NotFittedError):
     """predict / decision_function before fit."""
 
 
-def register(name: str):
+# the order tables list methods in: the paper's (Kang et al. 2020) first, then the methods beyond it,
+# then reference baselines; registration order within a family
+FAMILIES = ("paper", "beyond-paper", "reference")
+# what the sweep records for the plots, beyond every method's per-class accuracy
+DIAGNOSTICS = ("weight_norms", "tau_curve")
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What the registry knows of a method besides its class (``cls.info``).
+
+    ``display``: its name in tables and plots. ``family``: one of :data:`FAMILIES`.
+    ``diagnostics``: which of :data:`DIAGNOSTICS` the sweep records for it (``weight_norms``: the
+    per-class norms of ``weight_``; ``tau_curve``: balanced top-1 over its tau grid on val and the
+    eval split). ``default``: in the default method set (the benchmark's). ``needs_classifier`` and
+    ``chosen_on_val`` (the parameters whose ``"auto"`` is chosen on the val split) are read from the
+    class when it registers."""
+
+    name: str
+    display: str
+    family: str
+    diagnostics: tuple[str, ...] = ()
+    default: bool = False
+    needs_classifier: bool = False
+    chosen_on_val: tuple[str, ...] = ()
+
+
+def register(name: str, *, display: str, family: str, diagnostics: tuple[str, ...] = (), default: bool = False):
+    """Class decorator: register an estimator under ``name`` with its :class:`MethodInfo`."""
+    if family not in FAMILIES:
+        raise ValueError(f"register({name!r}): family {family!r} is not one of {', '.join(FAMILIES)}")
+    unknown = sorted(set(diagnostics) - set(DIAGNOSTICS))
+    if unknown:
+        raise ValueError(f"register({name!r}): unknown diagnostics {', '.join(unknown)}; "
+                         f"choose from {', '.join(DIAGNOSTICS)}")
+
     def wrap(cls):
         cls.name = name
+        cls.info = MethodInfo(name, display, family, tuple(diagnostics), default, cls.needs_classifier,
+                              tuple(cls.auto_params))
         REGISTRY[name] = cls
         return cls
     return wrap
+
+
+def display_name(method: str) -> str:
+    """The method's name in tables and plots; an unregistered name as it is."""
+    return REGISTRY[method].info.display if method in REGISTRY else method
+
+
+def default_methods() -> list[str]:
+    """The registered methods marked ``default``, in registration order."""
+    return [name for name, cls in REGISTRY.items() if cls.info.default]
 
 
 def create(name: str, **params) -> "LTClassifier":
@@ -75,9 +123,11 @@ def create(name: str, **params) -> "LTClassifier":
 
 
 def available() -> list[dict]:
-    """Name, one-line description and parameters with defaults of every registered method."""
+    """Name, one-line description, parameters with defaults and the :class:`MethodInfo` fields
+    (display, family, diagnostics, default, needs_classifier, chosen_on_val) of every registered method."""
     return [{"name": name, "description": (cls.__doc__ or "").strip().splitlines()[0],
-             "params": cls.defaults()} for name, cls in REGISTRY.items()]
+             "params": cls.defaults(), **{k: v for k, v in asdict(cls.info).items() if k != "name"}}
+            for name, cls in REGISTRY.items()]
 
 
 def as_tensor(X, device: torch.device, dtype=torch.float32) -> torch.Tensor:
@@ -320,16 +370,16 @@ def balanced_top1(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> fl
 TAU_GRID = tuple(round(0.1 * i, 1) for i in range(21))
 
 
-def pick_on_val(scores: dict[float, float]) -> float:
-    """The best value by val score; ties go to the smaller value."""
-    best = max(scores.values())
-    return min(v for v, s in scores.items() if s == best)
-
-
-def require_val(data: FitData, method: str, param: str) -> tuple[torch.Tensor, torch.Tensor]:
+def choose_on_val(data: FitData, method: str, param: str, candidates: Sequence[float],
+                  score: Callable[[torch.Tensor, torch.Tensor], Sequence[float]]) -> tuple[float, dict[float, float]]:
+    """The value of ``param="auto"``: the candidate with the best val score, ties to the smaller
+    value, and the val curve ``{candidate: score}``. ``score(X_val, y_val)`` returns one score per
+    candidate, in order (one call, so that a method can score the whole grid in one pass)."""
     if data.val is None:
         raise InvalidInputError(f"{method}: {param}='auto' needs a validation split (val=...; --val-split)")
-    return data.val
+    curve = dict(zip((float(c) for c in candidates), score(*data.val)))
+    best = max(curve.values())
+    return min(c for c, s in curve.items() if s == best), curve
 
 
 def require_all_classes(data: FitData, method: str) -> None:

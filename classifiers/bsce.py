@@ -1,18 +1,48 @@
 """cRT with the balanced-softmax loss."""
 from .base import register
-from .crt import CRT, FAMILY_CONSTRAINTS, with_defaults
+from .crt import CRT, with_defaults
 
 
-@register("bsce")
+@register("bsce", display="cRT + balanced softmax", family="beyond-paper")
 class BalancedSoftmaxCRT(CRT):
     """cRT trained with the balanced-softmax loss (Ren et al. 2020).
 
     Cross-entropy of (x W^T + b + log n_j) during training, plain x W^T + b at test time;
     instance-balanced sampling, otherwise cRT's defaults. It is the family's
-    ``loss="logit_adjusted"`` at ``tau=1`` (log π_j and log n_j differ by a constant).
+    ``loss="logit_adjusted"`` at ``tau=1`` (log pi_j and log n_j differ by a constant).
 
-    Ren et al., "Balanced Meta-Softmax for Long-Tailed Visual Recognition", NeurIPS 2020.
+    Parameters
+    ----------
+    sampler : {"instance", "class", "sqrt", "progressive"}, default="instance"
+        Instance-balanced: the log n_j offset does the balancing.
+    loss, tau : default="logit_adjusted", 1.0
+        The balanced softmax as the family's logit-adjusted loss.
+    epochs, lr, momentum, weight_decay, batch_size, head, init, seed, device, ...
+        Every other parameter, default and meaning of :class:`~classifiers.crt.ClassifierRetraining`.
+
+    Attributes
+    ----------
+    weight_ : ndarray of shape (C, D)
+        The trained W; ``bias_`` (C,), the trained b, holds no log n_j.
+    class_draws_ : ndarray of shape (epochs, C)
+        Draws of each class per epoch.
+    classes_ : ndarray of shape (C,)
+        Labels, as cRT's.
+
+    References
+    ----------
+    .. [1] Ren et al., "Balanced Meta-Softmax for Long-Tailed Visual Recognition", NeurIPS 2020.
+
+    Examples
+    --------
+    The test-time logits are the plain x W^T + b of the trained layer:
+
+    >>> import numpy as np
+    >>> from classifiers.bsce import BalancedSoftmaxCRT
+    >>> X, y = np.random.default_rng(6).normal(size=(40, 3)), np.arange(40) // 30
+    >>> bsce = BalancedSoftmaxCRT(epochs=2).fit(X, y)
+    >>> np.allclose(bsce.logits(X), X @ bsce.weight_.T + bsce.bias_, atol=1e-5)
+    True
     """
 
-    _parameter_constraints = FAMILY_CONSTRAINTS
     __init__ = with_defaults(CRT.__init__, loss="logit_adjusted", tau=1.0, sampler="instance")

@@ -4,36 +4,29 @@ import types
 
 import torch
 
-from featcache.sampling import SAMPLERS
-
-from .base import FitData, InvalidInputError, LTClassifier, register, require_all_classes
+from .base import FitData, InvalidInputError, register, require_all_classes
 from .losses import LOSS_CONSTRAINTS, make_loss
-from .params import Device, Int, InvalidParameterError, Options, Real
-from .training import Schedule, draw_epochs, sgd_train
+from .params import InvalidParameterError, Options, Real
+from .training import SGDTrained
 
 HEADS = ("linear", "cosine")
 INITS = ("random", "joint", "class_mean")
 
 
-class CRT(LTClassifier):
+class CRT(SGDTrained):
     """The cRT family: one hand-written SGD loop over a classifier on frozen features.
 
     Three orthogonal choices: ``loss`` (see classifiers/losses.py), ``head`` (``linear``:
     x W^T + b; ``cosine``: ``cosine_scale`` · cos(x, w_j), no bias) and ``init`` (``random``:
     nn.Linear's uniform ±1/√D from ``seed``; ``joint``: the checkpoint's W, b; ``class_mean``:
     L2-normalised class means, b = 0). ``epochs=0`` is allowed with ``init="joint"`` only (it is
-    then the joint classifier). Registered recipes subclass this with their papers' defaults.
-    Fitted: ``weight_`` (C x D), ``bias_`` (C, None for the cosine head), ``class_draws_``
-    (epochs x C). With ``fit(..., views=...)`` each draw uses one of its sample's views, uniformly.
+    then the joint classifier). The registered recipes (``crt``, ``bsce``, ``maxnorm``, ``la_loss``,
+    ``cb_loss``, ``ldam_drw``, ``las``) subclass this with their papers' defaults;
+    :class:`ClassifierRetraining` documents every parameter.
     """
 
-    uses_views = True
-
-    # the SGD schedule's constraints (LWS shares them); the family adds FAMILY_CONSTRAINTS
-    _parameter_constraints = {
-        "epochs": [Int(1)], "lr": [Real(0, closed="neither")], "momentum": [Real(0, 1, closed="left")],
-        "weight_decay": [Real(0)], "batch_size": [Int(1)], "sampler": [Options(*SAMPLERS)], "seed": [Int(0)],
-        "device": [Device()]}
+    _parameter_constraints = {**SGDTrained._parameter_constraints, **LOSS_CONSTRAINTS, "head": [Options(*HEADS)],
+                              "cosine_scale": [Real(0, closed="neither")], "init": [Options(*INITS)]}
 
     def __init__(self, *, epochs=10, lr=0.2, momentum=0.9, weight_decay=5e-4, batch_size=512, sampler="class",
                  loss="ce", tau=1.0, beta=0.9999, gamma=0.0, max_margin=0.5, s=30.0, drw_epoch=8,
@@ -99,11 +92,9 @@ class CRT(LTClassifier):
             grad_t = torch.mm(features.T, g).addcmul_(weight_t, along, value=-1.0)
             return [grad_t.mul_(norms.reciprocal_().mul_(self.cosine_scale / len(batch)))]
 
-        schedule = Schedule(self.epochs, self.lr, self.momentum, self.weight_decay, self.batch_size,
-                            self.sampler, self.seed)
-        epochs, self.class_draws_ = draw_epochs(data.y, data.counts, schedule, data.num_views)
-        sgd_train([weight_t] if cosine else [weight_t, bias], cosine_grad if cosine else linear_grad, epochs, schedule,
-                  post_step=lambda: self._post_step(weight_t), on_epoch=lambda e: epoch_now.__setitem__(0, e))
+        self._train([weight_t] if cosine else [weight_t, bias], cosine_grad if cosine else linear_grad,
+                    self._draw_epochs(data), post_step=lambda: self._post_step(weight_t),
+                    on_epoch=lambda e: epoch_now.__setitem__(0, e))
         self._set_linear(weight_t.T.contiguous(), None if cosine else bias)
         if cosine:
             self._unit_t = torch.nn.functional.normalize(weight_t, dim=0).mul_(self.cosine_scale)
@@ -113,11 +104,6 @@ class CRT(LTClassifier):
             torch.mm(torch.nn.functional.normalize(X, dim=1), self._unit_t, out=out)
         else:
             torch.addmm(self._bias, X, self._weight_t, out=out)
-
-
-FAMILY_CONSTRAINTS = {**CRT._parameter_constraints, "epochs": [Int(0)], **LOSS_CONSTRAINTS,
-                      "head": [Options(*HEADS)], "cosine_scale": [Real(0, closed="neither")],
-                      "init": [Options(*INITS)]}
 
 
 def with_defaults(method, /, **defaults):
@@ -134,15 +120,87 @@ def with_defaults(method, /, **defaults):
     return copy
 
 
-@register("crt")
+@register("crt", display="cRT", family="paper", diagnostics=("weight_norms",), default=True)
 class ClassifierRetraining(CRT):
     """Classifier re-training (cRT): a fresh linear layer on frozen features, class-balanced sampling.
 
     Official defaults: 10 epochs of N draws, SGD lr 0.2, momentum 0.9, wd 5e-4, batch 512, cosine
-    schedule; cross-entropy, linear head, nn.Linear initialisation from ``seed``.
+    schedule; cross-entropy, linear head, nn.Linear initialisation from ``seed``. Every choice of
+    the family (``loss``, ``head``, ``init``, ``sampler``) is a parameter; with
+    ``fit(..., views=...)`` each draw uses one of its sample's views, uniformly.
 
-    Kang et al., "Decoupling Representation and Classifier for Long-Tailed Recognition", ICLR 2020,
-    Sec. 4. Every choice of the family (``loss``, ``head``, ``init``, ``sampler``) is a parameter.
+    Parameters
+    ----------
+    epochs : int, default=10
+        Epochs of N draws (N training samples); 0 only with ``init="joint"``.
+    lr : float, default=0.2
+        Initial learning rate of the cosine schedule, stepped once per epoch.
+    momentum : float, default=0.9
+        SGD momentum, in [0, 1).
+    weight_decay : float, default=5e-4
+        L2 weight decay added to the gradient.
+    batch_size : int, default=512
+        Draws per step.
+    sampler : {"class", "instance", "sqrt", "progressive"}, default="class"
+        Class-balanced (p_j equal), instance-balanced (p_j ∝ n_j), square-root (p_j ∝ √n_j) or
+        progressively-balanced sampling.
+    loss : {"ce", "logit_adjusted", "class_balanced", "ldam", "label_aware_smoothing", "grw"}, default="ce"
+        The training loss (classifiers/losses.py); each reads only its own parameters below.
+    tau : float, default=1.0
+        ``logit_adjusted``: cross-entropy of z + tau log pi_j.
+    beta : float, default=0.9999
+        ``class_balanced`` and ``ldam``'s re-weighting: w_j ∝ (1 - beta) / (1 - beta^n_j).
+    gamma : float, default=0.0
+        ``class_balanced``: focal exponent (0: cross-entropy).
+    max_margin : float, default=0.5
+        ``ldam``: the largest margin, m_j ∝ n_j^(-1/4).
+    s : float, default=30.0
+        ``ldam``: scale of the margin-shifted logits.
+    drw_epoch : int, default=8
+        ``ldam``: the epoch deferred re-weighting starts.
+    smooth_head, smooth_tail : float, default=0.3, 0.0
+        ``label_aware_smoothing``: the smoothing of the most and of the least frequent class.
+    rho : float, default=1.2
+        ``grw``: w_j ∝ (1 / pi_j)^rho.
+    head : {"linear", "cosine"}, default="linear"
+        x W^T + b, or ``cosine_scale`` · cos(x, w_j) without a bias.
+    cosine_scale : float, default=25.0
+        The cosine head's scale, > 0.
+    init : {"random", "joint", "class_mean"}, default="random"
+        Starting point: nn.Linear's uniform ±1/√D, the checkpoint's W, b, or the unit class means.
+    seed : int, default=0
+        Seeds the initialisation and the draws.
+    device : {"auto", "cpu", "cuda", "cuda:N"}, default="auto"
+        Where to train and predict ("auto" is CUDA when present).
+
+    Attributes
+    ----------
+    weight_ : ndarray of shape (C, D)
+        The trained W.
+    bias_ : ndarray of shape (C,) or None
+        The trained b (None for the cosine head).
+    class_draws_ : ndarray of shape (epochs, C)
+        Draws of each class in each epoch.
+    classes_ : ndarray of shape (C,)
+        The sorted labels of ``y`` (``arange(C)`` with ``class_counts`` or ``classifier``).
+
+    References
+    ----------
+    .. [1] Kang et al., "Decoupling Representation and Classifier for Long-Tailed Recognition",
+       ICLR 2020, Sec. 4 (classifier re-training).
+
+    Examples
+    --------
+    Re-train a linear layer on four classes of 50, 20, 8 and 3 samples:
+
+    >>> import numpy as np
+    >>> from classifiers import create
+    >>> rng = np.random.default_rng(1)
+    >>> y = np.repeat(np.arange(4), [50, 20, 8, 3])
+    >>> X = rng.normal(size=(len(y), 6)) + 4 * np.eye(4, 6)[y]
+    >>> crt = create("crt", epochs=5).fit(X, y)
+    >>> crt.weight_.shape, crt.class_draws_.shape
+    ((4, 6), (5, 4))
+    >>> crt.predict(X[[0, 50, 70, 78]])
+    array([0, 1, 2, 3])
     """
-
-    _parameter_constraints = FAMILY_CONSTRAINTS

@@ -12,22 +12,60 @@ from .params import Device, Int, Options, Real
 _BLOCK_BYTES = 64 * 2**20  # training rows normalised at a time by the CPU search
 
 
-@register("knn")
+@register("knn", display="kNN", family="beyond-paper", default=True)
 class KNN(LTClassifier):
     """Cosine kNN with DINO's weighted vote (k=20, T=0.07).
 
-    score_c = sum over the k nearest training features of
-    class c of exp(sim / T), normalised to sum 1 over the classes; features L2-normalised ("l2n",
-    or "cl2n" to centre first).
+    score_c = sum over the k nearest training features of class c of exp(sim / T), normalised to
+    sum 1 over the classes; features L2-normalised ("l2n", or "cl2n" to centre on the training mean
+    first), sim their cosine similarity.
 
-    Caron et al., "Emerging Properties in Self-Supervised Vision Transformers", ICCV 2021
-    (eval_knn.py). Search on CPU: exact, with no copy of the training features: for each chunk of
-    queries, faiss's brute-force ``faiss.knn`` runs against the training rows normalised one block
+    Search on CPU: exact, with no copy of the training features: for each chunk of queries,
+    faiss's brute-force ``faiss.knn`` runs against the training rows normalised one block
     (``_BLOCK_BYTES``) at a time, and ``faiss.ResultHeap`` merges the blocks' top k; the estimator
     keeps a reference to X, not a copy (as scikit-learn's KNeighborsClassifier does). On GPU: one
     normalised copy, torch matmul + topk. The logits and ``predict_proba`` are the normalised votes,
     computed as exp((sim - max sim) / T) so that no temperature overflows. Exact ties at the k-th
     similarity are broken by the block layout (deterministic for given N and D, not by row order).
+
+    Parameters
+    ----------
+    k : int, default=20
+        Neighbours per query (all the training rows when fewer).
+    temperature : float, default=0.07
+        T of the vote, > 0.
+    feature_norm : {"l2n", "cl2n"}, default="l2n"
+        L2-normalise, or centre on the training mean and then L2-normalise.
+    chunk_size : int, default=4096
+        Queries searched at a time.
+    device : {"auto", "cpu", "cuda", "cuda:N"}, default="auto"
+        Where the search runs; "auto" is CUDA when present.
+
+    Attributes
+    ----------
+    mean_ : ndarray of shape (D,)
+        The mean training feature (used by "cl2n").
+    classes_ : ndarray of shape (C,)
+        The sorted labels of ``y``, or ``arange(C)`` in index mode.
+
+    References
+    ----------
+    .. [1] Caron et al., "Emerging Properties in Self-Supervised Vision Transformers", ICCV 2021
+       (eval_knn.py).
+
+    Examples
+    --------
+    Two neighbours vote for the class of each query:
+
+    >>> import numpy as np
+    >>> from classifiers.knn import KNN
+    >>> X = np.array([[1.0, 0.1], [0.9, 0.0], [0.1, 1.0], [0.0, 0.8], [0.7, 0.7]])
+    >>> knn = KNN(k=2).fit(X, [0, 0, 1, 1, 1])
+    >>> knn.predict(np.array([[1.0, 0.2], [0.2, 1.0]]))
+    array([0, 1])
+    >>> knn.predict_proba(np.array([[1.0, 0.2], [0.3, 0.9]]))
+    array([[1., 0.],
+           [0., 1.]])
     """
 
     _parameter_constraints = {"k": [Int(1)], "temperature": [Real(0, closed="neither")],

@@ -2,44 +2,67 @@
 import numpy as np
 import torch
 
-from .base import TAU_GRID, FitData, LTClassifier, balanced_top1, pick_on_val, register, require_all_classes, require_val
-from .params import Device, Options, Real, RealSequence
+from .base import FitData, balanced_top1, register, require_all_classes
+from .posthoc import PostHocTau
 
 
-@register("logit_adjust")
-class LogitAdjust(LTClassifier):
+@register("logit_adjust", display="Logit adjustment", family="beyond-paper")
+class LogitAdjust(PostHocTau):
     """Post-hoc logit adjustment: joint logits - tau * log(prior).
 
-    logits = x W^T + b - tau * log(prior_j),
-    prior_j = n_j / N. ``tau="auto"`` picks tau from ``grid`` by val balanced top-1 (ties: smaller).
+    logits = x W^T + b - tau * log(prior_j), prior_j = n_j / N, the training class frequencies
+    (from ``class_counts``, else counted from ``y``; every class needs a training sample).
+    ``tau="auto"`` picks tau from ``grid`` by val balanced top-1 (ties: the smaller).
 
-    Menon et al., "Long-Tail Learning via Logit Adjustment", ICLR 2021. Fitted: ``tau_``,
-    ``val_curve_`` (auto only).
+    Parameters
+    ----------
+    tau : float or "auto", default=1.0
+        The adjustment's strength (1: the paper's correction for the balanced error), or "auto"
+        to choose it on ``fit(..., val=(X_val, y_val))``.
+    grid : sequence of float, default=(0.0, 0.1, ..., 2.0)
+        Candidates tried by ``tau="auto"``.
+    device : {"auto", "cpu", "cuda", "cuda:N"}, default="auto"
+        Where to fit and predict ("auto": CUDA if present).
+
+    Attributes
+    ----------
+    tau_ : float
+        The tau used.
+    val_curve_ : dict of float to float
+        Val balanced top-1 of every candidate (``tau="auto"`` only; else empty).
+    selected_ : dict
+        ``{"tau": tau_}`` if tau was chosen on val, otherwise empty.
+    weight_ : ndarray of shape (C, D)
+        The joint W; ``bias_`` (C,) is the joint b, before the adjustment.
+    classes_ : ndarray of shape (C,)
+        ``arange(C)``: class indices, the rows of W.
+
+    References
+    ----------
+    .. [1] Menon et al., "Long-Tail Learning via Logit Adjustment", ICLR 2021.
+
+    Examples
+    --------
+    With an all-zero classifier the logits are the adjustment itself:
+
+    >>> import numpy as np
+    >>> from classifiers.logit_adjust import LogitAdjust
+    >>> y = np.array([0, 0, 0, 1])  # prior (0.75, 0.25)
+    >>> adjust = LogitAdjust(tau=1.0).fit(np.zeros((4, 2)), y, classifier=(np.eye(2), np.zeros(2)))
+    >>> adjust.logits(np.zeros((1, 2))).round(3)  # -log 0.75, -log 0.25
+    array([[0.288, 1.386]], dtype=float32)
     """
 
-    needs_classifier = True
-    auto_params = ("tau",)
-    _parameter_constraints = {"tau": [Real(), Options("auto")], "grid": [RealSequence(Real())], "device": [Device()]}
-
-    def __init__(self, tau=1.0, grid=TAU_GRID, device="auto"):
-        self.tau = tau
-        self.grid = grid
-        self.device = device
-
     def _fit(self, data: FitData) -> None:
-        require_all_classes(data, "logit_adjust")
+        require_all_classes(data, self.name)
         self._set_linear(*data.classifier)
         log_prior = torch.from_numpy(np.log(data.counts / data.counts.sum()).astype(np.float32)).to(data.device)
-        self.val_curve_ = {}
-        if self.tau == "auto":
-            X_val, y_val = require_val(data, "logit_adjust", "tau")
+
+        def val_scores(X_val, y_val):
             val_logits = torch.addmm(self._bias, X_val.float(), self._weight_t)
-            self.val_curve_ = {float(t): balanced_top1(val_logits - t * log_prior, y_val, data.num_classes)
-                               for t in self.grid}
-            self.tau_ = pick_on_val(self.val_curve_)
-        else:
-            self.tau_ = float(self.tau)
-        self.selected_ = {"tau": self.tau_} if self.tau == "auto" else {}
+            return [balanced_top1(val_logits - t * log_prior, y_val, data.num_classes) for t in self.grid]
+
+        self._set_tau(data, val_scores)
         self._offset = -self.tau_ * log_prior
 
     def _logits(self, X, out):

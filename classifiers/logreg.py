@@ -6,11 +6,50 @@ from .base import FitData, LTClassifier, register
 from .params import Bool, Device, Int, Real
 
 
-@register("logreg")
+@register("logreg", display="LogReg (sklearn)", family="reference")
 class BalancedLogReg(LTClassifier):
     """scikit-learn balanced logistic regression: a reference linear probe.
 
-    LogisticRegression(class_weight="balanced") on standardised features (CPU only). Classes absent from training get logit -1e9."""
+    ``LogisticRegression(class_weight="balanced")`` on standardised features, on the CPU whatever
+    ``device`` says; classes absent from training get logit -1e9.
+
+    Parameters
+    ----------
+    C : float, default=1.0
+        Inverse L2 regularisation strength, > 0.
+    max_iter : int, default=300
+        Iterations of the solver at most.
+    standardize : bool, default=True
+        Standardise the features (``StandardScaler``) before the regression.
+    device : {"auto", "cpu", "cuda", "cuda:N"}, default="auto"
+        Where the inputs are placed; the fit itself is scikit-learn's, on the CPU.
+
+    Attributes
+    ----------
+    model_ : sklearn.pipeline.Pipeline
+        The fitted scaler (if any) and regression.
+    n_iter_ : int
+        The iterations the solver ran.
+    classes_ : ndarray of shape (C,)
+        Sorted labels of ``y``, or ``arange(C)`` given ``class_counts`` or ``classifier``.
+
+    References
+    ----------
+    .. [1] scikit-learn, ``sklearn.linear_model.LogisticRegression``; "balanced" class weights
+       n_samples / (n_classes * n_j).
+
+    Examples
+    --------
+    A probe on two imbalanced classes:
+
+    >>> import numpy as np
+    >>> from classifiers import create
+    >>> rng = np.random.default_rng(3)
+    >>> labels = np.repeat([0, 1], [45, 5])
+    >>> probe = create("logreg", C=0.5).fit(rng.normal(size=(50, 3)) + 2 * labels[:, None], labels)
+    >>> probe.predict(np.array([[0.0, 0.0, 0.0], [2.5, 2.0, 2.2]]))
+    array([0, 1])
+    """
 
     _parameter_constraints = {"C": [Real(0, closed="neither")], "max_iter": [Int(1)], "standardize": [Bool()],
                               "device": [Device()]}

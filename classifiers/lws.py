@@ -1,31 +1,65 @@
 """Learnable weight scaling."""
 import torch
 
-from featcache.sampling import SAMPLERS
-
 from .base import FitData, register
-from .params import Device, Int, Options, Real
-from .training import DEFAULT_MEMORY_BUDGET, FrozenLogits, OnFrozenLogits, Schedule, draw_epochs, sgd_train
+from .training import DEFAULT_MEMORY_BUDGET, OnFrozenLogits
 
 
-@register("lws")
+@register("lws", display="LWS", family="paper", diagnostics=("weight_norms",), default=True)
 class LWS(OnFrozenLogits):
     """Learnable weight scaling: logits = (x W^T + b) * f_j, only the C scales f learned.
 
-    W, b frozen; f learned with class-balanced sampling (official defaults: 5 epochs of N draws, SGD lr 0.2, momentum 0.9,
-    wd 5e-4, batch 512, cosine schedule).
+    W, b frozen; f (initialised to 1) learned with class-balanced sampling (official defaults:
+    5 epochs of N draws, SGD lr 0.2, momentum 0.9, wd 5e-4, batch 512, cosine schedule). The frozen
+    logits x W^T + b of the rows the epochs draw are computed once when they fit in
+    ``memory_budget`` bytes (then training the scales touches only those); otherwise each batch's
+    logits are recomputed from its features (same result, one B x D x C matmul per step).
 
-    Kang et al. ICLR 2020, Sec. 4. The frozen logits x W^T + b of the rows the epochs draw are
-    computed once when they fit in ``memory_budget`` bytes (then training the scales touches only
-    those); otherwise each batch's logits are recomputed from its features (same result, one
-    B x D x C matmul per step). ``memory_budget=0`` never caches. Fitted: ``scales_`` (C,),
-    ``class_draws_`` (epochs x C), ``cached_logits_`` (whether the cache was used).
+    Parameters
+    ----------
+    epochs : int, default=5
+        Epochs of N draws; 0 leaves f = 1, the joint classifier.
+    lr, momentum, weight_decay, batch_size : default=0.2, 0.9, 5e-4, 512
+        SGD with the cosine schedule, stepped once per epoch.
+    sampler : {"class", "instance", "sqrt", "progressive"}, default="class"
+        Class-balanced draws, as the paper's.
+    seed : int, default=0
+        Seeds the draws.
+    memory_budget : int, default=2**29
+        Bytes of frozen logits cached (512 MiB); 0 never caches.
+    device : {"auto", "cpu", "cuda", "cuda:N"}, default="auto"
+        Where to train and predict; "auto" chooses CUDA when present.
+
+    Attributes
+    ----------
+    scales_ : ndarray of shape (C,)
+        The learned f.
+    weight_ : ndarray of shape (C, D)
+        The joint W (frozen); ``bias_`` (C,) is the joint b.
+    class_draws_ : ndarray of shape (epochs, C)
+        How often each class was drawn in each epoch.
+    cached_logits_ : bool
+        Whether the frozen logits were cached.
+    classes_ : ndarray of shape (C,)
+        ``arange(C)``, the checkpoint's classes.
+
+    References
+    ----------
+    .. [1] Kang et al., "Decoupling Representation and Classifier for Long-Tailed Recognition",
+       ICLR 2020, Sec. 4 (learnable weight scaling).
+
+    Examples
+    --------
+    On top of a classifier biased to class 0, the head is scaled down and the tail up:
+
+    >>> import numpy as np
+    >>> from classifiers.lws import LWS
+    >>> y = np.repeat([0, 1, 2], [60, 15, 5])
+    >>> X = np.random.default_rng(8).normal(size=(80, 3)) + 2 * np.eye(3)[y]
+    >>> lws = LWS(epochs=3).fit(X, y, classifier=(np.diag([3.0, 1.0, 1.0]), np.zeros(3)))
+    >>> (lws.scales_ > 1).tolist()
+    [False, True, True]
     """
-
-    _parameter_constraints = {
-        "epochs": [Int(0)], "lr": [Real(0, closed="neither")], "momentum": [Real(0, 1, closed="left")],
-        "weight_decay": [Real(0)], "batch_size": [Int(1)], "sampler": [Options(*SAMPLERS)], "seed": [Int(0)],
-        "memory_budget": [Int(0)], "device": [Device()]}  # 0 epochs: the joint classifier
 
     def __init__(self, epochs=5, lr=0.2, momentum=0.9, weight_decay=5e-4, batch_size=512,
                  sampler="class", seed=0, memory_budget=DEFAULT_MEMORY_BUDGET, device="auto"):
@@ -33,14 +67,8 @@ class LWS(OnFrozenLogits):
         self.batch_size, self.sampler, self.seed, self.device = batch_size, sampler, seed, device
         self.memory_budget = memory_budget
 
-
     def _fit(self, data: FitData) -> None:
-        weight, bias = data.classifier
-        self._set_linear(weight, bias)
-        schedule = Schedule(self.epochs, self.lr, self.momentum, self.weight_decay, self.batch_size,
-                            self.sampler, self.seed)
-        epochs, self.class_draws_ = draw_epochs(data.y, data.counts, schedule, data.num_views)
-        frozen = FrozenLogits(data.rows_X, data.rows_y, self._weight_t, bias, epochs, self.memory_budget)
+        frozen = self._frozen_logits(data)
         self.cached_logits_ = frozen.cached
         scales = torch.ones(data.num_classes, device=data.device)
 
@@ -51,7 +79,7 @@ class LWS(OnFrozenLogits):
             g.index_add_(0, labels, logits.gather(1, labels.unsqueeze(1)).squeeze(1), alpha=-1.0)
             return [g.div_(len(batch))]
 
-        sgd_train([scales], grad, frozen.epochs, schedule)
+        self._train([scales], grad, frozen.epochs)
         self._scales = scales
         self.scales_ = scales.cpu().numpy()
 

@@ -26,14 +26,50 @@ def normalise_with_norms(X: torch.Tensor, mode: str, mean: torch.Tensor | None):
     return X, nonzero
 
 
-@register("ncm")
+@register("ncm", display="NCM", family="paper", default=True)
 class NCM(LTClassifier):
     """Nearest class mean on cl2n features; logits = -squared distance to each centroid.
 
-    Centroids = class means of the transformed training features. logits = -||x - c_j||^2 (metric "l2") or cos(x, c_j) (metric "cos").
+    Features are transformed by ``feature_norm`` ("cl2n": minus the training mean, then
+    L2-normalised), the centroids c_j are the class means of the transformed training features, and
+    logits = -||x - c_j||^2 (``metric="l2"``) or cos(x, c_j) (``metric="cos"``). Every class needs
+    a training sample.
 
-    Kang et al. ICLR 2020, Sec. 4 (features "cl2n" by default: minus the training mean, then
-    L2-normalised). Fitted: ``mean_`` (D), ``centroids_`` (C x D).
+    Parameters
+    ----------
+    feature_norm : {"cl2n", "l2n", "un"}, default="cl2n"
+        Centre on the training mean and L2-normalise, only L2-normalise, or leave unchanged.
+    metric : {"l2", "cos"}, default="l2"
+        Negative squared Euclidean distance or cosine similarity to the centroids.
+    device : {"auto", "cpu", "cuda", "cuda:N"}, default="auto"
+        Where to fit and predict ("auto": CUDA when present).
+
+    Attributes
+    ----------
+    mean_ : ndarray of shape (D,)
+        The mean training feature.
+    centroids_ : ndarray of shape (C, D)
+        The class means of the transformed features (unit length for ``metric="cos"``).
+    classes_ : ndarray of shape (C,)
+        The sorted labels of ``y`` (``arange(C)`` given ``class_counts`` or ``classifier``).
+
+    References
+    ----------
+    .. [1] Kang et al., "Decoupling Representation and Classifier for Long-Tailed Recognition",
+       ICLR 2020, Sec. 4 (NCM).
+
+    Examples
+    --------
+    String labels work as in scikit-learn; the rarest class keeps its own centroid:
+
+    >>> import numpy as np
+    >>> from classifiers.ncm import NCM
+    >>> rng = np.random.default_rng(0)
+    >>> y = np.repeat(["cat", "dog", "owl"], [40, 12, 4])
+    >>> X = rng.normal(size=(56, 5)) + 3 * np.eye(3, 5)[np.unique(y, return_inverse=True)[1]]
+    >>> ncm = NCM().fit(X, y)
+    >>> ncm.centroids_.shape, ncm.predict(X[[0, 40, 52]])
+    ((3, 5), array(['cat', 'dog', 'owl'], dtype='<U3'))
     """
 
     _parameter_constraints = {"feature_norm": [Options(*FEATURE_NORMS)], "metric": [Options(*METRICS)],

@@ -11,8 +11,9 @@ import numpy as np
 
 from featcache.errors import FeatcacheError
 
-from .sweep import DIAGNOSTICS_FILE, RESULTS_FILE, load_records
-from .tables import DISPLAY, aggregate
+from .base import display_name
+from .records import DIAGNOSTICS_FILE, RESULTS_FILE, load_records
+from .tables import aggregate
 
 
 def plot_sweep(directory: str | Path) -> list[Path]:
@@ -52,7 +53,7 @@ def _plot_representation(diagnostics: dict, directory: Path, suffix: str, title:
         fig, ax = plt.subplots(figsize=(7, 4))
         for method, norms in diagnostics["weight_norms"].items():
             norms = np.asarray(norms)
-            ax.plot(np.arange(len(order)), norms[order] / norms.max(), label=DISPLAY.get(method, method))
+            ax.plot(np.arange(len(order)), norms[order] / norms.max(), label=display_name(method))
         ax.set(xlabel="class index, sorted by training count (head -> tail)", ylabel="weight norm (/ max)",
                title="Per-class classifier weight norms" + title)
         ax.legend()
@@ -75,7 +76,7 @@ def _plot_representation(diagnostics: dict, directory: Path, suffix: str, title:
         fig, ax = plt.subplots(figsize=(7, 4))
         for method, accuracies in diagnostics["per_class"].items():
             acc = np.array([np.nan if a is None else a for a in accuracies], dtype=float)
-            ax.plot(counts[order], 100 * acc[order], marker=".", label=DISPLAY.get(method, method))
+            ax.plot(counts[order], 100 * acc[order], marker=".", label=display_name(method))
         ax.set_xscale("log")
         ax.set(xlabel="training images of the class (log scale)", ylabel="accuracy (%)",
                title="Per-class accuracy against training count" + title)

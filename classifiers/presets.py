@@ -5,67 +5,192 @@ epochs) and publish no classifier-only schedule; on frozen features these recipe
 schedule (10 epochs of N draws, SGD lr 0.2, momentum 0.9, wd 5e-4, batch 512, cosine) with the
 paper's sampler. docs/methods.md lists every such choice."""
 from .base import register
-from .crt import CRT, FAMILY_CONSTRAINTS, with_defaults
+from .crt import CRT, with_defaults
 
 
-@register("la_loss")
+@register("la_loss", display="cRT + LA loss", family="beyond-paper")
 class LogitAdjustedLoss(CRT):
     """cRT trained with the logit-adjusted loss: cross-entropy of z + tau * log(pi_j).
 
-    Test time uses plain z = x W^T + b. Defaults: tau = 1, instance-balanced sampling (the paper's).
-    At tau = 1 this is bsce.
+    z = x W^T + b, pi_j = n_j / N; test time uses plain z. Instance-balanced sampling (the
+    paper's), otherwise cRT's schedule. At tau = 1 this is ``bsce``, bit for bit.
 
-    Menon et al., "Long-Tail Learning via Logit Adjustment", ICLR 2021, Eq. 10.
+    Parameters
+    ----------
+    tau : float, default=1.0
+        Strength of the training-time adjustment.
+    sampler : {"instance", "class", "sqrt", "progressive"}, default="instance"
+        How draws pick classes; instance-balanced, since the loss does the re-balancing.
+    loss, epochs, lr, momentum, weight_decay, batch_size, head, init, seed, device, ...
+        As in :class:`~classifiers.crt.ClassifierRetraining`, with ``loss="logit_adjusted"``.
+
+    Attributes
+    ----------
+    weight_, bias_, class_draws_, classes_
+        The trained linear head and the draws, as cRT's.
+
+    References
+    ----------
+    .. [1] Menon et al., "Long-Tail Learning via Logit Adjustment", ICLR 2021, Eq. 10.
+
+    Examples
+    --------
+    At tau = 1 the recipe equals ``bsce``:
+
+    >>> import numpy as np
+    >>> from classifiers import create
+    >>> X, y = np.random.default_rng(0).normal(size=(60, 4)), np.repeat([0, 1, 2], [40, 15, 5])
+    >>> la = create("la_loss", epochs=3).fit(X, y)
+    >>> np.array_equal(la.weight_, create("bsce", epochs=3).fit(X, y).weight_)
+    True
     """
 
-    _parameter_constraints = FAMILY_CONSTRAINTS
     __init__ = with_defaults(CRT.__init__, loss="logit_adjusted", tau=1.0, sampler="instance")
 
 
-@register("cb_loss")
+@register("cb_loss", display="cRT + CB loss", family="beyond-paper")
 class ClassBalancedLoss(CRT):
     """cRT trained with the class-balanced loss: weights (1 - beta) / (1 - beta^n_j), sum C.
 
     L = (1/B) sum_i w_{y_i} l_i, l the softmax cross-entropy (or, with gamma > 0, the softmax
-    focal loss -(1 - p_y)^gamma log p_y). Defaults: beta = 0.9999, gamma = 0, instance sampling.
+    focal loss -(1 - p_y)^gamma log p_y). Instance sampling, otherwise cRT's schedule.
 
-    Cui et al., "Class-Balanced Loss Based on Effective Number of Samples", CVPR 2019.
+    Parameters
+    ----------
+    beta : float, default=0.9999
+        In [0, 1): 0 weighs every class alike; towards 1, w_j approaches 1 / n_j.
+    gamma : float, default=0.0
+        The focal exponent; 0 is the weighted cross-entropy.
+    sampler : {"instance", "class", "sqrt", "progressive"}, default="instance"
+        Instance-balanced draws: the weights re-balance.
+    loss, epochs, lr, momentum, weight_decay, batch_size, head, init, seed, device, ...
+        ``loss="class_balanced"``; the rest as :class:`~classifiers.crt.ClassifierRetraining`.
+
+    Attributes
+    ----------
+    weight_, bias_, class_draws_, classes_
+        See :class:`~classifiers.crt.ClassifierRetraining`.
+
+    References
+    ----------
+    .. [1] Cui et al., "Class-Balanced Loss Based on Effective Number of Samples", CVPR 2019.
+
+    Examples
+    --------
+    The focal form on three classes:
+
+    >>> import numpy as np
+    >>> from classifiers.presets import ClassBalancedLoss
+    >>> y = np.repeat([0, 1, 2], [50, 10, 4])
+    >>> X = np.random.default_rng(2).normal(size=(64, 3)) + 3 * np.eye(3)[y]
+    >>> focal = ClassBalancedLoss(gamma=2.0).fit(X, y)
+    >>> focal.predict(3 * np.eye(3))  # the class centres
+    array([0, 1, 2])
     """
 
-    _parameter_constraints = FAMILY_CONSTRAINTS
     __init__ = with_defaults(CRT.__init__, loss="class_balanced", beta=0.9999, gamma=0.0, sampler="instance")
 
 
-@register("ldam_drw")
+@register("ldam_drw", display="cRT + LDAM-DRW", family="beyond-paper")
 class LDAMDRW(CRT):
     """cRT trained with the LDAM loss and deferred re-weighting, on a cosine head.
 
     L = CE(s * (z - m_y e_y)), z = cos(x, w_j), m_j proportional to n_j^(-1/4) with the largest
-    max_margin = 0.5, s = 30; from epoch drw_epoch (8 of 10, the paper's 160 of 200) weighted by
-    (1 - beta) / (1 - beta^n_j), beta = 0.9999. Instance sampling; logits at test time are cos.
-    cRT's schedule. Our choice: the cosine head starts from the normalised class means (the
-    paper trains end to end from random weights; a random cosine head on frozen features barely
-    moves in 10 epochs).
+    ``max_margin``; from epoch ``drw_epoch`` (8 of 10, the paper's 160 of 200) weighted by
+    (1 - beta) / (1 - beta^n_j). Instance sampling; logits at test time are cos; cRT's schedule.
+    Our choice: the cosine head starts from the normalised class means (the paper trains end to end
+    from random weights; a random cosine head on frozen features barely moves in 10 epochs).
 
-    Cao et al., "Learning Imbalanced Datasets with Label-Distribution-Aware Margin Loss", NeurIPS 2019.
+    Parameters
+    ----------
+    max_margin : float, default=0.5
+        The margin of the rarest class.
+    s : float, default=30.0
+        Scale of the margin-shifted cosines during training.
+    drw_epoch : int, default=8
+        First re-weighted epoch (0-based).
+    beta : float, default=0.9999
+        The class-balanced weights' beta after ``drw_epoch``.
+    head, cosine_scale, init : default="cosine", 1.0, "class_mean"
+        Test logits are plain cosines, the head starts at the unit class means.
+    sampler : {"instance", "class", "sqrt", "progressive"}, default="instance"
+        The paper's instance-balanced sampling.
+    loss, epochs, lr, momentum, weight_decay, batch_size, seed, device, ...
+        ``loss="ldam"``, and cRT's schedule (:class:`~classifiers.crt.ClassifierRetraining`).
+
+    Attributes
+    ----------
+    weight_ : ndarray of shape (C, D)
+        The trained directions (any norm; the head uses their unit vectors).
+    bias_ : None
+        The cosine head has no bias.
+    class_draws_, classes_
+        As in :class:`~classifiers.crt.ClassifierRetraining`.
+
+    References
+    ----------
+    .. [1] Cao et al., "Learning Imbalanced Datasets with Label-Distribution-Aware Margin Loss",
+       NeurIPS 2019.
+
+    Examples
+    --------
+    The test logits are cosines:
+
+    >>> import numpy as np
+    >>> from classifiers import create
+    >>> rng = np.random.default_rng(4)
+    >>> y = np.repeat([0, 1], [30, 6])
+    >>> ldam = create("ldam_drw", epochs=3, drw_epoch=2).fit(rng.normal(size=(36, 5)) + y[:, None], y)
+    >>> cosines = ldam.logits(rng.normal(size=(8, 5)))
+    >>> ldam.bias_ is None, bool(np.abs(cosines).max() <= 1)
+    (True, True)
     """
 
-    _parameter_constraints = FAMILY_CONSTRAINTS
     __init__ = with_defaults(CRT.__init__, loss="ldam", max_margin=0.5, s=30.0, drw_epoch=8, beta=0.9999,
                              head="cosine", cosine_scale=1.0, init="class_mean", sampler="instance")
 
 
-@register("las")
+@register("las", display="cRT + LAS (MiSLAS)", family="beyond-paper")
 class LabelAwareSmoothingCRT(CRT):
     """cRT trained with label-aware smoothing (MiSLAS stage 2), class-balanced sampling.
 
-    Target 1 - eps_y on the label and eps_y spread uniformly, eps_j from smooth_head = 0.3 (most
-    frequent class) to smooth_tail = 0.0 (rarest) by eps_tail + (eps_head - eps_tail) *
-    sin(pi (n_j - n_min) / (2 (n_max - n_min))); 10 epochs.
+    Target 1 - eps_y on the label and eps_y spread uniformly over every class, eps_j from
+    ``smooth_head`` (most frequent class) to ``smooth_tail`` (rarest) by eps_tail + (eps_head -
+    eps_tail) * sin(pi (n_j - n_min) / (2 (n_max - n_min))); cRT's schedule.
 
-    Zhong et al., "Improving Calibration for Long-Tailed Recognition", CVPR 2021 (ImageNet-LT values).
+    Parameters
+    ----------
+    smooth_head : float, default=0.3
+        eps of the most frequent class, in [0, 1] (the paper's ImageNet-LT value).
+    smooth_tail : float, default=0.0
+        eps of the rarest class, in [0, 1].
+    sampler : {"class", "instance", "sqrt", "progressive"}, default="class"
+        MiSLAS re-trains the classifier with class-balanced draws.
+    loss, epochs, lr, momentum, weight_decay, batch_size, head, init, seed, device, ...
+        With ``loss="label_aware_smoothing"``, the meaning and defaults of
+        :class:`~classifiers.crt.ClassifierRetraining`.
+
+    Attributes
+    ----------
+    weight_, bias_, class_draws_, classes_
+        Like cRT's: the linear head's W and b, the draws per epoch and class, the labels.
+
+    References
+    ----------
+    .. [1] Zhong et al., "Improving Calibration for Long-Tailed Recognition", CVPR 2021.
+
+    Examples
+    --------
+    Each epoch is N = 50 class-balanced draws:
+
+    >>> import numpy as np
+    >>> from classifiers.presets import LabelAwareSmoothingCRT
+    >>> y = np.array([0] * 40 + [1] * 8 + [2] * 2)
+    >>> X = np.random.default_rng(5).normal(scale=0.5, size=(50, 3)) + np.eye(3)[y]
+    >>> las = LabelAwareSmoothingCRT(epochs=6, smooth_head=0.2).fit(X, y)
+    >>> las.class_draws_.sum(axis=1)
+    array([50, 50, 50, 50, 50, 50])
     """
 
-    _parameter_constraints = FAMILY_CONSTRAINTS
     __init__ = with_defaults(CRT.__init__, loss="label_aware_smoothing", smooth_head=0.3, smooth_tail=0.0,
                              sampler="class")

@@ -4,11 +4,11 @@ per run.
 Entries are loaded one at a time (peak memory is one entry's); within an entry each split is loaded
 once and every run reuses it. Records are appended to ``results.jsonl`` as runs finish, so an
 interrupted sweep keeps its work and ``resume`` skips runs already recorded under the same key. The
-output directory is locked while a sweep writes to it. The record schema is documented in
+output directory is locked while a sweep writes to it. The record schema is in ``records.py`` and
 docs/records.md."""
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import itertools
 import json
 import math
@@ -24,22 +24,22 @@ import torch
 from featcache import __version__
 from featcache.distributed import resolve_device
 from featcache.errors import FeatcacheError
+from featcache.store.durable import append_line, atomic_write_text, exclusive_lock
 
 from .base import REGISTRY, as_features, create
 from .metrics import evaluate, per_class_accuracy
+from .records import (
+    DIAGNOSTICS_FILE,
+    METRIC_FIELDS,
+    RECORD_FIELDS,
+    RESULTS_FILE,
+    load_records,
+    param_items,
+    record_key,
+    run_key,
+)
 from .tau_norm import tau_curve
 
-RECORD_FIELDS = ("method", "params", "seed", "representation", "eval_split", "selected_on", "status", "failure",
-                 "top1", "accuracy", "top5", "many", "medium", "few", "n_many", "n_medium", "n_few",
-                 "many_threshold", "few_threshold", "macro_f1", "ece", "fit_seconds", "eval_seconds", "cache_key",
-                 "version")
-METRIC_FIELDS = ("top1", "accuracy", "top5", "many", "medium", "few", "n_many", "n_medium", "n_few", "macro_f1", "ece")
-# what makes two records the same experiment, seed aside (tables never average across these); records
-# of one representation label may come from several cache entries when each entry has its own seeds
-# (e.g. a backbone trained per seed), never when two of them share a seed
-IDENTITY_FIELDS = ("representation", "eval_split", "many_threshold", "few_threshold")
-RESULTS_FILE = "results.jsonl"
-DIAGNOSTICS_FILE = "diagnostics.json"
 LOCK_FILE = ".sweep.lock"
 
 
@@ -87,41 +87,6 @@ class Run:
     seed: int
 
 
-def run_key(representation: str, cache_key: str, eval_split: str, shots: tuple, method: str, params: tuple,
-            seed: int) -> str:
-    return json.dumps([representation, cache_key, eval_split, list(shots), method, list(params), seed],
-                      sort_keys=True, default=str)
-
-
-def parse_value(text: str):
-    """'1' -> 1, '0.5' -> 0.5, 'true' -> True, anything else stays a string (e.g. 'auto')."""
-    lowered = text.strip().lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text.strip()
-
-
-def parse_param_flags(flags: list[str]) -> dict[str, dict[str, list]]:
-    """``METHOD.KEY=V[,V...]`` flags -> {method: {key: [values]}}."""
-    out: dict[str, dict[str, list]] = {}
-    for flag in flags:
-        target, sep, values = flag.partition("=")
-        method, dot, key = target.partition(".")
-        if not sep or not dot or not method or not key or not values:
-            raise FeatcacheError(f"--param {flag!r}: expected METHOD.KEY=VALUE[,VALUE...] (e.g. tau.tau=1.0)")
-        out.setdefault(method.strip(), {})[key.strip()] = [parse_value(v) for v in values.split(",")]
-    return out
-
-
-def _hashable(value):
-    return tuple(value) if isinstance(value, list) else value
-
-
 def expand_grid(spec: SweepSpec) -> list[tuple[str, tuple, int]]:
     """(method, params, seed) of every run; each parameter combination is checked by ``create`` now,
     so a bad value stops the sweep before anything runs."""
@@ -142,70 +107,28 @@ def expand_grid(spec: SweepSpec) -> list[tuple[str, tuple, int]]:
             for seed in spec.seeds:
                 run_params = {**params, "seed": seed} if has_seed else params
                 create(method, **run_params)
-                runs.append((method, tuple(sorted((k, _hashable(v)) for k, v in run_params.items())), seed))
+                runs.append((method, param_items(run_params), seed))
     return runs
 
 
-def requested_params(record: dict) -> dict:
-    """The parameters a record was asked for: values chosen on val go back to 'auto'."""
-    params = dict(record["params"])
-    if record.get("selected_on"):
-        for name in getattr(REGISTRY.get(record["method"]), "auto_params", ()):
-            params[name] = "auto"
-    return params
-
-
-def record_key(record: dict) -> str:
-    params = tuple(sorted((k, _hashable(v)) for k, v in requested_params(record).items()))
-    return run_key(record["representation"], record["cache_key"], record["eval_split"],
-                   (record["many_threshold"], record["few_threshold"]), record["method"], params, record["seed"])
-
-
-_REQUIRED = {"method": str, "params": dict, "seed": int, "eval_split": str, "cache_key": str}
-
-
-def load_records(path: Path) -> list[dict]:
-    """The records of a results file; a half-written last line (an interrupted run) is skipped.
-    Records written before the ``representation`` / ``status`` fields existed get their defaults."""
-    if not path.is_file():
-        return []
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise FeatcacheError(f"{path} cannot be read as a results file ({exc})") from None
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line, parse_constant=_refuse_constant)
-        except (json.JSONDecodeError, ValueError):
-            if number != len(lines):  # only the last line may be half-written
-                raise FeatcacheError(f"{path}:{number} is not a valid JSON record") from None
-            continue
-        if not isinstance(record, dict) or any(not isinstance(record.get(k), t) for k, t in _REQUIRED.items()):
-            raise FeatcacheError(f"{path}:{number} is not a sweep record (needs {', '.join(_REQUIRED)}; "
-                                 "see docs/records.md)")
-        record.setdefault("representation", record["cache_key"][:12])
-        record.setdefault("status", "ok")
-        record.setdefault("failure", None)
-        record.setdefault("many_threshold", 100)
-        record.setdefault("few_threshold", 20)
-        records.append(record)
-    return records
-
-
-def _refuse_constant(name: str):
-    raise ValueError(f"non-standard JSON constant {name}")
-
-
 def effective_weight_norms(estimator) -> np.ndarray | None:
-    """Per-class norm of the weights the method classifies with (for the paper's Fig. 2)."""
+    """Per-class norm of the weights the method classifies with (for the paper's Fig. 2): of
+    ``weight_``, times ``|scales_|`` for a method that scales each class's logit (LWS)."""
     weight = getattr(estimator, "weight_", None)
     if weight is None:
         return None
     norms = np.linalg.norm(weight, axis=1)
-    return norms * np.abs(estimator.scales_) if estimator.name == "lws" else norms
+    scales = getattr(estimator, "scales_", None)
+    return norms if scales is None else norms * np.abs(scales)
+
+
+def flushing_denormals() -> bool:
+    """Whether this thread's CPU arithmetic flushes denormal floats to zero, as
+    ``torch.set_flush_denormal(True)`` makes it. torch has no getter, so the mode is read off a
+    product: half the smallest normal float32 is a denormal, and comes out as zero only while
+    flushing is on."""
+    smallest_normal = torch.full((1,), torch.finfo(torch.float32).tiny, dtype=torch.float32)
+    return float(smallest_normal * 0.5) == 0.0
 
 
 def available_memory(device: torch.device) -> tuple[int, str]:
@@ -221,20 +144,6 @@ def available_memory(device: torch.device) -> tuple[int, str]:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"), "this machine"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise FeatcacheError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @dataclass
@@ -265,7 +174,9 @@ class Sweeper:
 
     ``mode``: "new" refuses an output directory that already holds records, "resume" adds the
     runs not recorded yet, "overwrite" starts the results over. Use as a context manager (the
-    output directory stays locked until it exits)."""
+    output directory stays locked until it exits). While it is entered, denormal floats are flushed
+    to zero (softmax tails of confident logits underflow into denormals, which slow CPU arithmetic
+    several-fold and change no prediction); the previous mode is restored on exit."""
 
     def __init__(self, representations: list[Representation], spec: SweepSpec, out_dir: Path, mode: str = "new",
                  memory_check: bool = True):
@@ -283,6 +194,7 @@ class Sweeper:
                      for r in representations for method, params, seed in self.grid]
         self.results = self.out / RESULTS_FILE
         self._lock = None
+        self._flushing_before: bool | None = None  # the denormal mode to restore on exit
         self.pending: list[Run] = []
         self.diagnostics: dict = {}
 
@@ -352,19 +264,19 @@ class Sweeper:
 
     # -- output directory -----------------------------------------------------------------------
     def __enter__(self) -> "Sweeper":
+        held = contextlib.ExitStack()
         try:
             self.out.mkdir(parents=True, exist_ok=True)
-            self._lock = open(self.out / LOCK_FILE, "w")
+            held.enter_context(exclusive_lock(self.out / LOCK_FILE, wait=False))
+        except BlockingIOError:
+            raise FeatcacheError(f"--out {self.out}: another sweep is writing there; wait for it or use another "
+                                 "--out") from None
         except OSError as exc:
             raise FeatcacheError(f"--out {self.out}: cannot create the output directory ({exc.strerror or exc})") \
                 from None
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
-            self._lock = None
-            raise FeatcacheError(f"--out {self.out}: another sweep is writing there; wait for it or use another "
-                                 "--out") from None
+        self._lock = held
+        self._flushing_before = flushing_denormals()
+        torch.set_flush_denormal(True)
         try:
             self._prepare()
         except BaseException:
@@ -373,8 +285,10 @@ class Sweeper:
         return self
 
     def __exit__(self, *exc_info) -> None:
+        if self._flushing_before is not None:
+            torch.set_flush_denormal(self._flushing_before)
+            self._flushing_before = None
         if self._lock is not None:
-            fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()
             self._lock = None
 
@@ -384,12 +298,12 @@ class Sweeper:
             raise FeatcacheError(f"{self.results} already holds {len(existing)} record(s): --resume adds the "
                                  "missing runs, --overwrite starts over, or choose another --out")
         if self.mode == "overwrite":
-            _atomic_write(self.results, "")
+            atomic_write_text(self.results, "")
             (self.out / DIAGNOSTICS_FILE).unlink(missing_ok=True)
             existing = []
         elif self.results.is_file() and not self.results.read_bytes().endswith(b"\n") and self.results.stat().st_size:
             # a line half-written by an interrupted run: drop it, atomically
-            _atomic_write(self.results, "".join(json.dumps(r, allow_nan=False) + "\n" for r in existing))
+            atomic_write_text(self.results, "".join(json.dumps(r, allow_nan=False) + "\n" for r in existing))
         done = {record_key(r) for r in existing}
         self.pending = [run for run in self.runs if self._key(run) not in done]
         self.diagnostics = self._load_diagnostics() if self.mode == "resume" else {}
@@ -447,14 +361,7 @@ class Sweeper:
             cache.release()  # one entry in memory at a time
 
     def _append(self, record: dict) -> None:
-        line = json.dumps(record, allow_nan=False) + "\n"
-        try:
-            with open(self.results, "a") as handle:
-                handle.write(line)
-                handle.flush()
-                os.fsync(handle.fileno())
-        except OSError as exc:
-            raise FeatcacheError(f"cannot write {self.results}: {exc.strerror or exc}") from None
+        append_line(self.results, json.dumps(record, allow_nan=False) + "\n")
 
     def _run(self, run: Run, X, y, counts, classifier, val, X_eval, y_eval, views=None):
         params = dict(run.params)
@@ -483,17 +390,18 @@ class Sweeper:
         return {k: record[k] for k in RECORD_FIELDS}, estimator, logits
 
     def _diagnose(self, diagnostics: dict, cache, run: Run, estimator, logits, y_eval, X_eval) -> None:
-        """Keep what the plots need, for the first seed of each method: weight norms, per-class
-        accuracy, and for tau the val and eval curves over its grid."""
+        """Keep what the plots need, for the first seed of each method: per-class accuracy, and the
+        diagnostics its registry entry names (weight norms; the val and eval curves over tau's grid)."""
         label = run.method
         if run.seed != self.spec.seeds[0] or label in diagnostics.get("per_class", {}):
             return
+        wanted = REGISTRY[run.method].info.diagnostics
         per_class = per_class_accuracy(logits.argmax(1), y_eval, logits.shape[1])
         diagnostics.setdefault("per_class", {})[label] = [None if np.isnan(a) else float(a) for a in per_class]
         norms = effective_weight_norms(estimator)
-        if norms is not None and run.method in ("joint", "crt", "tau", "lws"):
+        if norms is not None and "weight_norms" in wanted:
             diagnostics.setdefault("weight_norms", {})[label] = norms.tolist()
-        if run.method == "tau" and getattr(estimator, "val_curve_", None):
+        if "tau_curve" in wanted and getattr(estimator, "val_curve_", None):
             weight = torch.as_tensor(cache.classifier[0], device=X_eval.device)
             norms = weight.norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
             labels = torch.as_tensor(y_eval, device=X_eval.device)
@@ -502,7 +410,7 @@ class Sweeper:
                                                                       len(estimator.classes_)))}
             diagnostics["tau_curve"] = {"val": {str(k): 100 * v for k, v in estimator.val_curve_.items()},
                                         self.spec.eval_split: curve, "chosen": estimator.tau_}
-        _atomic_write(self.out / DIAGNOSTICS_FILE, json.dumps(self.diagnostics))
+        atomic_write_text(self.out / DIAGNOSTICS_FILE, json.dumps(self.diagnostics))
 
 
 def _jsonable(params: dict) -> dict:

@@ -6,9 +6,10 @@ cover several cache entries only as seeds (a backbone per seed): where two entri
 share a seed, the group is split by entry (its rows name the key).
 A group with a failed run (non-finite logits) shows ``failed`` and is never marked best.
 
-Layouts: ``rows`` (one row per representation x method + parameters, sorted like the paper, joint
-first; a Representation column when there are several) and ``grid`` (one row per representation,
-one column per method, one metric; the best cell of each row and of each column marked)."""
+Layouts: ``rows`` (one row per representation x method + parameters, sorted by the methods'
+registered family, then registration order: the paper's first, joint first; a Representation
+column when there are several) and ``grid`` (one row per representation, one column per method,
+one metric; the best cell of each row and of each column marked)."""
 from __future__ import annotations
 
 import csv
@@ -21,15 +22,11 @@ import numpy as np
 
 from featcache.errors import FeatcacheError
 
-from .base import REGISTRY
-from .sweep import IDENTITY_FIELDS, record_key, requested_params
+from .base import FAMILIES, REGISTRY, display_name
+from .records import IDENTITY_FIELDS, record_key, requested_params
 
 COLUMNS = (("many", "Many"), ("medium", "Medium"), ("few", "Few"), ("top1", "All"))
 METRICS = {"top1": "All", "many": "Many", "medium": "Medium", "few": "Few"}
-DISPLAY = {"joint": "Joint", "ncm": "NCM", "crt": "cRT", "tau": "tau-norm", "lws": "LWS", "knn": "kNN",
-           "logit_adjust": "Logit adjustment", "bsce": "cRT + balanced softmax", "maxnorm": "cRT + MaxNorm",
-           "la_loss": "cRT + LA loss", "cb_loss": "cRT + CB loss", "ldam_drw": "cRT + LDAM-DRW",
-           "las": "cRT + LAS (MiSLAS)", "disalign": "DisAlign", "marc": "MARC", "logreg": "LogReg (sklearn)"}
 FORMATS = ("md", "csv", "latex", "json")
 LAYOUTS = ("rows", "grid")
 
@@ -57,7 +54,7 @@ def _label(method: str, params: dict, chosen: dict) -> str:
         if value == "auto" and key in chosen:
             text += f": {np.mean(chosen[key]):.2g}"
         shown.append(text)
-    name = DISPLAY.get(method, method)
+    name = display_name(method)
     return f"{name} ({', '.join(shown)})" if shown else name
 
 
@@ -89,7 +86,8 @@ def aggregate(records: list[dict]) -> list[Row]:
         groups.setdefault(key, []).append(record)
     parts = {(key, entry): members for key, group in groups.items() for entry, members in _by_entry(group)}
     varying = {f for f in IDENTITY_FIELDS if len({json.dumps(r.get(f)) for r in records}) > 1}
-    order = {name: i for i, name in enumerate(REGISTRY)}
+    order = {name: (FAMILIES.index(cls.info.family), i) for i, (name, cls) in enumerate(REGISTRY.items())}
+    unregistered = (len(FAMILIES), 0)
     representations = list(dict.fromkeys(r["representation"] for r in records))
     rows = []
     for (group_key, entry), members in parts.items():
@@ -97,8 +95,8 @@ def aggregate(records: list[dict]) -> list[Row]:
         fields = dict(zip(IDENTITY_FIELDS, identity))
         chosen = {}
         for record in members:
-            if record.get("selected_on"):
-                for name in getattr(REGISTRY.get(method), "auto_params", ()):
+            if record.get("selected_on") and method in REGISTRY:
+                for name in REGISTRY[method].info.chosen_on_val:
                     chosen.setdefault(name, []).append(record["params"][name])
         failed = sum(r.get("status") != "ok" for r in members)
         stats = {}
@@ -115,7 +113,8 @@ def aggregate(records: list[dict]) -> list[Row]:
             context.append(f"entry {entry[:8]}")
         rows.append(Row(_label(method, params, chosen), method, len(members), stats, fields["representation"],
                         ", ".join(context), failed, _label(method, params, {})))
-    rows.sort(key=lambda r: (representations.index(r.representation), r.context, order.get(r.method, 99), r.label))
+    rows.sort(key=lambda r: (representations.index(r.representation), r.context, order.get(r.method, unregistered),
+                             r.label))
     return rows
 
 

@@ -1,8 +1,8 @@
 """tau-normalisation of the joint classifier's weights."""
 import torch
 
-from .base import TAU_GRID, FitData, LTClassifier, pick_on_val, register, require_val
-from .params import Device, Options, Real, RealSequence
+from .base import FitData, register
+from .posthoc import PostHocTau
 
 _CHUNK_ROWS = 512  # a chunk of logits stays in cache while every tau is tried on it
 
@@ -39,42 +39,65 @@ def argmax_is(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return correct
 
 
-@register("tau")
-class TauNorm(LTClassifier):
+@register("tau", display="tau-norm", family="paper", diagnostics=("weight_norms", "tau_curve"), default=True)
+class TauNorm(PostHocTau):
     """tau-normalised joint classifier, bias dropped; tau fixed or picked on val.
 
-    w~_j = w_j / ||w_j||^tau, bias dropped; logits = x W~^T.
+    w~_j = w_j / ||w_j||^tau, logits = x W~^T: tau = 0 is the joint classifier without its bias,
+    tau = 1 gives every class a unit-norm weight. As in the official script the bias is dropped.
+    ``tau="auto"`` evaluates every tau of ``grid`` on the validation split by balanced top-1, ties
+    to the smaller tau; the whole grid costs one matmul, since x (W / ||w||^tau)^T =
+    (x W^T) * ||w||^-tau column-wise.
 
-    Kang et al. ICLR 2020, Sec. 4. As in the official script the bias is dropped (tau = 0 is the
-    joint classifier without bias). ``tau="auto"`` evaluates ``grid`` (0, 0.1, ..., 2.0) on the
-    validation split by balanced top-1, ties to the smaller tau; the whole grid costs one matmul,
-    since x (W / ||w||^tau)^T = (x W^T) * ||w||^-tau column-wise.
+    Parameters
+    ----------
+    tau : float or "auto", default=1.0
+        The exponent, or "auto" to choose it on ``fit(..., val=(X_val, y_val))``.
+    grid : sequence of float, default=(0.0, 0.1, ..., 2.0)
+        The candidates of ``tau="auto"`` (the official sweep).
+    device : {"auto", "cpu", "cuda", "cuda:N"}, default="auto"
+        Where to fit and predict; "auto" picks CUDA when present.
 
-    Fitted: ``tau_`` (the tau used), ``val_curve_`` ({tau: val balanced top-1}, auto only).
+    Attributes
+    ----------
+    tau_ : float
+        The tau used.
+    val_curve_ : dict of float to float
+        {tau: val balanced top-1} for ``tau="auto"``, else empty.
+    selected_ : dict
+        ``{"tau": tau_}`` when chosen on val, else empty.
+    weight_ : ndarray of shape (C, D)
+        W~ (``bias_`` is None).
+    classes_ : ndarray of shape (C,)
+        ``arange(C)``, the rows of the checkpoint's W.
+
+    References
+    ----------
+    .. [1] Kang et al., "Decoupling Representation and Classifier for Long-Tailed Recognition",
+       ICLR 2020, Sec. 4 (tau-normalisation).
+
+    Examples
+    --------
+    With tau = 1 every class weight has unit norm; ``tau="auto"`` chooses tau on val:
+
+    >>> import numpy as np
+    >>> from classifiers import create
+    >>> W = np.array([[3.0, 0.0], [0.0, 1.0]])  # the head class has the longer weight
+    >>> X = np.array([[1.0, 0.5], [0.5, 1.0]])
+    >>> create("tau", tau=1.0).fit(X, [0, 1], classifier=(W, np.zeros(2))).weight_
+    array([[1., 0.],
+           [0., 1.]], dtype=float32)
+    >>> y_val = np.repeat([0, 1], 20)
+    >>> X_val = np.random.default_rng(0).normal(size=(40, 2)) * 0.8 + np.eye(2)[y_val]
+    >>> create("tau", tau="auto").fit(X, [0, 1], classifier=(W, np.zeros(2)), val=(X_val, y_val)).tau_
+    0.7
     """
-
-    needs_classifier = True
-    auto_params = ("tau",)
-    _parameter_constraints = {"tau": [Real(), Options("auto")], "grid": [RealSequence(Real())], "device": [Device()]}
-
-    def __init__(self, tau=1.0, grid=TAU_GRID, device="auto"):
-        self.tau = tau
-        self.grid = grid
-        self.device = device
 
     def _fit(self, data: FitData) -> None:
         weight, _ = data.classifier
         norms = weight.norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
-        self.val_curve_ = {}
-        if self.tau == "auto":
-            X_val, y_val = require_val(data, "tau", "tau")
-            self.val_curve_ = dict(zip((float(t) for t in self.grid),
-                                       tau_curve(X_val, y_val, weight, norms, self.grid, data.num_classes)))
-            self.tau_ = pick_on_val(self.val_curve_)
-        else:
-            self.tau_ = float(self.tau)
+        self._set_tau(data, lambda X_val, y_val: tau_curve(X_val, y_val, weight, norms, self.grid, data.num_classes))
         self._set_linear(weight / norms.pow(self.tau_).unsqueeze(1), None)
-        self.selected_ = {"tau": self.tau_} if self.tau == "auto" else {}
 
     def _logits(self, X, out):
         torch.mm(X, self._weight_t, out=out)

@@ -1,5 +1,6 @@
 """The SGD loop shared by the methods that learn on frozen features (the cRT family, LWS,
-DisAlign, MARC).
+DisAlign, MARC), and their bases: :class:`SGDTrained` (the schedule's parameters),
+:class:`OnFrozenLogits` (learning on the frozen joint logits), :class:`GRWRecalibration`.
 
 Gradients and the optimiser are written by hand, no autograd and no ``torch.optim``, so a step
 costs its matmuls and nothing else. The update is PyTorch SGD's rule (L2 weight decay added to
@@ -16,9 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from featcache.sampling import ClassSampler, class_probabilities
+from featcache.sampling import SAMPLERS, ClassSampler, class_probabilities
 
-from .base import LTClassifier
+from .base import FitData, LTClassifier
+from .params import Device, Int, Options, Real
 
 
 @dataclass
@@ -153,14 +155,63 @@ class FrozenLogits:
         return self.drawn.index_select(0, indices) if self.cached else indices
 
 
-class OnFrozenLogits(LTClassifier):
-    """Base of the methods that learn on the frozen joint logits (:class:`FrozenLogits`); they have
-    ``epochs`` and ``memory_budget`` parameters, and draw among a multi-view entry's views."""
+class SGDTrained(LTClassifier):
+    """Base of the estimators trained by :func:`sgd_train` (the cRT family, LWS, DisAlign, MARC).
+
+    Declares the schedule's parameters once: ``epochs`` (0 leaves the starting point untrained),
+    ``lr``, ``momentum``, ``weight_decay``, ``batch_size``, ``sampler``, ``seed`` and ``device``;
+    a subclass adds its own to ``_parameter_constraints``. Each draw uses one of its sample's
+    views, uniformly (``fit(..., views=...)``); ``class_draws_`` (epochs x C) counts the draws."""
+
+    uses_views = True
+    _parameter_constraints = {
+        "epochs": [Int(0)], "lr": [Real(0, closed="neither")], "momentum": [Real(0, 1, closed="left")],
+        "weight_decay": [Real(0)], "batch_size": [Int(1)], "sampler": [Options(*SAMPLERS)], "seed": [Int(0)],
+        "device": [Device()]}
+
+    def _schedule(self) -> Schedule:
+        return Schedule(self.epochs, self.lr, self.momentum, self.weight_decay, self.batch_size, self.sampler,
+                        self.seed)
+
+    def _draw_epochs(self, data: FitData) -> list[torch.Tensor]:
+        """Every epoch's indices into ``data.rows_X``, drawn by ``sampler``; sets ``class_draws_``."""
+        epochs, self.class_draws_ = draw_epochs(data.y, data.counts, self._schedule(), data.num_views)
+        return epochs
+
+    def _train(self, params: list[torch.Tensor], grad_fn: Callable[[torch.Tensor], list[torch.Tensor]],
+               epochs: list[torch.Tensor], **hooks) -> None:
+        """:func:`sgd_train` under this estimator's schedule (``hooks``: ``post_step``, ``on_epoch``)."""
+        sgd_train(params, grad_fn, epochs, self._schedule(), **hooks)
+
+
+class OnFrozenLogits(SGDTrained):
+    """Base of the methods that learn on the frozen joint logits (:class:`FrozenLogits`), within
+    ``memory_budget`` bytes of cached logits."""
 
     needs_classifier = True
-    uses_views = True
+    _parameter_constraints = {**SGDTrained._parameter_constraints, "memory_budget": [Int(0)]}
 
     def memory_estimate(self, rows: int, dim: int, num_classes: int) -> int:
         """The frozen-logit cache up to its budget, and the drawn indices."""
         cache = min(self.memory_budget, 4 * rows * num_classes)
         return super().memory_estimate(rows, dim, num_classes) + cache + 16 * rows * max(1, self.epochs)
+
+    def _frozen_logits(self, data: FitData) -> FrozenLogits:
+        """Classify with the checkpoint's W, b (``weight_``, ``bias_``), draw the epochs, and return
+        the frozen logits of the rows they draw."""
+        self._set_linear(*data.classifier)
+        return FrozenLogits(data.rows_X, data.rows_y, self._weight_t, self._bias, self._draw_epochs(data),
+                            self.memory_budget)
+
+
+class GRWRecalibration(OnFrozenLogits):
+    """Base of DisAlign and MARC: a few values per class on top of the frozen joint logits, learned
+    with the generalised re-weighting loss (``rho``) under the official ImageNet-LT schedule."""
+
+    _parameter_constraints = {"rho": [Real(0)], **OnFrozenLogits._parameter_constraints}
+
+    def __init__(self, rho=1.2, epochs=10, lr=0.05, momentum=0.9, weight_decay=5e-4, batch_size=256,
+                 sampler="instance", seed=0, memory_budget=DEFAULT_MEMORY_BUDGET, device="auto"):
+        self.rho, self.epochs, self.lr, self.momentum, self.weight_decay = rho, epochs, lr, momentum, weight_decay
+        self.batch_size, self.sampler, self.seed, self.device = batch_size, sampler, seed, device
+        self.memory_budget = memory_budget

@@ -9,6 +9,7 @@ import click
 from featcache.errors import FeatcacheError
 
 from .common import Group, comma_list, data_options, device_option, trust_checkpoint_option
+from .sweep_config import load_config, parse_param_flags, parse_value
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,44 +21,16 @@ def main(debug):
 
 @main.command(name="list")
 def list_():
-    """The registered methods with their parameters and defaults."""
+    """The registered methods with their family, needs and parameters."""
     from classifiers import available
     for entry in available():
         click.echo(f"{entry['name']:<13} {entry['description']}")
+        needs = ["the checkpoint's classifier"] if entry["needs_classifier"] else []
+        needs += [f"the val split for {name}='auto'" for name in entry["chosen_on_val"]]
+        needed = f"; needs {', '.join(needs)}" if needs else ""
+        click.echo(f"{'':<13} {entry['display']} ({entry['family']}){needed}")
         params = ", ".join(f"{k}={v!r}" for k, v in entry["params"].items() if k != "grid")
         click.echo(f"{'':<13} {params}")
-
-
-def _load_config(path: str | None) -> dict:
-    if not path:
-        return {}
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python < 3.11
-        import tomli as tomllib
-    try:
-        with open(path, "rb") as handle:
-            settings = tomllib.load(handle)
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise FeatcacheError(f"--config {path}: {exc}") from None
-    unknown = sorted(set(settings) - {"methods", "seeds", "eval_split", "val_split", "params"})
-    if unknown:
-        raise FeatcacheError(f"--config {path}: unknown key {unknown[0]!r} (known: methods, seeds, eval_split, "
-                             "val_split, [params.METHOD])")
-    methods = settings.get("methods", [])
-    if isinstance(methods, str):  # methods = "crt,tau" reads as the comma list it looks like
-        settings["methods"] = comma_list([methods])
-    elif not (isinstance(methods, list) and all(isinstance(m, str) for m in methods)):
-        raise FeatcacheError(f"--config {path}: methods must be a list of method names")
-    seeds = settings.get("seeds", [0])
-    settings["seeds"] = seeds if isinstance(seeds, list) else [seeds]
-    for key in ("eval_split", "val_split"):
-        if key in settings and not isinstance(settings[key], str):
-            raise FeatcacheError(f"--config {path}: {key} must be a split name")
-    params = settings.get("params", {})
-    if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
-        raise FeatcacheError(f"--config {path}: params must be tables [params.METHOD] of name = value(s)")
-    return settings
 
 
 @main.command()
@@ -95,16 +68,12 @@ def sweep(cache_refs, ckpt, arch, data_spec, cache_dir, methods, params, config,
     Writes OUT/results.jsonl (one record per run, appended as it finishes), OUT/table.md,
     table.csv, table.tex (and grid.* with several representations) and the plots. An OUT that
     already holds records needs --resume or --overwrite."""
-    import torch
     from tqdm.auto import tqdm
 
-    from classifiers.sweep import Representation, SweepSpec, Sweeper, default_label, parse_param_flags, parse_value
+    from classifiers.sweep import Representation, SweepSpec, Sweeper, default_label
     from featcache.store import FeatureCache, cache_root
 
-    # denormal floats (softmax tails of confident logits) slow CPU arithmetic several-fold and change
-    # no prediction: flush them to zero in this process (DisAlign ran 1.8x faster in the benchmark)
-    torch.set_flush_denormal(True)
-    settings = _load_config(config)
+    settings = load_config(config)
     if bool(cache_refs) == bool(ckpt):
         raise FeatcacheError("give --cache ENTRY (one or more) or --ckpt CKPT")
     if resume and overwrite:
@@ -121,8 +90,8 @@ def sweep(cache_refs, ckpt, arch, data_spec, cache_dir, methods, params, config,
                      val_split or settings.get("val_split", "val"), device, many, few)
     if ckpt:
         from featcache.extract import ExtractRequest, extract
-        path = extract(ExtractRequest(ckpt, arch, data_spec, cache_dir=cache_dir, device=device, progress=not quiet,
-                                      trust_checkpoint=trust_checkpoint))
+        path = extract(ExtractRequest(ckpt=ckpt, arch=arch, data=data_spec, cache_dir=cache_dir, device=device,
+                                      progress=not quiet, trust_checkpoint=trust_checkpoint))
         entries = [(None, path)]
     else:
         entries = [_split_label(ref, cache_root(cache_dir)) for ref in cache_refs]
@@ -163,7 +132,7 @@ def _split_label(ref: str, root: Path):
 
 
 def _write_tables(out: Path, fmt: str) -> None:
-    from classifiers.sweep import load_records
+    from classifiers.records import load_records
     from classifiers.tables import render
 
     records = load_records(out / "results.jsonl")
@@ -190,7 +159,7 @@ def _write_tables(out: Path, fmt: str) -> None:
 def table(results, fmt, layout, metric):
     """Print the ablation table of one or more results.jsonl files or sweep directories (merged):
     seeds as mean ± std, joint first, best marked."""
-    from classifiers.sweep import RESULTS_FILE, load_records
+    from classifiers.records import RESULTS_FILE, load_records
     from classifiers.tables import merge_records, render
 
     sources = []

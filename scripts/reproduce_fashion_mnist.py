@@ -35,14 +35,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from classifiers import REGISTRY  # noqa: E402
-from classifiers.sweep import load_records  # noqa: E402
+from classifiers.records import load_records  # noqa: E402
 from classifiers.tables import aggregate, render  # noqa: E402
 
 DATA = ["--data", "fashion-mnist-lt", "--max-per-class", "5000", "--imbalance", "500", "--val-per-class", "20"]
 SAMPLERS = {"instance": "IB", "class": "CB", "sqrt": "SR", "progressive": "PB"}
-GRID = "joint,ncm,crt,tau,lws"
-REBALANCED = ("ncm", "crt", "tau", "lws")
-TABLE_B_EXTRA = ("knn", "logit_adjust", "bsce", "maxnorm", "la_loss", "cb_loss", "ldam_drw", "las", "disalign", "marc")
+PAPER = [name for name, cls in REGISTRY.items() if cls.info.family == "paper"]
+GRID = ",".join(PAPER)
+REBALANCED = [name for name in PAPER if name != "joint"]
+TABLE_B_EXTRA = [name for name, cls in REGISTRY.items() if cls.info.family == "beyond-paper"]
 AUTO = ["--param", "tau.tau=auto"]
 
 
@@ -128,7 +129,7 @@ def stage2(args, seeds, lengths) -> None:
         entries[sampler, seed, epochs] = run(featcache + ["extract", "--ckpt", str(ckpt), "--cache-dir", str(cache),
                                                           "--quiet"], log)
         timings["extract"].append(time.perf_counter() - began)
-    table_b_methods = ",".join(["joint", *REBALANCED, *(m for m in TABLE_B_EXTRA if m in REGISTRY)])
+    table_b_methods = ",".join(PAPER + TABLE_B_EXTRA)
     sweeps = {"grid": [], "table_b": [], "lengths": []}
     for seed in seeds:  # one backbone per seed: each entry swept with its own seed, so tables average them
         sweeps["grid"].append([*(x for sampler, name in SAMPLERS.items()

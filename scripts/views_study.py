@@ -20,11 +20,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from classifiers.sweep import load_records  # noqa: E402
+from classifiers.base import display_name  # noqa: E402
+from classifiers.records import load_records  # noqa: E402
 
 VIEW_COUNTS = (1, 4, 8)
 METHODS = ("crt", "lws")
-LABELS = {"crt": "cRT", "lws": "LWS"}
 MIN_GAIN = 0.5  # points of balanced top-1 below which a difference is not called a difference
 
 
@@ -81,27 +81,27 @@ def verdict(records: list[dict], method: str) -> str:
     """Whether K = 4 or 8 beats K = 1 for ``method`` by more than the seeds' spread (and MIN_GAIN)."""
     base = _stats(records, 1, method, "top1")
     if base is None:
-        return f"{LABELS[method]} failed with K = 1"
+        return f"{display_name(method)} failed with K = 1"
     rivals = {k: _stats(records, k, method, "top1") for k in VIEW_COUNTS[1:]}
     rivals = {k: s for k, s in rivals.items() if s is not None}
     if not rivals:
-        return f"{LABELS[method]} failed with every K > 1"
+        return f"{display_name(method)} failed with every K > 1"
     best_k = max(rivals, key=lambda k: rivals[k][0])
     worst_k = min(rivals, key=lambda k: rivals[k][0])
     margin = max(MIN_GAIN, base[1], *(s[1] for s in rivals.values()))
     shown = ", ".join(f"K = {k}: {s[0]:.1f}" for k, s in rivals.items())
     if rivals[best_k][0] - base[0] > margin:
-        return (f"the views **help** {LABELS[method]} (balanced top-1 {base[0]:.1f} with K = 1; {shown}; "
+        return (f"the views **help** {display_name(method)} (balanced top-1 {base[0]:.1f} with K = 1; {shown}; "
                 f"gain larger than the {margin:.1f}-point noise margin)")
     if base[0] - rivals[worst_k][0] > margin:
-        return (f"the views **hurt** {LABELS[method]} (balanced top-1 {base[0]:.1f} with K = 1; {shown}; "
+        return (f"the views **hurt** {display_name(method)} (balanced top-1 {base[0]:.1f} with K = 1; {shown}; "
                 f"loss larger than the {margin:.1f}-point noise margin)")
-    return (f"the views **make no clear difference** to {LABELS[method]} (balanced top-1 {base[0]:.1f} with "
+    return (f"the views **make no clear difference** to {display_name(method)} (balanced top-1 {base[0]:.1f} with "
             f"K = 1; {shown}; all within the {margin:.1f}-point noise margin)")
 
 
 def _render(records, costs, checkpoints, seeds) -> str:
-    header = "| K | " + " | ".join(f"{LABELS[m]} All | {LABELS[m]} Few" for m in METHODS) + \
+    header = "| K | " + " | ".join(f"{display_name(m)} All | {display_name(m)} Few" for m in METHODS) + \
              " | extract seconds (train + val + test) | training split on disk |"
     lines = [header, "|" + "---|" * (2 * len(METHODS) + 3)]
     for views in VIEW_COUNTS:

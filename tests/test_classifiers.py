@@ -322,3 +322,21 @@ def test_knn_pickles_only_its_own_rows_and_refuses_an_old_faiss_pickle(data):
     state["_index"] = np.zeros(3, dtype=np.uint8)  # what the faiss-index version pickled
     with pytest.raises(FeatcacheError, match="fit it again"):
         create("knn").__setstate__(state)
+
+
+def test_choose_on_val_takes_the_best_score_and_the_smaller_value_on_ties():
+    from classifiers.base import FitData, choose_on_val
+    val = (torch.zeros(4, 2), torch.tensor([0, 1, 1, 0]))
+    fit_data = FitData(val[0], val[1], np.array([2, 2]), 2, None, val, torch.device("cpu"))
+    seen = []
+
+    def score(X_val, y_val):
+        seen.append((X_val, y_val))
+        return [0.5, 0.5, 0.25]
+
+    chosen, curve = choose_on_val(fit_data, "m", "tau", [0.2, 0.1, 0.0], score)
+    assert chosen == 0.1 and curve == {0.2: 0.5, 0.1: 0.5, 0.0: 0.25}
+    assert len(seen) == 1 and seen[0][0] is val[0] and seen[0][1] is val[1]  # the whole grid in one call
+    fit_data.val = None
+    with pytest.raises(FeatcacheError, match=r"^m: tau='auto' needs a validation split"):
+        choose_on_val(fit_data, "m", "tau", [0.0], score)

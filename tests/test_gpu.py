@@ -62,7 +62,7 @@ def test_frozen_logit_cache_on_and_off_on_cuda(name):
 
 
 def test_two_representation_sweep_on_cuda_matches_cpu(tmp_path, cache_dir, runner):
-    from classifiers.sweep import load_records
+    from classifiers.records import load_records
     from cli.lt_cls_cmd import main as lt_cls
     entries = []
     for seed in (0, 1):

@@ -268,7 +268,7 @@ def test_lt_cls_list_names_the_new_methods(runner):
 
 
 def test_each_new_method_runs_through_the_sweep_and_beats_joint(entry, runner, tmp_path):
-    from classifiers.sweep import load_records
+    from classifiers.records import load_records
     from tests.test_sweep import sweep
     out = tmp_path / "sweep"
     sweep(runner, entry, out, "--methods", ",".join(["joint", "crt"] + NEW), "--param", "crt.loss=ce,grw",

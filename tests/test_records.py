@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from classifiers.sweep import load_records
+from classifiers.records import load_records
 from cli.featcache_cmd import main as featcache
 from cli.lt_cls_cmd import main as lt_cls
 from tests.conftest import invoke

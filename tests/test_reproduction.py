@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from classifiers.sweep import load_records
+from classifiers.records import load_records
 from cli.featcache_cmd import main as featcache
 from cli.lt_cls_cmd import main as lt_cls
 from featcache.datasets import FASHION_MNIST_ROOT

@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from classifiers import REGISTRY
-from classifiers.sweep import RECORD_FIELDS, Representation, SweepSpec, Sweeper, load_records
+from classifiers.records import RECORD_FIELDS, load_records
+from classifiers.sweep import Representation, SweepSpec, Sweeper, flushing_denormals
 from cli.featcache_cmd import main as featcache
 from cli.lt_cls_cmd import main as lt_cls
 from featcache import FeatureCache
+from featcache.errors import FeatcacheError
 from tests.conftest import invoke
 from tests.synthetic import long_tailed_features
 
@@ -136,6 +138,25 @@ def test_interrupt_and_resume_does_not_repeat_runs(entry, tmp_path, runner, monk
     assert len(keys) == 8 and len(set(keys)) == 8
     assert len(executed) == 5 and not set(executed) & {(r["method"], r["seed"]) for r in finished}
     assert "| cRT" in result.output
+
+
+def test_sweeper_flushes_denormals_while_entered_and_restores_the_mode(entry, tmp_path):
+    original = flushing_denormals()
+    try:
+        if not torch.set_flush_denormal(True):
+            pytest.skip("this CPU cannot flush denormals")
+        for before in (False, True):
+            torch.set_flush_denormal(before)
+            out = tmp_path / f"flush-{before}"
+            with Sweeper([Representation("synthetic", FeatureCache.open(entry))], SweepSpec(["ncm"]), out) as sweeper:
+                assert flushing_denormals()
+                assert [r["status"] for r in sweeper] == ["ok"]
+            assert flushing_denormals() is before
+            with pytest.raises(FeatcacheError, match="already holds 1 record"):  # refused on entering
+                Sweeper([Representation("synthetic", FeatureCache.open(entry))], SweepSpec(["ncm"]), out).__enter__()
+            assert flushing_denormals() is before
+    finally:
+        torch.set_flush_denormal(original)
 
 
 def test_sweep_from_checkpoint_gets_or_extracts(tiny_ckpt, cache_dir, runner, tmp_path):

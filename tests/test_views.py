@@ -182,7 +182,7 @@ def test_sweep_on_a_multi_view_entry(entries, runner, tmp_path, monkeypatch):
 
 
 def test_crt_draws_every_view(entries, monkeypatch):
-    from classifiers import create, crt, training
+    from classifiers import create, training
     multi = entries[1]
     train = multi.split("train", view=None)
     n = train.num_samples
@@ -193,7 +193,7 @@ def test_crt_draws_every_view(entries, monkeypatch):
         used.append(torch.cat(epochs))
         return original(params, grad_fn, epochs, *args, **kwargs)
 
-    monkeypatch.setattr(crt, "sgd_train", recording)
+    monkeypatch.setattr(training, "sgd_train", recording)
     X, y, counts = multi.split("train").features, multi.split("train").labels, multi.class_counts("train")
     plain = create("crt", epochs=2).fit(X, y, class_counts=counts)
     viewed = create("crt", epochs=2).fit(X, y, class_counts=counts, views=train.view_stack())
