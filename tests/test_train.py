@@ -150,3 +150,18 @@ def test_torchrun_two_processes_gloo(tmp_path):
         np.testing.assert_array_equal(a.split(split).features, b.split(split).features)
         np.testing.assert_array_equal(a.split(split).indices, b.split(split).indices)
         assert [s["rows"] for s in a.meta["splits"][split]["shards"]] == [s["rows"] for s in b.meta["splits"][split]["shards"]]
+
+
+def test_python_m_entry_points_run_both_commands_and_under_torchrun(tmp_path):
+    """``python -m featcache`` / ``python -m classifiers`` are the two command lines (torchrun needs a
+    module: a console script may be a shell shim, as under pyenv)."""
+    env = {**os.environ, "FEATCACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    listed = subprocess.run([sys.executable, "-m", "classifiers", "list"], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert listed.returncode == 0 and listed.stdout.startswith("joint"), listed.stderr
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun not installed")
+    ranks = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "-m", "featcache", "ls"], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert ranks.returncode == 0, ranks.stderr
+    assert ranks.stdout.lower().count(f"no entries under {tmp_path / 'cache'}") == 2
