@@ -18,7 +18,7 @@ test: $(STAMP)
 	$(PYTHON) -m pytest -q
 
 reproduce: $(STAMP)
-	$(PYTHON) scripts/reproduce_fashion_mnist.py
+	$(PYTHON) scripts/reproduce_fashion_mnist.py --overwrite
 
 docs-cli: $(STAMP)
 	$(PYTHON) scripts/gen_cli_docs.py > docs/cli.md

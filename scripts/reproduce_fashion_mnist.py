@@ -67,20 +67,38 @@ def main(argv=None) -> int:
     parser.add_argument("--stage", choices=["1", "2", "all"], default="all")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "fashion-mnist")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Start --out over (only a folder an earlier run of this script made).")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs, args.lengths = "0", 4, "2,4"
     seeds = [int(s) for s in args.seeds.split(",")]
     lengths = [int(n) for n in args.lengths.split(",")]
     if args.stage in ("1", "all"):
-        if args.out.exists():
-            shutil.rmtree(args.out)  # from scratch: no reuse of an earlier run
-        args.out.mkdir(parents=True)
+        fresh_out_dir(parser, args.out, args.overwrite)
         stage1(args, seeds, lengths)
     if args.stage in ("2", "all"):
         stage2(args, seeds, lengths)
         print(args.doc)
     return 0
+
+
+OUT_MARKER = ".reproduce-fashion-mnist"  # marks an --out this script made (and may start over)
+
+
+def fresh_out_dir(parser: argparse.ArgumentParser, out: Path, overwrite: bool) -> None:
+    """An empty --out for Stage 1. A non-empty one is refused, and started over with --overwrite
+    only when this script made it: a user's folder is never deleted."""
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / OUT_MARKER).is_file():
+            parser.error(f"--out {out} is not empty and was not made by this script; choose another --out")
+        if not overwrite:
+            parser.error(f"--out {out} holds an earlier run; --overwrite starts it over, or choose another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / OUT_MARKER).write_text("made by scripts/reproduce_fashion_mnist.py\n")
 
 
 def runs(args, seeds, lengths) -> list[tuple[str, int, int]]:
