@@ -231,6 +231,8 @@ def verify(entry, all_entries, cache_dir):
             problems = [str(exc)]
         for problem in problems:
             click.echo(f"BAD {problem}", err=True)
+        for path, why in cache.unlisted_files():  # a warning: no read uses them (docs/reliability.md)
+            click.echo(f"UNLISTED {path}: {why}", err=True)
         if not problems:
             click.echo(f"OK {cache.path}")
         failed = failed or bool(problems)

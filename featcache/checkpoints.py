@@ -9,7 +9,10 @@ open_clip models also ``.safetensors``, state dicts wrapped as ``{"model": ...}`
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,21 +96,50 @@ HF_WEIGHT_FILES = {"timm": ("model.safetensors", "pytorch_model.bin"),
                    "open_clip": ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")}
 
 
+_HF_REPO_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _hf_snapshot_file(repo: str, revision: str, filename: str) -> Path:
+    """Where the Hugging Face cache keeps ``filename`` of ``repo`` at ``revision`` (a branch or tag
+    through ``refs/``, else a commit), whether or not it is there."""
+    from huggingface_hub import constants
+
+    repo_cache = Path(constants.HF_HUB_CACHE) / ("models--" + repo.replace("/", "--"))
+    ref = repo_cache / "refs" / revision
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        if ref.is_file():
+            revision = ref.read_text().strip()
+    return repo_cache / "snapshots" / revision / filename
+
+
 def resolve_hf_hub(reference: str, library: str = "timm") -> Path:
-    """The weights file of ``hf-hub:ORG/NAME`` in the local Hugging Face cache (``library``'s
-    files first); never downloads."""
+    """The weights file of ``hf-hub:ORG/NAME[@REVISION]`` in the local Hugging Face cache
+    (``library``'s files first; REVISION a branch, tag or commit, default ``main``); never downloads."""
     from huggingface_hub import constants, try_to_load_from_cache
 
-    repo = reference[len(HF_HUB_PREFIX):]
-    if repo.count("/") != 1 or not all(repo.split("/")):
-        raise FeatcacheError(f"--ckpt {reference}: expected hf-hub:ORG/NAME")
+    repo, at, revision = reference[len(HF_HUB_PREFIX):].partition("@")
+    revision = revision if at else "main"
+    parts = repo.split("/")
+    if len(parts) != 2 or not all(_HF_REPO_PART.fullmatch(p) for p in parts) or ".." in repo:
+        raise FeatcacheError(f"--ckpt {reference}: expected hf-hub:ORG/NAME or hf-hub:ORG/NAME@REVISION")
+    if (not revision.strip() or ".." in revision.split("/") or revision.startswith("/")
+            or any(c.isspace() for c in revision)):
+        raise FeatcacheError(f"--ckpt {reference}: {revision!r} is not a revision (a branch, tag or commit)")
     filenames = HF_WEIGHT_FILES[library] + tuple(f for files in HF_WEIGHT_FILES.values() for f in files
                                                  if f not in HF_WEIGHT_FILES[library])
     for filename in filenames:
-        found = try_to_load_from_cache(repo, filename)
+        try:
+            found = try_to_load_from_cache(repo, filename, revision=revision)
+        except (ValueError, OSError) as exc:  # huggingface_hub's validation errors are ValueErrors
+            raise FeatcacheError(f"--ckpt {reference}: {' '.join(str(exc).split())}") from None
         if isinstance(found, str):
             return Path(found)
-    raise FeatcacheError(f"--ckpt {reference}: not in the local Hugging Face cache {constants.HF_HUB_CACHE} "
+        cached = _hf_snapshot_file(repo, revision, filename)
+        if cached.is_symlink() and not cached.exists():
+            raise FeatcacheError(f"--ckpt {reference}: the cached weights file {cached} is a broken link (its blob "
+                                 f"{os.readlink(cached)} is missing); fetch {repo} again and copy the whole cache")
+    at = f" at revision {revision!r}" if revision != "main" else ""
+    raise FeatcacheError(f"--ckpt {reference}: not in the local Hugging Face cache {constants.HF_HUB_CACHE}{at} "
                          f"(looked for {', '.join(filenames)}); featcache never downloads: fetch it "
                          f"where there is internet (`hf download {repo}`) and copy the cache, or set HF_HUB_CACHE")
 

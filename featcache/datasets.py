@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import json
 import pickle
+import re
 import struct
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -520,17 +521,35 @@ def load_imagefolder(data_root=None, **options) -> DataSource:
     return _file_source("imagefolder", root, splits, len(classes), declared, classes)
 
 
+_LABEL = re.compile(r"-?[0-9]+")
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """A text file as UTF-8 (a leading byte-order mark dropped); one error line naming it otherwise."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise FeatcacheError(f"{what} {path} cannot be read: {exc.strerror or exc}") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise FeatcacheError(f"{what} {path} is not UTF-8 text (line {line}, byte {exc.start}: "
+                             f"{raw[exc.start:exc.start + 1]!r}); save it as UTF-8") from None
+
+
 def parse_list_file(path: Path) -> list[tuple[str, int]]:
-    """``relative/path.jpg <label>`` per line (ImageNet-LT / Places-LT / iNaturalist-2018 lists)."""
+    """``relative/path.jpg <label>`` per line (ImageNet-LT / Places-LT / iNaturalist-2018 lists);
+    UTF-8 (a byte-order mark is dropped), labels in ASCII digits."""
     if not path.is_file():
         raise FeatcacheError(f"list file {path} does not exist")
     items = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_text_file(path, "list file").splitlines(), start=1):
         if not line.strip():
             continue
         parts = line.rsplit(maxsplit=1)
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-            raise FeatcacheError(f"{path}:{number}: expected '<relative path> <integer label>', "
+        if len(parts) != 2 or not _LABEL.fullmatch(parts[1]):
+            raise FeatcacheError(f"{path}:{number}: expected '<relative path> <integer label>' (ASCII digits), "
                                  f"got {line.strip()!r}")
         label = int(parts[1])
         if label < 0:

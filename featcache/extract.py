@@ -119,8 +119,14 @@ def extract(request: ExtractRequest) -> Path:
     if request.on_bad_image == "skip":
         identity["on_bad_image"] = "skip"
     dist = run.dist
+    # One process: a hit (every split already in the manifest) is found before locking, so a
+    # complete entry under a read-only cache root reads. Under torchrun every rank locks-or-waits the
+    # same way (a rank must not skip the barriers because it alone saw the manifest complete).
+    needs = splits if dist.world_size == 1 else None
     with writing(cache_root(request.cache_dir), content_key(identity), _base_meta(run, identity),
-                 name=request.name, coordinator=dist.is_main) as entry:
+                 name=request.name, coordinator=dist.is_main, needs=needs) as entry:
+        if entry.read_only:
+            return entry.path
         dist.barrier()
         todo = [s for s in splits if s not in entry.complete_splits()]
         dist.barrier()
@@ -286,18 +292,31 @@ class _ShardWriter:
     order, overlapped with the forward pass. The features it holds (queued or being written) stay
     within ``max_bytes`` (one full shard: with the shard being computed, memory holds two shards,
     as a plain double buffer would), so small splits overlap too. A task's error is raised in the
-    caller by a later ``submit``, ``drain`` or the exit of the ``with`` block."""
+    caller by a later ``submit``, ``drain`` or the exit of the ``with`` block; from the first error
+    on, no queued or later task runs (a later split is never committed after a failed one)."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.pool = ThreadPoolExecutor(max_workers=1)
         self.tasks: collections.deque[tuple[Future, int]] = collections.deque()
         self.held = 0
+        self.failed: BaseException | None = None
+
+    def _run(self, fn, *args):
+        if self.failed is not None:  # an earlier task failed: do nothing more
+            raise _Skipped()
+        try:
+            return fn(*args)
+        except BaseException as exc:
+            self.failed = exc
+            raise
 
     def submit(self, fn, *args, nbytes: int = 0) -> Future:
+        if self.failed is not None:
+            self.drain()
         while self.tasks and self.held + nbytes > self.max_bytes:
             self._wait_oldest()
-        task = self.pool.submit(fn, *args)
+        task = self.pool.submit(self._run, fn, *args)
         self.tasks.append((task, nbytes))
         self.held += nbytes
         return task
@@ -305,11 +324,18 @@ class _ShardWriter:
     def _wait_oldest(self) -> None:
         task, nbytes = self.tasks.popleft()
         self.held -= nbytes
-        task.result()
+        try:
+            task.result()
+        except _Skipped:
+            if self.failed is not None:
+                raise self.failed from None
+            raise
 
     def drain(self) -> None:
         while self.tasks:
             self._wait_oldest()
+        if self.failed is not None:
+            raise self.failed
 
     def __enter__(self) -> "_ShardWriter":
         return self
@@ -318,12 +344,20 @@ class _ShardWriter:
         try:
             if kind is None:
                 self.drain()
-        finally:
+        finally:  # tasks queued before an error of the caller's still run (they were asked for first)
             self.pool.shutdown(wait=True)
 
 
+class _Skipped(Exception):
+    """A background task not run because an earlier one failed."""
+
+
 def _finish_after(writes: list[Future], split, counts: np.ndarray, extra: dict | None) -> None:
-    """Commit ``split`` once its shard writes (earlier tasks of the same thread) have succeeded."""
+    """Commit ``split`` once its shard writes (earlier tasks of the same thread) have succeeded.
+
+    A failed write raises here (the split is not committed) and leaves the thread's later tasks to
+    run only as far as :meth:`_ShardWriter.submit` lets them: the writer stops at its first error,
+    so no later split is committed after an earlier one failed (docs/reliability.md)."""
     for write in writes:
         write.result()
     split.finish(counts, extra)

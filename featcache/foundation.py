@@ -61,9 +61,10 @@ def read_lines(path: str | Path, what: str) -> list[str]:
     """The non-blank lines of a text file, stripped."""
     path = Path(path)
     try:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as exc:
-        raise FeatcacheError(f"{what} {path} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
+        reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror or exc
+        raise FeatcacheError(f"{what} {path} cannot be read: {reason}") from None
     if not lines:
         raise FeatcacheError(f"{what} {path} is empty")
     return lines
@@ -79,6 +80,14 @@ def zeroshot_inputs(class_names: list[str], num_classes: int, class_names_file: 
     if len(class_names) != num_classes:
         raise FeatcacheError(f"{len(class_names)} class names{' in ' + class_names_file if class_names_file else ''}"
                              f" for a data set of {num_classes} classes")
+    seen: dict[str, int] = {}
+    for number, class_name in enumerate(class_names):
+        if class_name in seen:
+            where = f"--class-names {class_names_file}" if class_names_file else "the data set's class names"
+            raise FeatcacheError(f"{where}: class {number} and class {seen[class_name]} are both named "
+                                 f"{class_name!r} (their zero-shot weights would be identical: one could never "
+                                 "be predicted); give each class its own name")
+        seen[class_name] = number
     templates = read_lines(templates_file, "--templates") if templates_file else list(DEFAULT_TEMPLATES)
     for template in templates:
         if "{}" not in template or template.count("{") != 1 or template.count("}") != 1:

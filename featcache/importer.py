@@ -112,7 +112,7 @@ def import_features(splits: dict[str, str], *, name: str, classifier_ckpt: str |
                  "class_names": [], "versions": {}}
     from .extract import versions
     base_meta["versions"] = versions()
-    with writing(root, key, base_meta) as entry:
+    with writing(root, key, base_meta, name=name, needs=list(loaded)) as entry:
         done = entry.complete_splits()
         if classifier is not None:
             entry.write_classifier(*classifier)

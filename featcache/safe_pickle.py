@@ -6,8 +6,11 @@ other, naming it and the flag that trusts the file."""
 from __future__ import annotations
 
 import _compat_pickle
+import contextlib
 import io
 import pickle
+import pickletools
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -66,21 +69,70 @@ def torch_safe_globals(arrays: bool) -> list:
     return names
 
 
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # the first pickle of a pre-1.6 (non-zip) torch.save file
+
+
+def is_legacy_torch_file(raw: bytes) -> bool:
+    """Whether ``raw`` is the old (non-zip) ``torch.save`` format: a pickled magic number first."""
+    if raw[:4] == b"PK\x03\x04":
+        return False
+    try:
+        return RestrictedUnpickler(io.BytesIO(raw[:64]), encoding="ASCII").load() == LEGACY_MAGIC
+    except Exception:
+        return False
+
+
+def _legacy_globals(raw: bytes) -> list[str]:
+    """The callables the main pickle of an old-format torch file names (read, never called)."""
+    names, strings = [], []
+    stream = io.BytesIO(raw)
+    with contextlib.suppress(Exception):
+        for _ in range(4):  # magic number, protocol version, system info, then the object itself
+            strings.clear()
+            for opcode, arg, _pos in pickletools.genops(stream):
+                if opcode.name == "GLOBAL":
+                    names.append(str(arg).replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+    return list(dict.fromkeys(names))
+
+
+@contextlib.contextmanager
+def _quiet_torch_load():
+    """torch's own warnings about a file (``Detected pickle protocol N``) are not the user's business:
+    the outcome is loaded, or one error line."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)
+        warnings.filterwarnings("ignore", message=".*weights_only", category=FutureWarning)
+        yield
+
+
 def torch_load(raw: bytes, path: Path, *, arrays: bool, trust: bool, trust_flag: str):
     """``torch.load`` of ``raw``: weights-only with :func:`torch_safe_globals`; full unpickling
-    only when ``trust``. Anything else the file needs is refused naming ``trust_flag``."""
+    only when ``trust``. Anything else the file needs is refused naming ``trust_flag``, also for an
+    old-format (non-zip) file the weights-only loader cannot read."""
     import torch
     if trust:
-        return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
+        with _quiet_torch_load():
+            return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
     try:
-        with torch.serialization.safe_globals(torch_safe_globals(arrays)):
+        with _quiet_torch_load(), torch.serialization.safe_globals(torch_safe_globals(arrays)):
             return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        allowed = {f"{m}.{n}" for m, n in ALLOWED}
+        if is_legacy_torch_file(raw):
+            needed = [n for n in _legacy_globals(raw)
+                      if n not in allowed and not n.startswith(("torch.", "collections.OrderedDict"))]
+            what = f"names {', '.join(needed[:3])}" if needed else "holds what the weights-only loader cannot read"
+            raise FeatcacheError(f"{path} is an old-format (non-zip) PyTorch file that {what}; loading it means "
+                                 f"full unpickling, which could run code: pass {trust_flag} only if you trust the "
+                                 "file (or re-save it with a current torch.save)") from None
         try:
             needed = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(raw))
         except Exception:
             raise error from None  # not a PyTorch zip file at all: the caller says what it expected
-        allowed = {f"{m}.{n}" for m, n in ALLOWED}
         needed = [name for name in needed if name not in allowed] or ["objects beyond tensors"]
         raise FeatcacheError(f"{path} needs {', '.join(needed[:3])} to load, which could run code; pass "
                              f"{trust_flag} only if you trust the file") from None

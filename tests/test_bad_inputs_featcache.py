@@ -20,7 +20,7 @@ class _CreatesAFile:
 
 
 @pytest.fixture
-def world(tmp_path, image_tree, tiny_ckpt, cache_dir, runner):
+def world(tmp_path, image_tree, tiny_ckpt, cache_dir, runner, monkeypatch):
     """Small bad files of every kind, plus two entries (one with an unknown format, one damaged)."""
     from featcache.backbones import build_model
     from torchvision.models import resnet18
@@ -44,6 +44,19 @@ def world(tmp_path, image_tree, tiny_ckpt, cache_dir, runner):
     crafted = torch.load(tiny_ckpt, weights_only=True)
     crafted["x"] = _CreatesAFile(t / "pwned")
     torch.save(crafted, t / "crafted.pth")
+    torch.save(crafted, t / "legacy.pth", _use_new_zipfile_serialization=False)  # pre-1.6 format
+    torch.save(torch.load(tiny_ckpt, weights_only=True), t / "legacy-p4.pth", _use_new_zipfile_serialization=False,
+               pickle_protocol=4)  # plain weights, but the weights-only loader cannot read a protocol-4 legacy file
+    (t / "latin1.txt").write_bytes("train/class0/img0.png 0\ntrain/caf\u00e9.png 1\n".encode("latin-1"))
+    (t / "arabic-digit.txt").write_text("train/class0/img0.png 0\ntrain/class1/img0.png \u0663\n", encoding="utf-8")
+    (t / "superscript.txt").write_text("train/class0/img0.png \u00b2\n", encoding="utf-8")
+    import huggingface_hub.constants
+    hub = t / "hub" / "models--org--weights"
+    (hub / "snapshots" / "abc123").mkdir(parents=True)
+    (hub / "refs").mkdir()
+    (hub / "refs" / "main").write_text("abc123")
+    os.symlink("../../blobs/5eed", hub / "snapshots" / "abc123" / "model.safetensors")  # its blob is gone
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(t / "hub"))
     (t / "run").mkdir()
     torch.save(crafted, t / "run" / "last.pt")
     torch.save({"features": torch.ones(2, 2), "labels": torch.tensor([0, 1]), "x": _CreatesAFile(t / "pwned")},
@@ -72,7 +85,9 @@ def world(tmp_path, image_tree, tiny_ckpt, cache_dir, runner):
     os.rename(entries["linked"], t / "moved")
     os.symlink(t / "moved", entries["linked"])
     before = sorted(p.name for p in cache_dir.iterdir())
-    return {"t": t, "ckpt": tiny_ckpt, "images": image_tree, "cache": cache_dir, "before": before, **entries}
+    key = os.path.basename(entries["damaged"])
+    return {"t": t, "ckpt": tiny_ckpt, "images": image_tree, "cache": cache_dir, "before": before, **entries,
+            "key": key, "prefix": key[:6]}
 
 
 IMG = ["--crop", "32", "--resize", "36", "--quiet"]
@@ -134,6 +149,38 @@ CASES = {
     "cache-dir is a file (import)": (["import", "--name", "m", "--split", "train={t}/d4.npz", "--cache-dir",
                                       "{t}/file-not-dir"], "is not a directory"),
     "verify without entry": (["verify"], "give an ENTRY or --all"),
+    # issue 26
+    "old-format checkpoint needing unpickling": (["extract", "--ckpt", "{t}/legacy.pth", "--data", "digits-lt"],
+                                                 "--trust-checkpoint"),
+    "old-format protocol-4 checkpoint": (["extract", "--ckpt", "{t}/legacy-p4.pth", "--data", "digits-lt"],
+                                         "old-format (non-zip) PyTorch file"),
+    "hf-hub revision not cached": (["extract", "--ckpt", "hf-hub:org/weights@v2", "--data", "digits-lt"],
+                                   "at revision 'v2'"),
+    "hf-hub empty revision": (["extract", "--ckpt", "hf-hub:org/weights@", "--data", "digits-lt"],
+                              "'' is not a revision"),
+    "hf-hub bad repo": (["extract", "--ckpt", "hf-hub:org/wei ghts", "--data", "digits-lt"], "expected hf-hub:ORG/NAME"),
+    "hf-hub dangling weights link": (["extract", "--ckpt", "hf-hub:org/weights", "--data", "digits-lt"],
+                                     "snapshots/abc123/model.safetensors is a broken link"),
+    "hf-hub dangling weights link at a commit": (["extract", "--ckpt", "hf-hub:org/weights@abc123", "--data",
+                                                  "digits-lt"], "model.safetensors is a broken link"),
+    "list not UTF-8": (R18 + ["--data", "txt", "--data-root", "{images}", "--list", "train={t}/latin1.txt"],
+                       "latin1.txt is not UTF-8 text (line 2"),
+    "list label in Arabic-Indic digits": (R18 + ["--data", "txt", "--data-root", "{images}", "--list",
+                                                 "train={t}/arabic-digit.txt"], "arabic-digit.txt:2: expected"),
+    "list label superscript": (R18 + ["--data", "txt", "--data-root", "{images}", "--list",
+                                      "train={t}/superscript.txt"], "superscript.txt:1: expected"),
+    "import empty name": (["import", "--name", "", "--split", "train={t}/d4.npz"], "--name '': a name is"),
+    "import name dot": (["import", "--name", ".", "--split", "train={t}/d4.npz"], "--name '.'"),
+    "import name dotdot": (["import", "--name", "..", "--split", "train={t}/d4.npz"], "--name '..'"),
+    "import name with slash": (["import", "--name", "x/y", "--split", "train={t}/d4.npz"], "--name 'x/y'"),
+    "import name taken": (["import", "--name", "future", "--split", "train={t}/d5.npz"], "already names entry"),
+    "import name taken by a damaged entry": (["import", "--name", "linked", "--split", "train={t}/d5.npz"],
+                                             "already names entry"),
+    "import name is a key": (["import", "--name", "{key}", "--split", "train={t}/d5.npz"], "reads as a cache key"),
+    "import name is a key prefix": (["import", "--name", "{prefix}", "--split", "train={t}/d5.npz"],
+                                    "prefix of) the key of entry {key}"),
+    "info damaged entry by key prefix": (["info", "{prefix}"], "manifest.json is not valid JSON"),
+    "verify damaged entry by key prefix": (["verify", "{prefix}"], "manifest.json is not valid JSON"),
 }
 
 
@@ -153,3 +200,15 @@ def test_bad_input_gives_one_error_line(case, world, runner, monkeypatch):
     assert sorted(p.name for p in world["cache"].iterdir()) == world["before"]  # nothing half-written
     assert not (world["t"] / "pwned").exists()
     assert (world["t"] / "plain-dir" / "keep.txt").is_file() and (world["t"] / "moved" / "manifest.json").is_file()
+
+
+def test_torch_warnings_about_a_file_do_not_reach_the_user(world, runner):
+    """torch warns "Detected pickle protocol 4" while refusing an old-format file; the user sees one line."""
+    import warnings
+    for name in ("legacy-p4.pth", "legacy.pth"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = runner.invoke(featcache, ["extract", "--ckpt", str(world["t"] / name), "--data", "digits-lt"])
+        assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+        assert not [w for w in caught if "pickle protocol" in str(w.message)], [str(w.message) for w in caught]
+        assert "--trust-checkpoint" in result.output and not (world["t"] / "pwned").exists()

@@ -137,3 +137,41 @@ def test_wrong_arch_names_missing_and_unexpected_keys(resnet_weights, image_tree
     assert result.exit_code == 1
     assert "does not fit --arch resnet50" in result.output and "missing keys" in result.output
     assert not any(cache_dir.glob("*/manifest.json"))
+
+
+def test_a_hit_reads_the_manifest_without_taking_the_lock(tiny_ckpt, cache_dir, runner, monkeypatch):
+    args = ["extract", "--ckpt", tiny_ckpt, "--data", "digits-lt", "--quiet"]
+    first = invoke(runner, featcache, args).output.split()[-1]
+
+    def no_lock(*a, **k):
+        raise AssertionError("a complete entry needs no lock")
+    monkeypatch.setattr("featcache.store.writer.entry_lock", no_lock)
+    assert invoke(runner, featcache, args + ["--split", "train,test"]).output.split()[-1] == first
+    with pytest.raises(AssertionError, match="needs no lock"):  # a name to add is a write: it locks
+        runner.invoke(featcache, args + ["--name", "digits"], catch_exceptions=False)
+
+
+def test_a_list_file_with_a_byte_order_mark_reads_as_without(image_tree, tmp_path):
+    from featcache.datasets import DataSpec, parse_list_file
+    lines = "train/class0/img0.png 0\ntrain/class1/img0.png 1\ntrain/class2/img0.png 2\n"
+    (tmp_path / "plain.txt").write_text(lines, encoding="utf-8")
+    (tmp_path / "bom.txt").write_text(lines, encoding="utf-8-sig")
+    assert (tmp_path / "bom.txt").read_bytes().startswith(b"\xef\xbb\xbf")
+    assert parse_list_file(tmp_path / "bom.txt") == parse_list_file(tmp_path / "plain.txt")
+    assert parse_list_file(tmp_path / "bom.txt")[0] == ("train/class0/img0.png", 0)
+    identities = [DataSpec("txt", str(image_tree), {"lists": {"train": str(tmp_path / name)}}).load().split("train").paths
+                  for name in ("plain.txt", "bom.txt")]
+    assert identities[0] == identities[1]
+
+
+def test_an_old_format_checkpoint_loads_with_trust(tiny_ckpt, tmp_path, cache_dir, runner):
+    legacy = tmp_path / "legacy.pth"
+    torch.save(torch.load(tiny_ckpt, weights_only=True), legacy, _use_new_zipfile_serialization=False,
+               pickle_protocol=4)
+    args = ["extract", "--data", "digits-lt", "--split", "val", "--quiet"]
+    refused = runner.invoke(featcache, args + ["--ckpt", legacy])
+    assert refused.exit_code == 1 and "--trust-checkpoint" in refused.output
+    loaded = invoke(runner, featcache, args + ["--ckpt", legacy, "--trust-checkpoint"]).output.split()[-1]
+    direct = invoke(runner, featcache, args + ["--ckpt", tiny_ckpt]).output.split()[-1]
+    np.testing.assert_array_equal(FeatureCache.open(loaded).split("val").features,
+                                  FeatureCache.open(direct).split("val").features)

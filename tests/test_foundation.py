@@ -3,6 +3,7 @@
 Models are tiny (timm's ``test_*`` configs, a 2-layer open_clip config) with random weights; nothing
 is downloaded."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -136,6 +137,48 @@ def test_hf_hub_reads_the_local_cache_only(image_tree, cache_dir, runner, tmp_pa
     assert_close(entry.split("test").features, timm_reference(model, images(image_tree, "test")))
 
 
+def test_hf_hub_revision_and_broken_links(cache_dir, tmp_path, monkeypatch):
+    """``hf-hub:ORG/NAME@REV`` reads that revision (a ref or a commit); a weights file whose blob is
+    gone is named as a broken link, not reported as missing from the cache."""
+    import huggingface_hub.constants
+    from featcache.checkpoints import resolve_hf_hub
+    from featcache.errors import FeatcacheError
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--org--net"
+    for commit in ("aaa111", "bbb222"):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "model.safetensors").write_bytes(commit.encode())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("aaa111")
+    (repo / "refs" / "v2").write_text("bbb222")
+    assert resolve_hf_hub("hf-hub:org/net").read_bytes() == b"aaa111"
+    assert resolve_hf_hub("hf-hub:org/net@v2").read_bytes() == b"bbb222"
+    assert resolve_hf_hub("hf-hub:org/net@bbb222").read_bytes() == b"bbb222"
+    with pytest.raises(FeatcacheError, match="at revision 'v3'"):
+        resolve_hf_hub("hf-hub:org/net@v3")
+    (repo / "snapshots" / "bbb222" / "model.safetensors").unlink()
+    os.symlink("../../blobs/gone", repo / "snapshots" / "bbb222" / "model.safetensors")
+    with pytest.raises(FeatcacheError, match="bbb222/model.safetensors is a broken link"):
+        resolve_hf_hub("hf-hub:org/net@v2")
+    for bad in ("hf-hub:org/net@", "hf-hub:org/net@../x", "hf-hub:org", "hf-hub:o/n/x", "hf-hub:org/n et"):
+        with pytest.raises(FeatcacheError, match=r"--ckpt hf-hub:"):
+            resolve_hf_hub(bad)
+
+
+def test_duplicate_class_names_are_refused(tmp_path):
+    from featcache.errors import FeatcacheError
+    from featcache.foundation import zeroshot_inputs
+    with pytest.raises(FeatcacheError, match="the data set's class names: class 2 and class 0 are both named 'a'"):
+        zeroshot_inputs(["a", "b", "a"], 3, None, None)
+    (tmp_path / "names.txt").write_bytes("\ufeffred fox\ncat\nred fox\n".encode())  # a BOM is not part of a name
+    with pytest.raises(FeatcacheError, match="names.txt: class 2 and class 0 are both named 'red fox'"):
+        zeroshot_inputs([], 3, str(tmp_path / "names.txt"), None)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(FeatcacheError, match="latin1.txt cannot be read: not UTF-8 text"):
+        zeroshot_inputs([], 1, str(tmp_path / "latin1.txt"), None)
+    assert zeroshot_inputs(["a", "b"], 2, None, None).class_names == ["a", "b"]
+
+
 def test_wrong_checkpoint_for_the_arch_is_one_line(image_tree, cache_dir, runner, tmp_path):
     save_file(random_timm("test_vit").state_dict(), tmp_path / "vit.safetensors")
     result = runner.invoke(featcache, ["extract", "--ckpt", str(tmp_path / "vit.safetensors"), "--arch",
@@ -252,7 +295,10 @@ def test_zeroshot_options_are_checked(tiny_clip, image_tree, cache_dir, runner, 
               "add --zeroshot-head"),
              (["--arch", "open_clip/featcache-tiny-clip", "--zeroshot-head", "--templates", str(tmp_path / "two.txt")],
               "must hold the class name"),
-             (["--arch", "open_clip/featcache-tiny-clip.nope"], "no pretrained tag 'nope'")]
+             (["--arch", "open_clip/featcache-tiny-clip.nope"], "no pretrained tag 'nope'"),
+             (["--arch", "open_clip/featcache-tiny-clip", "--zeroshot-head", "--class-names", str(tmp_path / "dup.txt")],
+              "class 2 and class 0 are both named 'cat'")]
+    (tmp_path / "dup.txt").write_text("cat\ndog\ncat\n")
     for extra, message in cases:
         result = runner.invoke(featcache, base + extra)
         assert result.exit_code == 1 and message in result.output, (extra, result.output)

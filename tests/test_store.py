@@ -129,3 +129,56 @@ def test_commit_records_each_shards_file_hash_once_and_rehashes_a_changed_one(tm
     for shard in manifest["splits"]["train"]["shards"]:
         assert shard["sha256"] == original(tmp_path / "k" / shard["file"])
     assert FeatureCache.open(tmp_path / "k").verify() == []
+
+
+def test_writing_answers_a_complete_request_without_the_lock(tmp_path, monkeypatch):
+    path, features, labels = make_entry(tmp_path)
+    meta = {"kind": "test", "feature_dim": 16, "dtype": "float32", "num_classes": 5}
+
+    def no_lock(*args, **kwargs):
+        raise AssertionError("locked")
+    monkeypatch.setattr("featcache.store.writer.entry_lock", no_lock)
+    with writing(tmp_path, "k", meta, needs=["train"]) as entry:
+        assert entry.read_only and entry.complete_splits() == ["train"]
+        with pytest.raises(RuntimeError, match="complete hit"):  # a hit writes nothing, by construction
+            entry.write_split("val", features, labels)
+    for needs, name in ((["train", "val"], None), (["train"], "named")):  # a missing split or a new name: lock
+        with pytest.raises(AssertionError, match="locked"):
+            with writing(tmp_path, "k", meta, needs=needs, name=name):
+                pass
+    assert not (path / "val").exists()
+
+
+def test_a_new_plan_removes_the_old_plans_extra_shards_of_an_uncommitted_split(tmp_path):
+    meta = {"kind": "test", "feature_dim": 4, "dtype": "float32", "num_classes": 2}
+    features, labels = np.ones((10, 4), np.float32), np.arange(10) % 2
+    with writing(tmp_path, "k", meta) as entry:
+        old = entry.split_writer("train", rows=10, dim=4, dtype="float32", shard_rows=2)
+        for index in old.pending_shards():
+            start, stop = old.shard_range(index)
+            old.write_shard(index, features[start:stop], labels[start:stop], np.arange(start, stop))
+    assert len(list((tmp_path / "k" / "train").glob("shard-*.h5"))) == 5  # never committed (as if killed)
+    (tmp_path / "k" / "train" / "mine.txt").write_text("not a shard")
+    with writing(tmp_path, "k", meta) as entry:
+        entry.write_split("train", features, labels, shard_rows=4)
+    names = sorted(p.name for p in (tmp_path / "k" / "train").iterdir())
+    assert names == ["mine.txt", "shard-00000.h5", "shard-00001.h5", "shard-00002.h5"]
+    cache = FeatureCache.open(tmp_path / "k")
+    np.testing.assert_array_equal(cache.split("train").features, features)
+    assert [(p.name, why.split(" (")[0]) for p, why in cache.unlisted_files()] == [
+        ("mine.txt", "not a shard of split 'train'")]
+
+
+def test_unlisted_files_name_an_uncommitted_split_once(tmp_path):
+    path, features, labels = make_entry(tmp_path, rows=300, shard_rows=100)
+    meta = {"kind": "test", "feature_dim": 16, "dtype": "float32", "num_classes": 5}
+    with writing(tmp_path, "k", meta) as entry:  # two shards of a val split, never committed
+        split = entry.split_writer("val", rows=300, dim=16, dtype="float32", shard_rows=100)
+        for index in (0, 1):
+            start, stop = split.shard_range(index)
+            split.write_shard(index, features[start:stop], labels[start:stop], np.arange(start, stop))
+    (path / ".manifest.json.tmp-1").write_text("{")
+    unlisted = FeatureCache.open(path).unlisted_files()
+    assert [(p.name, why.split(" (")[0]) for p, why in unlisted] == [
+        (".manifest.json.tmp-1", "a temporary file left by a killed writer"),
+        ("val", "4 file(s) of split 'val', which is not committed")]

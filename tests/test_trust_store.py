@@ -551,3 +551,235 @@ def test_a_classifier_of_another_shape_or_type_is_refused(tmp_path):
     _rehash(entry)
     with pytest.raises(CorruptEntryError, match="stored as float64"):
         FeatureCache.open(entry).classifier
+
+
+# -- issue 26: finding every entry, names, sizes, leftovers, read-only roots, full disks ---------
+
+
+def test_a_key_prefix_finds_damaged_and_incomplete_entries(tmp_path, cache_dir, runner):
+    damaged = _import(runner, tmp_path, "damaged")
+    (cache_dir / os.path.basename(damaged) / "manifest.json").write_text("{truncated")
+    incomplete = cache_dir / ("e" * 24)
+    (incomplete / "train").mkdir(parents=True)
+    (incomplete / ENTRY_MARKER).write_text("{}")
+    key = os.path.basename(damaged)
+    assert "not valid JSON" in _one_error_line(runner.invoke(featcache, ["info", key[:6]]))
+    assert "not valid JSON" in _one_error_line(runner.invoke(featcache, ["verify", key[:6]]))
+    assert "not a complete cache entry" in _one_error_line(runner.invoke(featcache, ["info", "eeeeee"]))
+    assert invoke(runner, featcache, ["rm", key[:6]]).output.strip() == f"removed {damaged}"
+    assert invoke(runner, featcache, ["rm", "eeee"]).output.strip() == f"removed {incomplete}"
+    assert not os.path.exists(damaged) and not incomplete.exists()
+
+
+def test_a_symlinked_entry_is_listed_once_and_its_name_stays_unique(tmp_path, cache_dir, runner):
+    path = _import(runner, tmp_path, "real")
+    key = os.path.basename(path)
+    os.symlink(key, cache_dir / "alias")  # a link to an entry under the root: the entry is listed, not the link
+    outside = _import(runner, tmp_path, "outside")
+    moved = tmp_path / "elsewhere"
+    os.rename(outside, moved)
+    os.symlink(moved, cache_dir / "shared")  # a link to an entry outside the root: listed once, by the link
+    os.symlink(moved, cache_dir / "shared-again")
+    listed = [line.split()[0] for line in invoke(runner, featcache, ["ls"]).output.splitlines()[2:]]
+    assert sorted(listed) == sorted([key, "shared"])
+    verified = invoke(runner, featcache, ["verify", "--all"]).output.splitlines()
+    assert sorted(verified) == sorted([f"OK {path}", f"OK {cache_dir / 'shared'}"])
+    assert invoke(runner, featcache, ["info", "real"]).output.splitlines()[0].split()[-1] == path
+    assert invoke(runner, featcache, ["info", key[:6]]).output.splitlines()[0].split()[-1] == path
+    shown = str(cache_dir / "shared")
+    assert invoke(runner, featcache, ["info", "outside"]).output.splitlines()[0].split()[-1] == shown
+    outside_key = os.path.basename(outside)
+    assert invoke(runner, featcache, ["info", outside_key[:6]]).output.splitlines()[0].split()[-1] == shown
+
+
+def test_import_refuses_a_name_that_would_be_ambiguous(tmp_path, cache_dir, runner):
+    first = _import(runner, tmp_path, "first")
+    key = os.path.basename(first)
+    np.savez(tmp_path / "other.npz", features=np.ones((3, 4), np.float32), labels=np.array([0, 1, 2]))
+    for name, message in [("first", "already names entry"), (key, "reads as a cache key"),
+                          (key[:8], "the key of entry"), ("", "non-empty"), (".", "'.'"), ("..", "'..'"),
+                          ("x/y", "without '/'"), (" pad", "leading or trailing"), ("~home", "'~'")]:
+        result = runner.invoke(featcache, ["import", "--name", name, "--split", f"train={tmp_path / 'other.npz'}"])
+        assert message in _one_error_line(result), (name, result.output)
+    assert sorted(p.name for p in cache_dir.iterdir()) == sorted([".locks", key])
+    assert _import(runner, tmp_path, "first") == first  # the same import again is a hit, not a clash
+
+
+def test_a_manifest_claiming_1e15_rows_is_named_not_allocated(tmp_path, runner):
+    entry = _small_entry(tmp_path / "cache")
+    manifest_path = entry / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    split = manifest["splits"]["train"]
+    split["rows"] = 10**15
+    split["class_counts"][0] += 10**15 - 12
+    split["shards"][0]["rows"] = 10**15
+    manifest_path.write_text(json.dumps(manifest))
+    verify = runner.invoke(featcache, ["verify", str(entry)])
+    assert verify.exit_code == 1 and "Traceback" not in verify.output and "out of memory" not in verify.output
+    assert "shard-00000.h5: /features has 12 rows, manifest says 1000000000000000" in verify.output, verify.output
+    with pytest.raises(FeatcacheError, match=r"split 'train' of entry .*1,000,000,000,000,000 rows of 3 float32 "
+                                             r"features, which need 32.0 PiB of memory"):
+        FeatureCache.open(entry).split("train")
+
+
+def _tree(root):
+    return sorted((str(p.relative_to(root)), p.stat().st_mtime_ns if p.is_file() else 0) for p in root.rglob("*"))
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """``read_only(path)``: ``path`` made read-only for the rest of the test: a read-only bind mount of
+    it over itself where mounting is allowed; else (as root, where chmod blocks nothing) every way
+    featcache creates, opens for writing, renames or removes a file under it raises EROFS."""
+    import builtins
+    import errno
+    import io
+    import shutil
+    import subprocess
+    mounted, patches = [], []
+
+    def make(path):
+        path = str(path)
+        if shutil.which("mount") and subprocess.run(["mount", "--bind", path, path], capture_output=True).returncode == 0:
+            mounted.append(path)
+            if subprocess.run(["mount", "-o", "remount,bind,ro", path], capture_output=True).returncode == 0:
+                return "mount"
+        if os.geteuid() != 0:
+            for p in [path, *(str(q) for q in __import__("pathlib").Path(path).rglob("*"))]:
+                os.chmod(p, 0o555 if os.path.isdir(p) else 0o444)
+            patches.append(("chmod", path))
+            return "chmod"
+        return _simulate(path)
+
+    def _simulate(path):
+        def inside(target):
+            try:
+                return os.path.abspath(os.fspath(target)).startswith(path)
+            except TypeError:
+                return False
+
+        def refuse(target):
+            raise OSError(errno.EROFS, "Read-only file system", os.fspath(target))
+
+        def guard(original, writes=lambda *a, **k: True, at=0):
+            def wrapper(*args, **kwargs):
+                if len(args) > at and inside(args[at]) and writes(*args, **kwargs):
+                    refuse(args[at])
+                return original(*args, **kwargs)
+            return wrapper
+
+        def opens_for_writing(file, mode="r", *args, **kwargs):
+            return any(c in mode for c in "wax+")
+
+        def os_open_writes(file, flags, *args, **kwargs):
+            return bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+        originals = {(builtins, "open"): guard(builtins.open, opens_for_writing),
+                     (io, "open"): guard(io.open, opens_for_writing),
+                     (os, "open"): guard(os.open, os_open_writes),
+                     (os, "mkdir"): guard(os.mkdir), (os, "replace"): guard(os.replace),
+                     (os, "rename"): guard(os.rename), (os, "unlink"): guard(os.unlink),
+                     (os, "remove"): guard(os.remove), (os, "rmdir"): guard(os.rmdir)}
+        for (module, name), wrapper in originals.items():
+            patches.append((module, name, getattr(module, name)))
+            setattr(module, name, wrapper)
+        return "simulated"
+
+    yield make
+    for item in reversed(patches):
+        if item[0] == "chmod":
+            for p in [item[1], *(str(q) for q in __import__("pathlib").Path(item[1]).rglob("*"))]:
+                os.chmod(p, 0o755 if os.path.isdir(p) else 0o644)
+        else:
+            setattr(*item)
+    for path in reversed(mounted):
+        subprocess.run(["umount", path], check=False)
+
+
+def test_a_hit_on_a_complete_entry_under_a_read_only_root(tiny_ckpt, tmp_path, cache_dir, runner, read_only):
+    from cli.lt_cls_cmd import main as lt_cls
+    args = ["extract", "--ckpt", tiny_ckpt, "--data", "digits-lt", "--quiet"]
+    path = invoke(runner, featcache, args).output.split()[-1]
+    imported = _import(runner, tmp_path, "features")
+    reference = FeatureCache.open(path).split("train").features.copy()
+    before = _tree(cache_dir)
+    how = read_only(cache_dir)
+    assert invoke(runner, featcache, args).output.split()[-1] == path
+    assert invoke(runner, featcache, args + ["--split", "val"]).output.split()[-1] == path
+    assert _import(runner, tmp_path, "features") == imported
+    np.testing.assert_array_equal(FeatureCache.open(path).split("train").features, reference)
+    invoke(runner, featcache, ["verify", path])
+    invoke(runner, featcache, ["ls"])
+    invoke(runner, lt_cls, ["sweep", "--ckpt", tiny_ckpt, "--data", "digits-lt", "--methods", "ncm",
+                            "--out", tmp_path / "sweep", "--quiet"])
+    assert (tmp_path / "sweep").is_dir()
+    line = _one_error_line(runner.invoke(featcache, args + ["--dtype", "float16"]))  # a miss needs the lock
+    assert ".locks" in line and ("Read-only" in line or "Permission" in line), (how, line)
+    assert _tree(cache_dir) == before, how
+
+
+def test_resuming_with_other_shard_rows_removes_the_old_plans_shards(tiny_ckpt, cache_dir, runner, monkeypatch):
+    from featcache.store import SplitWriter
+    original = SplitWriter.finish
+
+    def killed(self, *args, **kwargs):  # like a SIGKILL before the commit: nothing is cleaned up
+        raise KeyboardInterrupt
+    monkeypatch.setattr(SplitWriter, "finish", killed)
+    args = ["extract", "--ckpt", tiny_ckpt, "--data", "digits-lt", "--split", "train", "--quiet"]
+    assert runner.invoke(featcache, args + ["--shard-rows", "50"]).exit_code != 0
+    entry = next(cache_dir.glob("*/train")).parent
+    assert len(list((entry / "train").glob("shard-*.h5"))) == 8  # 369 rows in shards of 50
+    assert "INCOMPLETE" in runner.invoke(featcache, ["verify", "--all"]).output  # no manifest yet
+    monkeypatch.setattr(SplitWriter, "finish", original)
+    path = invoke(runner, featcache, args + ["--shard-rows", "200"]).output.split()[-1]
+    assert sorted(p.name for p in (entry / "train").iterdir()) == ["shard-00000.h5", "shard-00001.h5"]
+    result = invoke(runner, featcache, ["verify", path])
+    assert result.output.strip() == f"OK {path}"
+    (entry / "train" / "shard-00007.h5").write_bytes(b"left over")  # say, by an older featcache
+    (entry / "notes.txt").write_text("mine")
+    result = runner.invoke(featcache, ["verify", path])
+    assert result.exit_code == 0 and f"OK {path}" in result.output
+    assert f"UNLISTED {entry / 'train' / 'shard-00007.h5'}: not a shard of split 'train'" in result.output
+    assert f"UNLISTED {entry / 'notes.txt'}: not written by featcache" in result.output
+
+
+def _fail_writes_of(monkeypatch, name):
+    """Every open-for-write of a file whose name holds ``name`` fails as on a full disk."""
+    import builtins
+    import errno
+    from featcache.store import durable
+    real_open = builtins.open
+
+    def full_open(file, mode="r", *args, **kwargs):
+        if name in os.path.basename(os.fspath(file)) and any(c in mode for c in "wa+"):
+            raise OSError(errno.ENOSPC, "No space left on device", os.fspath(file))
+        return real_open(file, mode, *args, **kwargs)
+    monkeypatch.setattr(durable, "open", full_open, raising=False)
+
+
+@pytest.mark.parametrize("name, message", [("manifest.json", "/manifest.json"), ("shard-00000.json", "/shard-00000.json")])
+def test_disk_full_while_writing_the_manifest_or_a_sidecar_names_it(tmp_path, cache_dir, runner, monkeypatch, name,
+                                                                    message):
+    np.savez(tmp_path / "f.npz", features=np.ones((6, 4), np.float32), labels=np.arange(6) % 3)
+    _fail_writes_of(monkeypatch, name)
+    line = _one_error_line(runner.invoke(featcache, ["import", "--name", "n", "--split", f"train={tmp_path / 'f.npz'}"]))
+    assert line.startswith("Error: disk full while writing ") and line.split()[5].endswith(message + ";"), line
+    assert [p.name for p in cache_dir.iterdir()] == [".locks"]
+
+
+def test_after_a_failed_train_shard_no_later_split_is_committed(tiny_ckpt, cache_dir, runner, monkeypatch):
+    """Small splits are written and committed in the background behind the next split's forward pass:
+    the train shard's failure must stop the val split's commit that is queued behind it."""
+    import errno
+    from featcache.store import SplitWriter
+    original = SplitWriter._write_h5
+
+    def full(self, path, *args):
+        if self.name == "train":
+            path.write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, path, *args)
+    monkeypatch.setattr(SplitWriter, "_write_h5", full)
+    result = runner.invoke(featcache, ["extract", "--ckpt", tiny_ckpt, "--data", "digits-lt", "--split", "train,val",
+                                       "--quiet"])
+    assert "disk full while writing" in _one_error_line(result) and "train/shard-00000.h5" in result.output
+    assert not list(cache_dir.glob("*/manifest.json")) and not list(cache_dir.glob("*/val"))

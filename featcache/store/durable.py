@@ -49,6 +49,14 @@ def disk_error(exc: OSError, path: Path) -> FeatcacheError:
     return FeatcacheError(f"cannot write {path}: {exc.strerror or exc}")
 
 
+def make_dir(path: Path) -> None:
+    """``mkdir -p`` whose failure (read-only file system, permissions, disk full) is one line naming it."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FeatcacheError(f"cannot create directory {path}: {exc.strerror or exc}") from None
+
+
 @contextlib.contextmanager
 def staged(path: Path) -> Iterator[Path]:
     """Yield the temporary path to write ``path``'s content to; on success it is renamed into place
@@ -137,8 +145,13 @@ def create_h5(path: Path) -> Iterator[h5py.File]:
 def exclusive_lock(path: Path, *, wait: bool = True) -> Iterator[None]:
     """Hold an exclusive ``flock`` on the file ``path`` (created if missing) for the block. With
     ``wait=False`` a lock held by another process raises BlockingIOError at once. The lock goes with
-    the process: a killed holder never leaves it behind (docs/reliability.md)."""
-    with open(path, "a") as handle:
+    the process: a killed holder never leaves it behind (docs/reliability.md). A lock file that
+    cannot be created (read-only cache root) is one line naming it."""
+    try:
+        handle = open(path, "a")
+    except OSError as exc:
+        raise FeatcacheError(f"cannot create the lock file {path}: {exc.strerror or exc}") from None
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         try:
             yield

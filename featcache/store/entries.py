@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FeatcacheError
-from .durable import exclusive_lock
+from .durable import exclusive_lock, make_dir
 from .format import ENTRY_MARKER, LOCKS_DIR, MANIFEST, looks_like_key
 from .reader import FeatureCache
 
@@ -32,7 +32,7 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
 def entry_lock(root: Path, key: str) -> Iterator[None]:
     """Exclusive lock on one key: a second writer of the same key waits here, then reuses."""
     lock_dir = Path(root) / LOCKS_DIR
-    lock_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(lock_dir)
     with exclusive_lock(lock_dir / f"{key}.lock"):
         yield
 
@@ -60,9 +60,31 @@ def is_entry_dir(path: Path) -> bool:
 
 
 def _entry_dirs(root: Path) -> list[Path]:
+    """The entry directories under ``root``, each real entry once: a link to an entry that is itself
+    under ``root`` is left out (the entry is listed under its own name); a link to an entry outside
+    ``root`` is listed, once, under the link's name (two links to one entry: the first by name)."""
     if not root.is_dir():
         return []
-    return [child for child in sorted(root.iterdir()) if not child.name.startswith(".") and is_entry_dir(child)]
+    found = [child for child in sorted(root.iterdir()) if not child.name.startswith(".") and is_entry_dir(child)]
+    out, seen = [], set()
+    for child in sorted(found, key=lambda c: (c.is_symlink(), c.name)):  # real directories first
+        try:
+            real = child.resolve()
+        except (OSError, RuntimeError):  # a link loop
+            continue
+        if real not in seen:
+            seen.add(real)
+            out.append(child)
+    return sorted(out)
+
+
+def _manifest_field(entry: Path, field_name: str):
+    """A field of ``entry``'s manifest read leniently (a damaged manifest: None), for finding entries."""
+    try:
+        meta = json.loads((entry / MANIFEST).read_text())
+    except (ValueError, UnicodeDecodeError, OSError):
+        return None
+    return meta.get(field_name) if isinstance(meta, dict) else None
 
 
 def list_entries(root: Path) -> list[FeatureCache]:
@@ -113,9 +135,9 @@ def resolve_entry(ref: str, root: Path) -> Path:
     if "/" not in text and not text.startswith((".", "~")):
         if is_entry_dir(root / text):
             return root / text
-        entries = list_entries(root)
-        matches = ([e.path for e in entries if e.meta.get("name") == text]
-                   or [e.path for e in entries if len(text) >= KEY_PREFIX_MIN and e.key.startswith(text)])
+        dirs = _entry_dirs(root)  # damaged and incomplete entries too: `rm` / `info` / `verify` reach them
+        matches = ([d for d in dirs if _manifest_field(d, "name") == text]
+                   or [d for d in dirs if len(text) >= KEY_PREFIX_MIN and _entry_key(d).startswith(text)])
         if len(matches) == 1:
             return matches[0]
         if len(matches) > 1:
@@ -126,6 +148,40 @@ def resolve_entry(ref: str, root: Path) -> Path:
     if as_path.exists():
         raise FeatcacheError(f"{as_path} is not a cache entry (no {MANIFEST} or {ENTRY_MARKER} in it)")
     raise FeatcacheError(f"no cache entry {text!r} (not a key, key prefix or name under {root}, nor an entry directory)")
+
+
+def _entry_key(entry: Path) -> str:
+    """The key of an entry directory: its name when key-like, else (a link's name) its manifest's key."""
+    if looks_like_key(entry.name):
+        return entry.name
+    key = _manifest_field(entry, "key")
+    return key if isinstance(key, str) else entry.name
+
+
+def entry_name_problem(root: Path, name, key: str) -> str | None:
+    """Why ``name`` cannot name entry ``key`` under ``root`` (or None): it must be a plain word that
+    ``resolve_entry`` finds as this entry and nothing else: not empty, ``.``, ``..``, a path or
+    something that reads as one (``/``, a leading ``.`` or ``~``), not key-like, not another
+    entry's name, key or key prefix."""
+    if not isinstance(name, str) or not name.strip():
+        return "a name is a non-empty word"
+    if name != name.strip() or any(not c.isprintable() for c in name):
+        return "a name has no leading or trailing spaces and no control characters"
+    if "/" in name or "\\" in name or name.startswith((".", "~")):
+        return "a name is a word without '/' or '\\' that does not start with '.' or '~' (those read as paths)"
+    if looks_like_key(name):
+        return "it reads as a cache key"
+    for other in _entry_dirs(root):
+        other_key = _manifest_field(other, "key")
+        keys = {other.name, other_key} - {None}
+        if key in keys:
+            continue
+        if _manifest_field(other, "name") == name:
+            return f"it already names entry {other.name}"
+        if any(isinstance(k, str) and (k == name or (len(name) >= KEY_PREFIX_MIN and k.startswith(name)))
+               for k in keys):
+            return f"it is (a prefix of) the key of entry {other.name}, which it would hide"
+    return None
 
 
 def remove_entry(path: Path) -> None:

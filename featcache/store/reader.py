@@ -16,7 +16,25 @@ import numpy as np
 
 from ..errors import CorruptEntryError, FeatcacheError, UnknownFormatError
 from .checksum import sha256_file, stored_fletcher_matches
-from .format import MANIFEST, SUPPORTED_FORMAT_VERSIONS, manifest_problem
+from .durable import is_temporary
+from .format import ENTRY_MARKER, MANIFEST, SUPPORTED_FORMAT_VERSIONS, manifest_problem
+
+
+def physical_memory() -> int | None:
+    """This machine's memory in bytes (None where the system does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def format_bytes(count: float) -> str:
+    """``count`` bytes in binary units (``32.0 PiB``)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if count < 1024 or unit == "PiB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= 1024
+    return f"{count:.1f} PiB"
 
 
 @dataclass
@@ -158,9 +176,11 @@ class FeatureCache:
             with self._h5(path) as handle:
                 weight, bias = (_dataset(handle, name) for name in ("weight", "bias"))
                 classes = weight.shape[0] if len(weight.shape) == 2 else -1
-                arrays = tuple(np.empty(shape, np.float32) for shape in ((classes, self.meta["feature_dim"]), (classes,)))
+                shapes = ((classes, self.meta["feature_dim"]), (classes,))
+                for dataset, shape in zip((weight, bias), shapes):  # before allocating anything
+                    _check_layout(dataset, FLOAT_TYPES["float32"], shape)
+                arrays = tuple(np.empty(shape, np.float32) for shape in shapes)
                 for dataset, out in zip((weight, bias), arrays):
-                    _check_layout(dataset, FLOAT_TYPES["float32"], out.shape)
                     _read_through_hdf5(dataset, out)
             self._classifier = arrays
         return self._classifier
@@ -189,13 +209,26 @@ class FeatureCache:
             reason = " ".join(str(exc).split()) or type(exc).__name__
             raise CorruptEntryError(f"{path} cannot be read ({reason}); run `featcache verify`") from None
 
+    def _allocate(self, name: str, rows: int, dim: int) -> tuple[np.ndarray, ...]:
+        """The arrays split ``name`` is read into; a manifest claiming more than this machine's memory
+        is one line naming the entry, the split and the size (checked before allocating)."""
+        dtype = np.float16 if self.meta["dtype"] == "float16" else np.float32
+        needed = rows * (dim * np.dtype(dtype).itemsize + 3 * 8)
+        memory = physical_memory()
+        message = (f"split {name!r} of entry {self.path}: its manifest says {rows:,} rows of {dim} "
+                   f"{self.meta['dtype']} features, which need {format_bytes(needed)} of memory")
+        if memory is not None and needed > memory:
+            raise FeatcacheError(f"{message}, more than this machine's {format_bytes(memory)} "
+                                 "(a damaged manifest? `featcache verify` checks it against the shards)")
+        try:
+            return (np.empty((rows, dim), dtype=dtype), *(np.empty(rows, dtype=np.int64) for _ in range(3)))
+        except (MemoryError, ValueError):
+            raise FeatcacheError(f"{message}; they cannot be allocated here (out of memory)") from None
+
     def _read_split(self, name: str) -> Split:
         meta = self._split_meta(name)
         rows, dim = int(meta["rows"]), int(self.meta["feature_dim"])
-        features = np.empty((rows, dim), dtype=np.float16 if self.meta["dtype"] == "float16" else np.float32)
-        labels = np.empty(rows, dtype=np.int64)
-        indices = np.empty(rows, dtype=np.int64)
-        views = np.empty(rows, dtype=np.int64)
+        features, labels, indices, views = self._allocate(name, rows, dim)
         num_views = self.num_views(name)
         for shard in meta["shards"]:
             path = self.path / shard["file"]
@@ -228,7 +261,9 @@ class FeatureCache:
         return Split(name, features, labels, indices, views, num_views)
 
     def verify(self) -> list[str]:
-        """Re-hash every file the manifest lists; return one message per bad file."""
+        """Re-hash every file the manifest lists, check each shard's datasets against the manifest
+        (before any split is loaded: a manifest claiming more rows than its shards hold is named,
+        not allocated), then read every split; return one message per problem."""
         problems = []
         for info in self._listed_files():
             path = self.path / info["file"]
@@ -240,10 +275,54 @@ class FeatureCache:
             return problems
         for name in self.splits:  # every chunk's fletcher32, shapes, rows and class counts
             try:
+                self._check_shard_layouts(name)
                 FeatureCache(self.path, self.meta)._read_split(name)
-            except CorruptEntryError as exc:
+            except FeatcacheError as exc:
                 problems.append(str(exc))
         return problems
+
+    def _check_shard_layouts(self, name: str) -> None:
+        """Each shard's datasets have the type, shape and chunking the manifest says (no data read)."""
+        dim, h5type = int(self.meta["feature_dim"]), FLOAT_TYPES[self.meta["dtype"]]
+        num_views = self.num_views(name)
+        for shard in self._split_meta(name)["shards"]:
+            path = self.path / shard["file"]
+            with self._h5(path) as handle:
+                for key in ("features", "labels", "indices", "views"):
+                    if key == "views" and key not in handle and num_views == 1:
+                        continue
+                    shape = (shard["rows"], dim) if key == "features" else (shard["rows"],)
+                    _check_layout(_dataset(handle, key), h5type if key == "features" else INDEX_TYPE, shape)
+
+    def unlisted_files(self) -> list[tuple[Path, str]]:
+        """Files in the entry directory that the manifest does not name, each with what it likely is
+        (the files of a split folder the manifest does not list: one line for the folder). No read
+        uses them; `featcache verify` reports them as warnings (docs/reliability.md)."""
+        listed = {self.path / info["file"] for info in self._listed_files()}
+        listed |= {self.path / MANIFEST, self.path / ENTRY_MARKER}
+        out, uncommitted = [], {}
+        for path in sorted(self.path.rglob("*")):
+            if path in listed or (path.is_dir() and not path.is_symlink()):
+                continue
+            top = path.relative_to(self.path).parts[0]
+            if is_temporary(path):
+                why = "a temporary file left by a killed writer (the next write to this entry removes it)"
+            elif top in self.meta["splits"] and path.suffix == ".json" and path.with_suffix(".h5") in listed:
+                why = (f"the sidecar of a committed shard of split {top!r} (a writer stopped right after the "
+                       "commit); no read uses it")
+            elif top in self.meta["splits"]:
+                why = (f"not a shard of split {top!r} (left over from an earlier run, e.g. with another "
+                       "--shard-rows); no read uses it")
+            elif path.parent != self.path and (self.path / top).is_dir():
+                uncommitted[top] = uncommitted.get(top, 0) + 1
+                continue
+            else:
+                why = "not written by featcache; no read uses it"
+            out.append((path, why))
+        for top, count in uncommitted.items():
+            out.append((self.path / top, f"{count} file(s) of split {top!r}, which is not committed (an "
+                                         "interrupted extraction: run it again to finish it)"))
+        return out
 
     def disk_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())

@@ -3,7 +3,9 @@
 Every writer follows one protocol, which :func:`writing` owns: hold the key's lock, remove the
 temporary files a killed writer left, write the checkpoint classifier before the first manifest,
 commit each finished split to the manifest (atomic replace: from then on it is readable), and on
-an error discard what no manifest lists. Callers write inside one ``with`` block::
+an error discard what no manifest lists. A request the manifest already satisfies (``needs``) is
+answered without the lock and writes nothing (a read-only cache root serves hits). Callers write
+inside one ``with`` block::
 
     with writing(root, key, base_meta) as entry:
         entry.write_classifier(W, b)               # optional; kept only for a new entry
@@ -14,33 +16,43 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import FeatcacheError
 from .checksum import sha256_file
-from .durable import atomic_write_json, create_h5, disk_error, is_temporary, staged
-from .entries import entry_lock, is_entry_dir, list_entries
+from .durable import atomic_write_json, create_h5, disk_error, is_temporary, make_dir, staged
+from .entries import entry_lock, entry_name_problem, is_entry_dir
 from .format import CHUNK_BYTES, CLASSIFIER_FILE, COMPRESSIONS, DTYPES, ENTRY_MARKER, FORMAT_VERSION, MANIFEST
 from .reader import FeatureCache
 
 
 @contextlib.contextmanager
 def writing(root: Path, key: str, base_meta: dict, *, name: str | None = None,
-            coordinator: bool = True) -> Iterator["EntryWriter"]:
+            coordinator: bool = True, needs: Collection[str] | None = None) -> Iterator["EntryWriter"]:
     """The write transaction of one entry (see the module docstring).
 
     ``name`` names the entry (refused when another entry has it). Under ``torchrun`` every rank
     writes its own shards inside the block, and only the ``coordinator`` (rank 0) locks the key,
-    cleans up, writes the classifier, commits splits and discards on error."""
+    cleans up, writes the classifier, commits splits and discards on error.
+
+    ``needs``: the splits the caller is about to ask for. When the entry's manifest already lists
+    every one of them (and already carries ``name``), nothing will be written: the manifest is read
+    without the lock and the block runs with :attr:`EntryWriter.read_only` set, so a complete entry
+    under a read-only cache root is a hit."""
     entry = EntryWriter(root, key, base_meta, coordinator=coordinator)
+    if needs is not None and entry.is_complete_for(needs, name):
+        entry.read_only = True
+        yield entry
+        return
     with entry_lock(root, key) if coordinator else contextlib.nullcontext():
         if coordinator:
             entry.remove_stale_temporaries()
-            if name:
+            if name is not None:
                 entry.set_name(name)
         try:
             yield entry
@@ -67,10 +79,26 @@ class EntryWriter:
         self.base_meta = base_meta
         self.coordinator = coordinator
         self.classifier_record: dict | None = None  # goes into the entry's first manifest
+        self.read_only = False  # a hit found without the lock (:func:`writing` ``needs``): write nothing
+
+    def is_complete_for(self, splits: Collection[str], name: str | None) -> bool:
+        """Whether the entry's manifest (read without the lock; it is replaced atomically) lists every
+        split of ``splits`` and, if ``name`` is given, carries that name: then nothing is to be written."""
+        try:
+            manifest = self.existing_manifest()
+        except FeatcacheError:
+            return False
+        return (manifest is not None and all(s in manifest["splits"] for s in splits)
+                and (name is None or manifest.get("name") == name))
+
+    def _refuse_if_read_only(self) -> None:
+        if self.read_only:
+            raise RuntimeError(f"entry {self.path} was opened as a complete hit; nothing may be written")
 
     def create_dir(self) -> None:
         """Create the entry directory with its marker (what makes it an entry before a manifest exists)."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        self._refuse_if_read_only()
+        make_dir(self.path)
         marker = self.path / ENTRY_MARKER
         if not marker.is_file():
             try:
@@ -86,11 +114,9 @@ class EntryWriter:
     def set_name(self, name: str) -> None:
         """Name the entry (before it exists: in its first manifest; after: by rewriting the manifest).
         A name another entry already carries is refused."""
-        if not name or "/" in name or name in (".", ".."):
-            raise FeatcacheError(f"--name {name!r}: a name is a non-empty word without '/'")
-        taken = [e for e in list_entries(self.root) if e.meta.get("name") == name and e.key != self.key]
-        if taken:
-            raise FeatcacheError(f"--name {name!r} already names entry {taken[0].key}; choose another name")
+        problem = entry_name_problem(self.root, name, self.key)
+        if problem:
+            raise FeatcacheError(f"--name {name!r}: {problem}; choose another name")
         self.base_meta["name"] = name
         manifest = self.existing_manifest()
         if manifest is not None and manifest.get("name") != name:
@@ -150,6 +176,7 @@ class EntryWriter:
 
     def commit_split(self, name: str, split_meta: dict) -> None:
         """Add a finished split to the manifest (atomic replace): from now on it is readable."""
+        self._refuse_if_read_only()
         manifest = self.existing_manifest() or {
             **self.base_meta, "format_version": FORMAT_VERSION, "key": self.key,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -195,6 +222,9 @@ def cast_overflow(values: np.ndarray, dtype: str) -> str | None:
             f"(largest {float(np.finfo(dtype).max):.6g})")
 
 
+_SHARD_NAME = re.compile(r"shard-(\d{5,})\.(?:h5|json)")
+
+
 class SplitWriter:
     """Writes one split shard by shard. Shard i holds rows [i*shard_rows, (i+1)*shard_rows); with
     ``views`` K > 1 the rows are view-major (row v*N + i = view v of sample i; N = rows / K).
@@ -209,7 +239,23 @@ class SplitWriter:
         self.entry, self.name, self.rows, self.dim = entry, name, rows, dim
         self.dtype, self.shard_rows, self.compression, self.views = dtype, shard_rows, compression, views
         self.dir = entry.path / name
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_dir(self.dir)
+        if entry.coordinator:
+            self.remove_unplanned_shards()
+
+    def remove_unplanned_shards(self) -> None:
+        """Remove the shard files (and sidecars) of this uncommitted split that this plan does not
+        use: an earlier run with another ``--shard-rows`` wrote more shards than this one will."""
+        for path in self.dir.iterdir():
+            match = _SHARD_NAME.fullmatch(path.name)
+            if match and int(match.group(1)) >= self.num_shards and path.is_file() and not path.is_symlink():
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    raise FeatcacheError(f"cannot remove {path} (left by an earlier run with another "
+                                         f"--shard-rows): {exc.strerror or exc}") from None
 
     @property
     def num_shards(self) -> int:
