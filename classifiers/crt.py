@@ -7,7 +7,7 @@ import torch
 from .base import FitData, InvalidInputError, register, require_all_classes
 from .losses import LOSS_CONSTRAINTS, make_loss
 from .params import InvalidParameterError, Options, Real
-from .training import SGDTrained
+from .training import EPOCH_STEPS_RULE, SGDTrained
 
 HEADS = ("linear", "cosine")
 INITS = ("random", "joint", "class_mean")
@@ -23,6 +23,11 @@ class CRT(SGDTrained):
     then the joint classifier). The registered recipes (``crt``, ``bsce``, ``maxnorm``, ``la_loss``,
     ``cb_loss``, ``ldam_drw``, ``las``) subclass this with their papers' defaults;
     :class:`ClassifierRetraining` documents every parameter.
+
+    ``epoch_steps`` (batches per epoch, classifiers/training.py) defaults to ``"ceil"`` here and is
+    a declared parameter of the recipes that list ``epoch_steps`` in their constraint table
+    (:data:`FAMILY_CONSTRAINTS`; all but ``maxnorm``, whose signature is its own). A recipe may
+    train a learnable per-class scaling of the logits with the layer (:meth:`_recipe`; ``las``).
     """
 
     _parameter_constraints = {**SGDTrained._parameter_constraints, **LOSS_CONSTRAINTS, "head": [Options(*HEADS)],
@@ -31,7 +36,8 @@ class CRT(SGDTrained):
     def __init__(self, *, epochs=10, lr=0.2, momentum=0.9, weight_decay=5e-4, batch_size=512, sampler="class",
                  loss="ce", tau=1.0, beta=0.9999, gamma=0.0, max_margin=0.5, s=30.0, drw_epoch=8,
                  smooth_head=0.3, smooth_tail=0.0, rho=1.2, head="linear", cosine_scale=25.0, init="random",
-                 seed=0, device="auto"):
+                 seed=0, device="auto", epoch_steps="ceil"):
+        self.epoch_steps = epoch_steps
         self.epochs, self.lr, self.momentum, self.weight_decay = epochs, lr, momentum, weight_decay
         self.batch_size, self.sampler, self.loss, self.tau, self.beta, self.gamma = batch_size, sampler, loss, tau, beta, gamma
         self.max_margin, self.s, self.drw_epoch = max_margin, s, drw_epoch
@@ -41,15 +47,21 @@ class CRT(SGDTrained):
     def _post_step(self, weight_t: torch.Tensor) -> None:
         """Called after every optimiser step with W^T (D x C; MaxNorm overrides this)."""
 
-    def _initial(self, data: FitData) -> tuple[torch.Tensor, torch.Tensor]:
+    def _recipe(self, data: FitData) -> tuple[str, bool, float]:
+        """(init, scaling, lr_factor) of this fit: the starting point, whether per-class scales f
+        (init 1; logits f_j (x w_j + b_j), MiSLAS's ``LearnableWeightScaling``) train with the layer
+        at the full lr, and the factor of the layer's own lr. The family's: ``init``, no scaling, 1."""
+        return self.init, False, 1.0
+
+    def _initial(self, data: FitData, init: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Starting W^T (D x C, contiguous) and b, fresh tensors the loop may update in place."""
-        if self.init == "joint":
+        if init == "joint":
             if data.classifier is None:
                 raise InvalidInputError(f"{self.name}: init='joint' needs the checkpoint's classifier "
                                         "(fit(..., classifier=(W, b)); this entry has none)")
             weight, bias = data.classifier
             return weight.T.contiguous(), bias.clone()
-        if self.init == "class_mean":
+        if init == "class_mean":
             sums = torch.zeros(data.num_classes, data.X.shape[1], device=data.device)
             for start in range(0, len(data.X), 2048):  # float16 features: upcast a chunk at a time
                 sums.index_add_(0, data.y[start:start + 2048], data.X[start:start + 2048].float())
@@ -63,13 +75,15 @@ class CRT(SGDTrained):
         return weight.T.contiguous(), bias  # trained as D x C: both matmuls of a step run faster
 
     def _fit(self, data: FitData) -> None:
-        if self.epochs == 0 and self.init != "joint":
-            raise InvalidParameterError(f"{self.name}: epochs=0 needs init='joint' (got init={self.init!r}); "
+        init, scaling, lr_factor = self._recipe(data)
+        if self.epochs == 0 and init != "joint":
+            raise InvalidParameterError(f"{self.name}: epochs=0 needs init='joint' (got init={init!r}); "
                                         "other initialisations need epochs >= 1")
         if self.loss != "ce":
             require_all_classes(data, self.name)
         loss = make_loss(self.loss, data.counts, data.device, self.get_params())
-        weight_t, bias = self._initial(data)
+        weight_t, bias = self._initial(data, init)
+        scales = torch.ones(data.num_classes, device=data.device)
         cosine = self.head == "cosine"
         epoch_now = [0]
         X, y = data.rows_X, data.rows_y  # every view's rows; the epochs index them
@@ -79,6 +93,16 @@ class CRT(SGDTrained):
             logits = torch.addmm(bias if loss.offset is None else bias + loss.offset, features, weight_t)
             g = loss.grad(logits, y.index_select(0, batch), epoch_now[0])
             return [torch.mm(features.T, g).div_(len(batch)), g.sum(0).div_(len(batch))]
+
+        def scaled_grad(batch):
+            # z = f * u (+ offset), u = x W^T + b: dL/df_j = sum_i g_ij u_ij, dL/du = g * f
+            features = X.index_select(0, batch).float()
+            raw = torch.addmm(bias, features, weight_t)
+            logits = raw * scales if loss.offset is None else raw * scales + loss.offset
+            g = loss.grad(logits, y.index_select(0, batch), epoch_now[0])
+            grad_scales = (g * raw).sum(0).div_(len(batch))
+            g.mul_(scales)
+            return [torch.mm(features.T, g).div_(len(batch)), g.sum(0).div_(len(batch)), grad_scales]
 
         def cosine_grad(batch):
             # z = s·x̂·w_j/‖w_j‖; dL/dw_j = (s/‖w_j‖)(Σ_i g_ij x̂_i − (Σ_i g_ij cos_ij) w_j/‖w_j‖);
@@ -92,9 +116,20 @@ class CRT(SGDTrained):
             grad_t = torch.mm(features.T, g).addcmul_(weight_t, along, value=-1.0)
             return [grad_t.mul_(norms.reciprocal_().mul_(self.cosine_scale / len(batch)))]
 
-        self._train([weight_t] if cosine else [weight_t, bias], cosine_grad if cosine else linear_grad,
-                    self._draw_epochs(data), post_step=lambda: self._post_step(weight_t),
-                    on_epoch=lambda e: epoch_now.__setitem__(0, e))
+        if scaling:
+            if cosine:
+                raise InvalidParameterError(f"{self.name}: the learnable weight scaling needs head='linear'")
+            params, grad_fn, factors = [weight_t, bias, scales], scaled_grad, [lr_factor, lr_factor, 1.0]
+        else:
+            params = [weight_t] if cosine else [weight_t, bias]
+            grad_fn = cosine_grad if cosine else linear_grad
+            factors = None if lr_factor == 1.0 else [lr_factor] * len(params)
+        self._train(params, grad_fn, self._draw_epochs(data), post_step=lambda: self._post_step(weight_t),
+                    on_epoch=lambda e: epoch_now.__setitem__(0, e), lr_factors=factors)
+        if scaling:  # fold f into the layer: logits f_j (x w_j + b_j) = x (f_j w_j) + f_j b_j
+            self.scales_ = scales.cpu().numpy()
+            weight_t.mul_(scales)
+            bias.mul_(scales)
         self._set_linear(weight_t.T.contiguous(), None if cosine else bias)
         if cosine:
             self._unit_t = torch.nn.functional.normalize(weight_t, dim=0).mul_(self.cosine_scale)
@@ -104,6 +139,11 @@ class CRT(SGDTrained):
             torch.mm(torch.nn.functional.normalize(X, dim=1), self._unit_t, out=out)
         else:
             torch.addmm(self._bias, X, self._weight_t, out=out)
+
+
+# the constraint table of every registered recipe that takes ``epoch_steps`` (CRT's own table, which
+# maxnorm extends with its own signature, leaves it out)
+FAMILY_CONSTRAINTS = {**CRT._parameter_constraints, "epoch_steps": EPOCH_STEPS_RULE}
 
 
 def with_defaults(method, /, **defaults):
@@ -124,23 +164,31 @@ def with_defaults(method, /, **defaults):
 class ClassifierRetraining(CRT):
     """Classifier re-training (cRT): a fresh linear layer on frozen features, class-balanced sampling.
 
-    Official defaults: 10 epochs of N draws, SGD lr 0.2, momentum 0.9, wd 5e-4, batch 512, cosine
-    schedule; cross-entropy, linear head, nn.Linear initialisation from ``seed``. Every choice of
+    Official defaults (classifier-balancing ``config/ImageNet_LT/cls_crt.yaml``): 10 epochs of
+    int(N / B) batches (the official loop's count), SGD lr 0.2, momentum 0.9, wd 5e-4, batch 512,
+    cosine schedule at the paper-era per-epoch order (epoch 1 at lr 0.2); cross-entropy, linear
+    head, nn.Linear initialisation from ``seed``. Every choice of
     the family (``loss``, ``head``, ``init``, ``sampler``) is a parameter; with
     ``fit(..., views=...)`` each draw uses one of its sample's views, uniformly.
 
     Parameters
     ----------
     epochs : int, default=10
-        Epochs of N draws (N training samples); 0 only with ``init="joint"``.
+        Epochs over the N training samples; 0 only with ``init="joint"``.
     lr : float, default=0.2
-        Initial learning rate of the cosine schedule, stepped once per epoch.
+        Initial learning rate of the cosine schedule, stepped once per epoch: epoch e (0-based) of
+        E trains at 0.5 lr (1 + cos(pi e / E)).
     momentum : float, default=0.9
         SGD momentum, in [0, 1).
     weight_decay : float, default=5e-4
         L2 weight decay added to the gradient.
     batch_size : int, default=512
         Draws per step.
+    epoch_steps : {"floor", "ceil", "ceil+1", "floor-1"}, default="floor"
+        Batches per epoch: int(N / B) batches of B (classifier-balancing's loop), ceil(N / B) with a
+        final partial batch (every draw once; this project's count before it followed the official
+        loop), ceil(N / B) + 1 batches of B (MiSLAS's stage 2) or int(N / B) - 1 (MARC's). At least
+        one batch, of min(N, B) draws, where the count is 0.
     sampler : {"class", "instance", "sqrt", "progressive"}, default="class"
         Class-balanced (p_j equal), instance-balanced (p_j ∝ n_j), square-root (p_j ∝ √n_j) or
         progressively-balanced sampling.
@@ -191,7 +239,8 @@ class ClassifierRetraining(CRT):
 
     Examples
     --------
-    Re-train a linear layer on four classes of 50, 20, 8 and 3 samples:
+    Re-train a linear layer on four classes of 50, 20, 8 and 3 samples (N = 81 < B: one batch of
+    81 per epoch):
 
     >>> import numpy as np
     >>> from classifiers import create
@@ -204,3 +253,6 @@ class ClassifierRetraining(CRT):
     >>> crt.predict(X[[0, 50, 70, 78]])
     array([0, 1, 2, 3])
     """
+
+    _parameter_constraints = FAMILY_CONSTRAINTS
+    __init__ = with_defaults(CRT.__init__, epoch_steps="floor")

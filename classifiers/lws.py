@@ -2,15 +2,17 @@
 import torch
 
 from .base import FitData, register
-from .training import DEFAULT_MEMORY_BUDGET, OnFrozenLogits
+from .training import DEFAULT_MEMORY_BUDGET, EPOCH_STEPS_RULE, OnFrozenLogits
 
 
 @register("lws", display="LWS", family="paper", diagnostics=("weight_norms",), default=True)
 class LWS(OnFrozenLogits):
     """Learnable weight scaling: logits = (x W^T + b) * f_j, only the C scales f learned.
 
-    W, b frozen; f (initialised to 1) learned with class-balanced sampling (official defaults:
-    5 epochs of N draws, SGD lr 0.2, momentum 0.9, wd 5e-4, batch 512, cosine schedule). The frozen
+    W, b frozen; f (initialised to 1) learned with class-balanced sampling (official defaults,
+    classifier-balancing ``config/ImageNet_LT/cls_lws.yaml``: 5 epochs of int(N / B) batches, SGD
+    lr 0.2, momentum 0.9, wd 5e-4 (on f too), batch 512, cosine schedule at the paper-era per-epoch
+    order, epoch 1 at lr 0.2). The frozen
     logits x W^T + b of the rows the epochs draw are computed once when they fit in
     ``memory_budget`` bytes (then training the scales touches only those); otherwise each batch's
     logits are recomputed from its features (same result, one B x D x C matmul per step).
@@ -20,7 +22,10 @@ class LWS(OnFrozenLogits):
     epochs : int, default=5
         Epochs of N draws; 0 leaves f = 1, the joint classifier.
     lr, momentum, weight_decay, batch_size : default=0.2, 0.9, 5e-4, 512
-        SGD with the cosine schedule, stepped once per epoch.
+        SGD with the cosine schedule, stepped once per epoch (epoch e of E at 0.5 lr (1 + cos(pi e / E))).
+    epoch_steps : {"floor", "ceil", "ceil+1", "floor-1"}, default="floor"
+        Batches per epoch: int(N / B) of B, the official loop's ("ceil": ceil(N / B), the last one
+        partial, the count before; see :class:`~classifiers.crt.ClassifierRetraining`).
     sampler : {"class", "instance", "sqrt", "progressive"}, default="class"
         Class-balanced draws, as the paper's.
     seed : int, default=0
@@ -61,8 +66,11 @@ class LWS(OnFrozenLogits):
     [False, True, True]
     """
 
+    _parameter_constraints = {**OnFrozenLogits._parameter_constraints, "epoch_steps": EPOCH_STEPS_RULE}
+
     def __init__(self, epochs=5, lr=0.2, momentum=0.9, weight_decay=5e-4, batch_size=512,
-                 sampler="class", seed=0, memory_budget=DEFAULT_MEMORY_BUDGET, device="auto"):
+                 sampler="class", seed=0, memory_budget=DEFAULT_MEMORY_BUDGET, device="auto", epoch_steps="floor"):
+        self.epoch_steps = epoch_steps
         self.epochs, self.lr, self.momentum, self.weight_decay = epochs, lr, momentum, weight_decay
         self.batch_size, self.sampler, self.seed, self.device = batch_size, sampler, seed, device
         self.memory_budget = memory_budget

@@ -6,7 +6,7 @@ from .params import Device, Options
 
 FEATURE_NORMS = ("cl2n", "l2n", "un")
 _CHUNK_ROWS = 2048
-METRICS = ("l2", "cos")
+METRICS = ("l2", "cos", "cos_official")
 
 
 def normalise(X: torch.Tensor, mode: str, mean: torch.Tensor | None) -> torch.Tensor:
@@ -32,15 +32,19 @@ class NCM(LTClassifier):
 
     Features are transformed by ``feature_norm`` ("cl2n": minus the training mean, then
     L2-normalised), the centroids c_j are the class means of the transformed training features, and
-    logits = -||x - c_j||^2 (``metric="l2"``) or cos(x, c_j) (``metric="cos"``). Every class needs
-    a training sample.
+    logits = -||x - c_j||^2 (``metric="l2"``, the official default), cos(x, c_j) (``metric="cos"``:
+    a true cosine, both sides unit length) or x . c_j / D (``metric="cos_official"``:
+    classifier-balancing's ``KNNClassifier`` with ``dist_type="cos"``, ``cos_similarity``: the
+    transformed x against the centroids as they are, not normalised, divided by the feature
+    dimension D; on cl2n features it ranks classes by ||c_j|| cos(x, c_j), not by the cosine).
+    Every class needs a training sample.
 
     Parameters
     ----------
     feature_norm : {"cl2n", "l2n", "un"}, default="cl2n"
         Centre on the training mean and L2-normalise, only L2-normalise, or leave unchanged.
-    metric : {"l2", "cos"}, default="l2"
-        Negative squared Euclidean distance or cosine similarity to the centroids.
+    metric : {"l2", "cos", "cos_official"}, default="l2"
+        Negative squared Euclidean distance, cosine similarity, or the official "cos" (x . c_j / D).
     device : {"auto", "cpu", "cuda", "cuda:N"}, default="auto"
         Where to fit and predict ("auto": CUDA when present).
 
@@ -49,7 +53,7 @@ class NCM(LTClassifier):
     mean_ : ndarray of shape (D,)
         The mean training feature.
     centroids_ : ndarray of shape (C, D)
-        The class means of the transformed features (unit length for ``metric="cos"``).
+        The class means of the transformed features (scaled to unit length for ``metric="cos"``).
     classes_ : ndarray of shape (C,)
         The sorted labels of ``y`` (``arange(C)`` given ``class_counts`` or ``classifier``).
 
@@ -103,6 +107,9 @@ class NCM(LTClassifier):
             if self.metric == "cos":
                 features = features / features.norm(dim=1, keepdim=True).clamp_min(1e-12)
                 torch.mm(features, self._centroids.T, out=out[rows])
+                continue
+            if self.metric == "cos_official":  # KNNClassifier.cos_similarity: A B^T / feat_dim
+                torch.mm(features, self._centroids.T, out=out[rows]).div_(features.shape[1])
                 continue
             # -||x - c||^2 = 2 x.c - ||c||^2 - ||x||^2; for normalised rows ||x||^2 = 1 joins ||c||^2
             if self.feature_norm == "un" or not bool(squared.all()):

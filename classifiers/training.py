@@ -6,7 +6,30 @@ Gradients and the optimiser are written by hand, no autograd and no ``torch.opti
 costs its matmuls and nothing else. The update is PyTorch SGD's rule (L2 weight decay added to
 the gradient, momentum buffer started at the first gradient, no dampening or Nesterov), applied
 to all parameters at once with torch's multi-tensor ``_foreach`` ops (as torch.optim.SGD's
-foreach path does), with the official cosine schedule stepped once per epoch."""
+foreach path does), with the official cosine schedule stepped once per epoch.
+
+Batches per epoch (``epoch_steps``, :data:`EPOCH_STEPS`): each official loop has its own count
+for an epoch over N training samples at batch size B, and each is one option here:
+
+- ``"floor"``: int(N / B) batches of B, classifier-balancing's ``run_networks.py`` (cRT, LWS;
+  BalancedMetaSoftmax's decoupled stage inherits the loop): ``if step == self.epoch_steps: break``.
+- ``"ceil"``: every one of the N draws once, ceil(N / B) batches, the last one N - B int(N / B)
+  (this project's loop before it followed the official ones).
+- ``"ceil+1"``: ceil(N / B) + 1 batches of B, MiSLAS's ``train_stage2.py`` (``if i > end_steps:
+  break`` with ``end_steps = ceil(N / B)``), unless its class-aware loader's max_j n_j C draws
+  run out first (nearly balanced data): then those, the last batch partial.
+- ``"floor-1"``: int(N / B) - 1 batches of B, MARC's ``run_networks.py`` (the step counter is
+  incremented before the same test).
+
+Every epoch takes at least one step: where the official count is 0 (N < B, or N < 2B for
+``"floor-1"``) the official loop would not train at all, and here the epoch is one batch of
+min(N, B) draws.
+
+Learning rate: the paper-era sequence, epoch e = 0 ... E-1 at 0.5 lr (1 + cos(pi e / E))
+(:func:`cosine_lr`): classifier-balancing calls ``CosineAnnealingLR.step()`` at the top of each
+epoch, the idiom of the PyTorch its README names (>= 0.4.1; the releases before 1.1), whose
+first call yields epoch 0's value, the base lr. The same loop run on PyTorch >= 1.1 skips that first value (the constructor
+already set it), so its epochs train at e = 1 ... E and the last one at lr 0."""
 from __future__ import annotations
 
 import math
@@ -33,10 +56,34 @@ class Schedule:
     sampler: str
     seed: int
     draws_per_epoch: int | None = None
+    epoch_steps: str = "ceil"  # the estimators set theirs (SGDTrained.epoch_steps)
+
+
+EPOCH_STEPS = ("floor", "ceil", "ceil+1", "floor-1")
+EPOCH_STEPS_RULE = [Options(*EPOCH_STEPS)]  # one rule object, declared by every method that takes the option
+
+
+def epoch_batches(draws: int, batch_size: int, rule: str, loader_draws: int | None = None) -> tuple[int, int]:
+    """(batches, draws used) of one epoch of ``draws`` (N) samples under an ``epoch_steps`` rule
+    (module docstring); at least one batch, of min(N, B) draws where the rule's count is 0.
+    ``loader_draws``: what the official class-aware loader yields per epoch (max_j n_j C), which
+    caps ``"ceil+1"`` (MiSLAS's loop ends with its loader, on a last partial batch, when that
+    comes first: on nearly balanced data)."""
+    full, ceil = draws // batch_size, -(-draws // batch_size)
+    if rule == "ceil":
+        return ceil, draws
+    if rule == "ceil+1":
+        used = (ceil + 1) * batch_size if loader_draws is None else min((ceil + 1) * batch_size, loader_draws)
+        return -(-used // batch_size), used
+    batches = {"floor": full, "floor-1": full - 1}[rule]
+    if batches < 1:
+        return 1, min(draws, batch_size)
+    return batches, batches * batch_size
 
 
 def cosine_lr(base: float, epoch: int, epochs: int) -> float:
-    """CosineAnnealingLR(T_max=epochs, eta_min=0) as the official code steps it: once per epoch."""
+    """The lr of epoch ``epoch`` (0-based) of ``epochs``: CosineAnnealingLR(T_max=epochs, eta_min=0)
+    stepped once at the top of each epoch as on PyTorch < 1.1, so epoch 0 trains at ``base``."""
     return 0.5 * base * (1 + math.cos(math.pi * epoch / epochs))
 
 
@@ -51,7 +98,12 @@ def softmax_minus_onehot(logits: torch.Tensor, targets: torch.Tensor) -> torch.T
 
 def draw_epochs(labels: torch.Tensor, counts: np.ndarray, schedule: Schedule,
                 num_views: int = 1) -> tuple[list[torch.Tensor], np.ndarray]:
-    """Every epoch's sample indices (an epoch is N draws), and the per-epoch class histogram (E x C).
+    """Every epoch's sample indices, and the per-epoch class histogram of the draws used (E x C).
+
+    An epoch draws N samples (``schedule.draws_per_epoch``, default the training-set size) and
+    keeps the ones its ``schedule.epoch_steps`` batches use (:func:`epoch_batches`): the first
+    B int(N / B) for ``"floor"``, so those batches are the ``"ceil"`` epoch's full batches; the
+    rules with more than N draws (``"ceil+1"``, up to max_j n_j C) draw that many.
 
     With ``num_views`` K > 1 each drawn sample i then gets one of its views v uniformly (a second
     generator seeded from ``schedule.seed``, so the samples drawn are those of K = 1) and the index
@@ -60,7 +112,10 @@ def draw_epochs(labels: torch.Tensor, counts: np.ndarray, schedule: Schedule,
     sampler = ClassSampler(labels.cpu().numpy(), num_classes, labels.device)
     generator = torch.Generator().manual_seed(int(schedule.seed))
     draws = schedule.draws_per_epoch or len(labels)
-    epochs = [sampler.draw(class_probabilities(counts, schedule.sampler, epoch, schedule.epochs), draws, generator)
+    _, used = epoch_batches(draws, schedule.batch_size, schedule.epoch_steps,
+                            loader_draws=int(np.max(counts)) * num_classes if len(counts) else None)
+    epochs = [sampler.draw(class_probabilities(counts, schedule.sampler, epoch, schedule.epochs),
+                           max(draws, used), generator)[:used]
               for epoch in range(schedule.epochs)]
     histogram = np.stack([torch.bincount(labels[i], minlength=num_classes).cpu().numpy() for i in epochs]) \
         if epochs else np.zeros((0, num_classes), dtype=np.int64)
@@ -74,11 +129,14 @@ def draw_epochs(labels: torch.Tensor, counts: np.ndarray, schedule: Schedule,
 
 def sgd_train(params: list[torch.Tensor], grad_fn: Callable[[torch.Tensor], list[torch.Tensor]],
               epochs: list[torch.Tensor], schedule: Schedule, post_step: Callable[[], None] | None = None,
-              on_epoch: Callable[[int], None] | None = None) -> None:
-    """Train ``params`` in place over the epochs' indices, ``schedule.batch_size`` at a time;
-    ``on_epoch(epoch)`` runs before each epoch (deferred re-weighting switches weights there).
-    ``grad_fn`` must return new tensors it keeps no reference to: they are updated in place, and
-    the first step's become the momentum buffers."""
+              on_epoch: Callable[[int], None] | None = None, lr_factors: list[float] | None = None) -> None:
+    """Train ``params`` in place over the epochs' indices, ``schedule.batch_size`` at a time (the
+    epochs hold what :func:`draw_epochs` kept for ``schedule.epoch_steps``); epoch e at
+    :func:`cosine_lr` (e = 0 at the base lr). ``on_epoch(epoch)`` runs before each epoch (deferred
+    re-weighting switches weights there). ``lr_factors``: one per parameter, its lr is
+    ``factor`` x the epoch's (torch.optim's parameter groups; MiSLAS trains its classifier at 0.05 x
+    the scaling layer's). ``grad_fn`` must return new tensors it keeps no reference to: they are
+    updated in place, and the first step's become the momentum buffers."""
     buffers: list[torch.Tensor] | None = None
     for epoch, indices in enumerate(epochs):
         if on_epoch is not None:
@@ -95,7 +153,11 @@ def sgd_train(params: list[torch.Tensor], grad_fn: Callable[[torch.Tensor], list
                     torch._foreach_mul_(buffers, schedule.momentum)
                     torch._foreach_add_(buffers, grads)
                 grads = buffers
-            torch._foreach_add_(params, grads, alpha=-lr)
+            if lr_factors is None:
+                torch._foreach_add_(params, grads, alpha=-lr)
+            else:
+                for param, grad, factor in zip(params, grads, lr_factors):
+                    param.add_(grad, alpha=-lr * factor)
             if post_step is not None:
                 post_step()
 
@@ -161,17 +223,29 @@ class SGDTrained(LTClassifier):
     Declares the schedule's parameters once: ``epochs`` (0 leaves the starting point untrained),
     ``lr``, ``momentum``, ``weight_decay``, ``batch_size``, ``sampler``, ``seed`` and ``device``;
     a subclass adds its own to ``_parameter_constraints``. Each draw uses one of its sample's
-    views, uniformly (``fit(..., views=...)``); ``class_draws_`` (epochs x C) counts the draws."""
+    views, uniformly (``fit(..., views=...)``); ``class_draws_`` (epochs x C) counts the draws.
+
+    ``epoch_steps`` (batches per epoch, :data:`EPOCH_STEPS`) is a parameter of the methods that
+    declare it (``EPOCH_STEPS_RULE`` in their constraint table: the cRT family's recipes, LWS); the
+    others train ``"ceil"`` epochs, every draw once (the class attribute)."""
 
     uses_views = True
+    epoch_steps = "ceil"
     _parameter_constraints = {
         "epochs": [Int(0)], "lr": [Real(0, closed="neither")], "momentum": [Real(0, 1, closed="left")],
         "weight_decay": [Real(0)], "batch_size": [Int(1)], "sampler": [Options(*SAMPLERS)], "seed": [Int(0)],
         "device": [Device()]}
 
+    def memory_estimate(self, rows: int, dim: int, num_classes: int, eval_rows: int | None = None) -> int:
+        """Beyond the base: one SGD step's float32 B x C arrays (the batch's logits, softmax minus
+        one-hot, a temporary of the loss or the gradient), B the batch size, or every row where an
+        epoch draws fewer ("ceil+1" epochs always end on a full batch)."""
+        batch = self.batch_size if self.epoch_steps == "ceil+1" else min(self.batch_size, max(1, rows))
+        return super().memory_estimate(rows, dim, num_classes, eval_rows) + 3 * 4 * batch * num_classes
+
     def _schedule(self) -> Schedule:
         return Schedule(self.epochs, self.lr, self.momentum, self.weight_decay, self.batch_size, self.sampler,
-                        self.seed)
+                        self.seed, epoch_steps=self.epoch_steps)
 
     def _draw_epochs(self, data: FitData) -> list[torch.Tensor]:
         """Every epoch's indices into ``data.rows_X``, drawn by ``sampler``; sets ``class_draws_``."""
@@ -180,7 +254,8 @@ class SGDTrained(LTClassifier):
 
     def _train(self, params: list[torch.Tensor], grad_fn: Callable[[torch.Tensor], list[torch.Tensor]],
                epochs: list[torch.Tensor], **hooks) -> None:
-        """:func:`sgd_train` under this estimator's schedule (``hooks``: ``post_step``, ``on_epoch``)."""
+        """:func:`sgd_train` under this estimator's schedule (``hooks``: ``post_step``, ``on_epoch``,
+        ``lr_factors``)."""
         sgd_train(params, grad_fn, epochs, self._schedule(), **hooks)
 
 
@@ -191,10 +266,10 @@ class OnFrozenLogits(SGDTrained):
     needs_classifier = True
     _parameter_constraints = {**SGDTrained._parameter_constraints, "memory_budget": [Int(0)]}
 
-    def memory_estimate(self, rows: int, dim: int, num_classes: int) -> int:
+    def memory_estimate(self, rows: int, dim: int, num_classes: int, eval_rows: int | None = None) -> int:
         """The frozen-logit cache up to its budget, and the drawn indices."""
         cache = min(self.memory_budget, 4 * rows * num_classes)
-        return super().memory_estimate(rows, dim, num_classes) + cache + 16 * rows * max(1, self.epochs)
+        return super().memory_estimate(rows, dim, num_classes, eval_rows) + cache + 16 * rows * max(1, self.epochs)
 
     def _frozen_logits(self, data: FitData) -> FrozenLogits:
         """Classify with the checkpoint's W, b (``weight_``, ``bias_``), draw the epochs, and return
@@ -206,7 +281,9 @@ class OnFrozenLogits(SGDTrained):
 
 class GRWRecalibration(OnFrozenLogits):
     """Base of DisAlign and MARC: a few values per class on top of the frozen joint logits, learned
-    with the generalised re-weighting loss (``rho``) under the official ImageNet-LT schedule."""
+    with the generalised re-weighting loss (``rho``) under the official ImageNet-LT schedule.
+    Their epochs are ``"ceil"`` (every draw once, as before the official counts were offered);
+    MARC's official loop runs int(N / B) - 1 batches (``"floor-1"``), docs/methods.md."""
 
     _parameter_constraints = {"rho": [Real(0)], **OnFrozenLogits._parameter_constraints}
 

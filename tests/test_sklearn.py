@@ -39,7 +39,7 @@ def strings():
     return X.astype(np.float32), names[y]
 
 
-FAST = {"crt": {"epochs": 3}, "knn": {}, "ncm": {}, "logreg": {}}
+FAST = {"crt": {"epochs": 3, "epoch_steps": "ceil"}, "knn": {}, "ncm": {}, "logreg": {}}
 
 
 @pytest.mark.parametrize("name", list(FAST))
