@@ -195,10 +195,14 @@ class LTClassifier(ClassifierMixin, BaseEstimator):
     # scikit-learn estimator checks this method is known to fail, with the reason (see tests)
     _expected_failed_checks: dict[str, str] = {}
 
-    def memory_estimate(self, rows: int, dim: int, num_classes: int) -> int:
-        """Bytes ``fit`` + inference need beyond the features and the returned logits, for ``rows``
-        training rows (the sweep's memory check): a few C x D matrices unless a method says more."""
-        return 4 * num_classes * dim * 4 + 8 * _ROW_CHUNK * num_classes
+    def memory_estimate(self, rows: int, dim: int, num_classes: int, eval_rows: int | None = None) -> int:
+        """Bytes ``fit`` + inference need beyond the features and the returned logits (the sweep's
+        memory check), for ``rows`` training rows and at most ``eval_rows`` rows (default ``rows``)
+        classified in one call: a few C x D float32 matrices, and two float32 temporaries of one
+        chunk of logits, the chunk being ``_ROW_CHUNK`` rows or the whole split when it is smaller,
+        unless a method says more."""
+        chunk = min(_ROW_CHUNK, max(rows, eval_rows or 0))
+        return 4 * num_classes * dim * 4 + 8 * chunk * num_classes
 
     @classmethod
     def param_names(cls) -> list[str]:

@@ -123,12 +123,12 @@ class KNN(LTClassifier):
             heap.finalize()
         return [(torch.from_numpy(heap.D), torch.from_numpy(heap.I)) for heap in heaps]
 
-    def memory_estimate(self, rows: int, dim: int, num_classes: int) -> int:
+    def memory_estimate(self, rows: int, dim: int, num_classes: int, eval_rows: int | None = None) -> int:
         """On CPU a normalised block of training rows and a chunk of queries (the k best of every
         query are counted with the logits); on GPU the index holds a float32 copy of the normalised
         training features."""
         search = 4 * rows * dim if resolve_device(self.device).type != "cpu" else _BLOCK_BYTES + 4 * self.chunk_size * dim
-        return super().memory_estimate(rows, dim, num_classes) + search
+        return super().memory_estimate(rows, dim, num_classes, eval_rows) + search
 
     def predict_proba(self, X) -> np.ndarray:
         """The normalised vote: each class's share of the k neighbours' weights."""

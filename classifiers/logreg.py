@@ -60,9 +60,9 @@ class BalancedLogReg(LTClassifier):
         self.standardize = standardize
         self.device = device
 
-    def memory_estimate(self, rows: int, dim: int, num_classes: int) -> int:
+    def memory_estimate(self, rows: int, dim: int, num_classes: int, eval_rows: int | None = None) -> int:
         """scikit-learn works on float32 / float64 copies of the standardised features."""
-        return super().memory_estimate(rows, dim, num_classes) + 16 * rows * dim
+        return super().memory_estimate(rows, dim, num_classes, eval_rows) + 16 * rows * dim
 
     def _fit(self, data: FitData) -> None:
         from sklearn.linear_model import LogisticRegression

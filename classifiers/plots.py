@@ -12,14 +12,15 @@ import numpy as np
 from featcache.errors import FeatcacheError
 
 from .base import display_name
-from .records import DIAGNOSTICS_FILE, RESULTS_FILE, load_records
+from .records import DIAGNOSTICS_FILE, RESULTS_FILE, check_diagnostics, load_records
 from .tables import aggregate
 
 
-def plot_sweep(directory: str | Path) -> list[Path]:
+def plot_sweep(directory: str | Path, records: list[dict] | None = None) -> list[Path]:
     """Write the PNGs next to the sweep's diagnostics; return their paths. With several
     representations each gets its own set (file names suffixed with its label) and the
-    representation x classifier bars (the paper's Fig. 1) are drawn from the records."""
+    representation x classifier bars (the paper's Fig. 1) are drawn from the records (``records``:
+    those of the directory's results file, already read; default: read them)."""
     import matplotlib
     matplotlib.use("Agg")
 
@@ -28,16 +29,22 @@ def plot_sweep(directory: str | Path) -> list[Path]:
     if not source.is_file():
         raise FeatcacheError(f"{directory} has no {DIAGNOSTICS_FILE} (run `lt-cls sweep --out {directory}` first)")
     try:
-        representations = json.loads(source.read_text())["representations"]
-        assert isinstance(representations, dict)
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError):
-        raise FeatcacheError(f"{source} is damaged or not a sweep's diagnostics file "
-                             "(rerun the sweep with --overwrite to rebuild it)") from None
+        diagnostics = json.loads(source.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        diagnostics = None
+    problem = "not JSON" if diagnostics is None else check_diagnostics(diagnostics)
+    if problem is None and "representations" not in diagnostics:
+        problem = "no 'representations'"
+    if problem:
+        raise FeatcacheError(f"{source} is damaged or not a sweep's diagnostics file ({problem}; rerun the sweep "
+                             "with --overwrite to rebuild it)")
+    representations = diagnostics["representations"]
     written = []
     for label, diagnostics in representations.items():
         suffix = "" if len(representations) == 1 else "-" + re.sub(r"[^A-Za-z0-9._-]+", "_", label)
         written += _plot_representation(diagnostics, directory, suffix, "" if not suffix else f" ({label})")
-    records = load_records(directory / RESULTS_FILE)
+    if records is None:
+        records = load_records(directory / RESULTS_FILE)
     if len({r["representation"] for r in records}) > 1:
         written.append(_plot_grid(records, directory / "representations.png"))
     return written

@@ -27,12 +27,16 @@ from featcache.errors import FeatcacheError
 from featcache.store.durable import append_line, atomic_write_text, exclusive_lock
 
 from .base import REGISTRY, as_features, create
+from .cluster import collect_parts, is_lost, merge_diagnostics, remove_parts
 from .metrics import evaluate, per_class_accuracy
 from .records import (
     DIAGNOSTICS_FILE,
     METRIC_FIELDS,
     RECORD_FIELDS,
     RESULTS_FILE,
+    SEED_LIMIT,
+    check_diagnostics,
+    gc_paused,
     load_records,
     param_items,
     record_key,
@@ -61,8 +65,8 @@ class SweepSpec:
         if not self.seeds:
             raise FeatcacheError("no seeds to sweep (--seeds)")
         for seed in self.seeds:
-            if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-                raise FeatcacheError(f"--seeds: {seed!r} is not a non-negative integer")
+            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+                raise FeatcacheError(f"--seeds: {seed!r} is not an integer in 0..2**64-1")
         if self.few < 0 or self.many < 0:
             raise FeatcacheError(f"--many {self.many} / --few {self.few}: thresholds must be >= 0")
         if self.few > self.many:
@@ -99,15 +103,21 @@ def expand_grid(spec: SweepSpec) -> list[tuple[str, tuple, int]]:
         grid = spec.params.get(method, {})
         if method not in REGISTRY:
             create(method)  # the error that lists the registered methods
+        for name, values in grid.items():
+            if not isinstance(values, (list, tuple)):
+                raise FeatcacheError(f"{method}.{name}: expected a list of values to sweep, got {values!r}")
+            if not values:
+                raise FeatcacheError(f"{method}.{name}: no values to sweep (an empty list); give at least one")
         names = list(grid)
+        defaults = {k: v for k, v in REGISTRY[method].defaults().items() if k not in ("device", "seed")}
+        has_seed = "seed" in REGISTRY[method].param_names()
         for combo in itertools.product(*(grid[n] for n in names)):
-            params = {k: v for k, v in REGISTRY[method].defaults().items() if k not in ("device", "seed")}
-            params.update(zip(names, combo))
-            has_seed = "seed" in REGISTRY[method].param_names()
+            params = {**defaults, **dict(zip(names, combo))}
+            # the parameters are checked once per combination (the seeds are checked by SweepSpec.check)
+            create(method, **({**params, "seed": spec.seeds[0] if spec.seeds else 0} if has_seed else params))
+            shared = param_items(params)
             for seed in spec.seeds:
-                run_params = {**params, "seed": seed} if has_seed else params
-                create(method, **run_params)
-                runs.append((method, param_items(run_params), seed))
+                runs.append((method, param_items({**params, "seed": seed}) if has_seed else shared, seed))
     return runs
 
 
@@ -179,10 +189,13 @@ class Sweeper:
     several-fold and change no prediction); the previous mode is restored on exit."""
 
     def __init__(self, representations: list[Representation], spec: SweepSpec, out_dir: Path, mode: str = "new",
-                 memory_check: bool = True):
+                 memory_check: bool = True, executor=None):
         if mode not in ("new", "resume", "overwrite"):
             raise ValueError(f"mode {mode!r}")
         self.representations, self.spec, self.out, self.mode = representations, spec, Path(out_dir), mode
+        self.executor = executor  # None: run here; a classifiers.cluster.SlurmExecutor: a SLURM job array
+        if executor is not None:
+            executor.check()
         self.notes = spec.check()
         self.device = resolve_device(spec.device)
         self.val_split = self._check_entries()
@@ -193,9 +206,12 @@ class Sweeper:
         self.runs = [Run(r.label, r.cache.key, method, params, seed)
                      for r in representations for method, params, seed in self.grid]
         self.results = self.out / RESULTS_FILE
+        self.diagnostics_path = self.out / DIAGNOSTICS_FILE
+        self.job: dict | None = None  # the SLURM task that runs these runs (records carry it)
         self._lock = None
         self._flushing_before: bool | None = None  # the denormal mode to restore on exit
         self.pending: list[Run] = []
+        self.records: list[dict] = []  # every record of the results file: those read on entry, then each new one
         self.diagnostics: dict = {}
 
     def _check_entries(self) -> str | None:
@@ -234,21 +250,34 @@ class Sweeper:
         return val if having else None
 
     def memory_needed(self, rep: Representation) -> dict[str, int]:
-        """Bytes one entry's sweep needs at its peak, by part: the splits as stored, the eval logits
-        and the metrics' float64 softmax, and the hungriest method beyond them."""
+        """Bytes one entry's sweep needs at its peak, by part: the splits as stored, the eval
+        logits, and the hungrier of two phases that never overlap: the hungriest method's fit and
+        inference (its estimate for its settings, once per setting: seeds change nothing; the
+        temporaries of a chunk of logits are bounded by the split's rows), or the metrics and
+        diagnostics on the eval logits (the ECE's float64 softmax holds four N x C float64 arrays at
+        its peak; the tau curve one N x C float32 array) beside the fitted classifier's C x D
+        matrices."""
         meta, cache = rep.cache.meta, rep.cache
         itemsize = 2 if meta.get("dtype") == "float16" else 4
         dim, classes = int(meta["feature_dim"]), cache.num_classes
         splits = {"train", self.spec.eval_split} | ({self.val_split} if self.val_split else set())
         rows = {name: int(meta["splits"][name]["rows"]) for name in splits}
-        methods = {}
+        largest = max(rows.values())  # the most rows a method computes logits of at once
+        methods, seen = {}, set()
         for method, params, _ in self.grid:
+            settings = tuple(p for p in params if p[0] != "seed")  # the seed changes no allocation
+            if (method, settings) in seen:
+                continue
+            seen.add((method, settings))
             estimator = create(method, **dict(params))
-            methods[method] = max(methods.get(method, 0), estimator.memory_estimate(rows["train"], dim, classes))
+            methods[method] = max(methods.get(method, 0),
+                                  estimator.memory_estimate(rows["train"], dim, classes, largest))
         hungriest = max(methods, key=methods.get)
-        return {"features": sum(rows.values()) * dim * itemsize,
-                "eval logits": rows[self.spec.eval_split] * classes * (4 + 16),
-                f"method {hungriest}": methods[hungriest]}
+        eval_rows = rows[self.spec.eval_split]
+        metrics = eval_rows * classes * (32 + 4) + 4 * classes * dim * 4  # + the tau curve's logits
+        phase = (f"method {hungriest}", methods[hungriest]) if methods[hungriest] >= metrics else ("metrics", metrics)
+        return {"features": sum(rows.values()) * dim * itemsize, "eval logits": eval_rows * classes * 4,
+                phase[0]: phase[1]}
 
     def _check_memory(self) -> None:
         available, where = available_memory(self.device)
@@ -300,12 +329,17 @@ class Sweeper:
         if self.mode == "overwrite":
             atomic_write_text(self.results, "")
             (self.out / DIAGNOSTICS_FILE).unlink(missing_ok=True)
+            remove_parts(self.out)
             existing = []
         elif self.results.is_file() and not self.results.read_bytes().endswith(b"\n") and self.results.stat().st_size:
             # a line half-written by an interrupted run: drop it, atomically
             atomic_write_text(self.results, "".join(json.dumps(r, allow_nan=False) + "\n" for r in existing))
-        done = {record_key(r) for r in existing}
+        if self.mode == "resume":
+            existing = self._with_parts(existing)
+        with gc_paused():
+            done = {record_key(r) for r in existing}
         self.pending = [run for run in self.runs if self._key(run) not in done]
+        self.records = existing
         self.diagnostics = self._load_diagnostics() if self.mode == "resume" else {}
 
     def _key(self, run: Run) -> str:
@@ -318,17 +352,39 @@ class Sweeper:
             return {}
         try:
             diagnostics = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise FeatcacheError(f"{path} is damaged (not JSON); delete it to resume (it only feeds the plots)") \
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not JSON"
+            raise FeatcacheError(f"{path} is damaged ({reason}); delete it to resume (it only feeds the plots)") \
                 from None
-        if not isinstance(diagnostics.get("representations", {}), dict):
-            raise FeatcacheError(f"{path} is not a sweep's diagnostics file; delete it to resume")
+        problem = check_diagnostics(diagnostics)
+        if problem:
+            raise FeatcacheError(f"{path} is damaged or not a sweep's diagnostics file ({problem}); delete it to "
+                                 "resume (it only feeds the plots)")
         return diagnostics
+
+    def _with_parts(self, existing: list[dict]) -> list[dict]:
+        """The results with the records of SLURM tasks a killed submitter did not merge, and without
+        the failed records of runs a task lost (so they run again); rewritten when that changes them."""
+        parts = collect_parts(self.out)
+        if not parts and not any(map(is_lost, existing)):
+            return existing
+        keys = {record_key(r) for r in existing}
+        added = [r for part in parts for r in part if record_key(r) not in keys]
+        kept = [r for r in existing + list({record_key(r): r for r in added}.values()) if not is_lost(r)]
+        if added or len(kept) != len(existing):
+            atomic_write_text(self.results, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
+        return kept
 
     # -- running --------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
         if self._lock is None:
             raise RuntimeError("use the Sweeper as a context manager: with Sweeper(...) as sweeper")
+        if self.executor is not None:
+            yield from self.executor.run(self)
+            merged = merge_diagnostics(self.out, self.diagnostics)
+            if merged:
+                atomic_write_text(self.diagnostics_path, json.dumps(merged))
+            return
         for rep in self.representations:
             runs = [run for run in self.pending if run.representation == rep.label]
             if runs:
@@ -354,14 +410,61 @@ class Sweeper:
             for run in runs:
                 record, estimator, logits = self._run(run, X, y, counts, classifier, val, X_eval, y_eval, views)
                 self._append(record)
+                self.records.append(record)
                 if record["status"] == "ok":
                     self._diagnose(diagnostics, cache, run, estimator, logits, y_eval, X_eval)
+                del estimator, logits  # not alive beside the next run's (memory_needed counts one run)
                 yield record
         finally:
             cache.release()  # one entry in memory at a time
 
     def _append(self, record: dict) -> None:
         append_line(self.results, json.dumps(record, allow_nan=False) + "\n")
+
+    # -- the pieces a SLURM task and its submitter use (classifiers/cluster.py) ------------------
+    def run_key(self, run: Run) -> str:
+        return self._key(run)
+
+    @staticmethod
+    def record_key(record: dict) -> str:
+        return record_key(record)
+
+    def run_part(self, runs: list[Run], records_path: Path, diagnostics_path: Path, job: dict) -> int:
+        """Run ``runs`` here (an array task), appending their records to ``records_path`` (the
+        task's own file) and the plot diagnostics to ``diagnostics_path``; runs the file already
+        holds (a requeued task) are skipped. Returns the number of runs recorded."""
+        self.results, self.diagnostics_path, self.job = Path(records_path), Path(diagnostics_path), job
+        done = {record_key(r) for r in load_records(self.results)}
+        self.pending = [run for run in runs if self._key(run) not in done]
+        before = flushing_denormals()
+        torch.set_flush_denormal(True)
+        try:
+            count = 0
+            for rep in self.representations:
+                todo = [run for run in self.pending if run.representation == rep.label]
+                count += sum(1 for _ in self._sweep_entry(rep, todo)) if todo else 0
+            return count
+        finally:
+            torch.set_flush_denormal(before)
+
+    def merge_part(self, records: list[dict], lost: list[dict]) -> Iterator[dict]:
+        """Add a finished task's records and the failed records of the runs it lost to the results
+        file (one atomic replace); yield the failed ones."""
+        keys = {record_key(r) for r in self.records}
+        new = [r for r in records + lost if record_key(r) not in keys]
+        if new:
+            self.records.extend(new)
+            atomic_write_text(self.results, "".join(json.dumps(r, allow_nan=False) + "\n" for r in self.records))
+        yield from lost
+
+    def failed_record(self, run: Run, failure: str, job: dict) -> dict:
+        """The record of a run that never finished (its SLURM task ended first)."""
+        record = {"method": run.method, "params": _jsonable(dict(run.params)), "seed": run.seed,
+                  "representation": run.representation, "eval_split": self.spec.eval_split, "selected_on": None,
+                  "status": "failed", "failure": failure, "many_threshold": self.spec.many,
+                  "few_threshold": self.spec.few, "fit_seconds": None, "eval_seconds": None,
+                  "cache_key": run.cache_key, "version": __version__, "job": job, **dict.fromkeys(METRIC_FIELDS)}
+        return {k: record[k] for k in RECORD_FIELDS}
 
     def _run(self, run: Run, X, y, counts, classifier, val, X_eval, y_eval, views=None):
         params = dict(run.params)
@@ -377,7 +480,7 @@ class Sweeper:
                   "selected_on": self.val_split if selected else None,
                   "many_threshold": self.spec.many, "few_threshold": self.spec.few,
                   "fit_seconds": round(fitted - began, 4), "eval_seconds": round(evaluated - fitted, 4),
-                  "cache_key": run.cache_key, "version": __version__}
+                  "cache_key": run.cache_key, "version": __version__, "job": self.job}
         bad = int((~np.isfinite(logits)).any(axis=1).sum())
         if bad:
             record.update(status="failed", failure=f"non-finite logits on {bad} of {len(logits)} eval rows "
@@ -410,7 +513,7 @@ class Sweeper:
                                                                       len(estimator.classes_)))}
             diagnostics["tau_curve"] = {"val": {str(k): 100 * v for k, v in estimator.val_curve_.items()},
                                         self.spec.eval_split: curve, "chosen": estimator.tau_}
-        atomic_write_text(self.out / DIAGNOSTICS_FILE, json.dumps(self.diagnostics))
+        atomic_write_text(self.diagnostics_path, json.dumps(self.diagnostics))
 
 
 def _jsonable(params: dict) -> dict:

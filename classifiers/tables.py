@@ -23,7 +23,7 @@ import numpy as np
 from featcache.errors import FeatcacheError
 
 from .base import FAMILIES, REGISTRY, display_name
-from .records import IDENTITY_FIELDS, record_key, requested_params
+from .records import IDENTITY_FIELDS, gc_paused, param_items, record_key, requested_params
 
 COLUMNS = (("many", "Many"), ("medium", "Medium"), ("few", "Few"), ("top1", "All"))
 METRICS = {"top1": "All", "many": "Many", "medium": "Medium", "few": "Few"}
@@ -43,8 +43,9 @@ class Row:
     requested: str = ""  # method and requested parameters, without values chosen on val (grid columns)
 
 
-def _label(method: str, params: dict, chosen: dict) -> str:
-    defaults = REGISTRY[method].defaults() if method in REGISTRY else {}
+def _label(method: str, params: dict, chosen: dict, defaults: dict | None = None) -> str:
+    if defaults is None:
+        defaults = REGISTRY[method].defaults() if method in REGISTRY else {}
     shown = []
     for key, value in sorted(params.items()):
         if key in ("seed", "device") or defaults.get(key) == value or \
@@ -61,14 +62,15 @@ def _label(method: str, params: dict, chosen: dict) -> str:
 def merge_records(sources: list[list[dict]]) -> list[dict]:
     """Records of several results files as one list; a run recorded twice is kept once (said once)."""
     seen, merged, repeated = set(), [], 0
-    for records in sources:
-        for record in records:
-            key = record_key(record)
-            if key in seen:
-                repeated += 1
-                continue
-            seen.add(key)
-            merged.append(record)
+    with gc_paused():
+        for records in sources:
+            for record in records:
+                key = record_key(record)
+                if key in seen:
+                    repeated += 1
+                    continue
+                seen.add(key)
+                merged.append(record)
     if repeated:
         print(f"note: {repeated} record(s) appear in more than one results file; each is counted once",
               file=sys.stderr)
@@ -76,22 +78,24 @@ def merge_records(sources: list[list[dict]]) -> list[dict]:
 
 
 def aggregate(records: list[dict]) -> list[Row]:
+    """The table's rows: one pass over the records groups them (one key per record), then each group
+    is summarised."""
     if not records:
         raise FeatcacheError("no records to tabulate")
-    groups: dict[str, list[dict]] = {}
-    for record in records:
-        params = {k: v for k, v in requested_params(record).items() if k != "seed"}
-        identity = [record.get(f) for f in IDENTITY_FIELDS]
-        key = json.dumps([identity, record["method"], params], sort_keys=True, default=str)
-        groups.setdefault(key, []).append(record)
-    parts = {(key, entry): members for key, group in groups.items() for entry, members in _by_entry(group)}
-    varying = {f for f in IDENTITY_FIELDS if len({json.dumps(r.get(f)) for r in records}) > 1}
+    with gc_paused():
+        groups = _groups(records)
+    representations = dict.fromkeys(r["representation"] for r in records)
+    parts = {(key, entry): members for key, (_, group) in groups.items() for entry, members in _by_entry(group)}
+    # an identity field varies when two groups differ in it (every record is in a group)
+    varying = {f for i, f in enumerate(IDENTITY_FIELDS) if len({key[0][i] for key in groups}) > 1}
     order = {name: (FAMILIES.index(cls.info.family), i) for i, (name, cls) in enumerate(REGISTRY.items())}
     unregistered = (len(FAMILIES), 0)
-    representations = list(dict.fromkeys(r["representation"] for r in records))
+    position = {rep: i for i, rep in enumerate(representations)}
+    defaults = {name: cls.defaults() for name, cls in REGISTRY.items()}
     rows = []
     for (group_key, entry), members in parts.items():
-        identity, method, params = json.loads(group_key)
+        identity, method, _ = group_key
+        params = groups[group_key][0]
         fields = dict(zip(IDENTITY_FIELDS, identity))
         chosen = {}
         for record in members:
@@ -111,11 +115,27 @@ def aggregate(records: list[dict]) -> list[Row]:
             context.append(f">{fields['many_threshold']}/<{fields['few_threshold']}")
         if entry:
             context.append(f"entry {entry[:8]}")
-        rows.append(Row(_label(method, params, chosen), method, len(members), stats, fields["representation"],
-                        ", ".join(context), failed, _label(method, params, {})))
-    rows.sort(key=lambda r: (representations.index(r.representation), r.context, order.get(r.method, unregistered),
-                             r.label))
+        method_defaults = defaults.get(method, {})
+        rows.append(Row(_label(method, params, chosen, method_defaults), method, len(members), stats,
+                        fields["representation"], ", ".join(context), failed,
+                        _label(method, params, {}, method_defaults)))
+    rows.sort(key=lambda r: (position[r.representation], r.context, order.get(r.method, unregistered), r.label))
     return rows
+
+
+def _groups(records: list[dict]) -> dict[tuple, tuple[dict, list[dict]]]:
+    """Records by everything but the seed: key -> (requested parameters, records), in first-seen order."""
+    groups: dict[tuple, tuple[dict, list[dict]]] = {}
+    for record in records:
+        params = requested_params(record)
+        params.pop("seed", None)
+        key = (tuple(record.get(f) for f in IDENTITY_FIELDS), record["method"], param_items(params))
+        group = groups.get(key)
+        if group is None:
+            groups[key] = (params, [record])
+        else:
+            group[1].append(record)
+    return groups
 
 
 def _by_entry(group: list[dict]) -> list[tuple[str, list[dict]]]:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import signal
 import sys
 
 import click
@@ -11,6 +13,14 @@ from featcache.errors import FeatcacheError
 
 class Group(click.Group):
     """A click group that prints a user error as one line (exit 1); ``--debug`` shows the traceback."""
+
+    def parse_args(self, ctx, args):
+        try:  # the group's own --help / --version print while parsing
+            return super().parse_args(ctx, args)
+        except BrokenPipeError as exc:
+            if exc.filename is not None:
+                raise
+            _stdout_closed()
 
     def invoke(self, ctx):
         try:
@@ -25,12 +35,28 @@ class Group(click.Group):
                 raise
             click.echo(f"Error: out of memory{_memory_hint(self, ctx)}", err=True)
             sys.exit(1)
+        except BrokenPipeError as exc:
+            if exc.filename is not None or ctx.params.get("debug"):
+                raise
+            _stdout_closed()
         except OSError as exc:  # the environment (disk full, permissions) where no FeatcacheError was raised
             if ctx.params.get("debug"):
                 raise
             where = f" {exc.filename}" if exc.filename else ""
             click.echo(f"Error: cannot access{where}: {exc.strerror or exc}", err=True)
             sys.exit(1)
+
+
+def _stdout_closed() -> None:
+    """The reader of stdout went away (``lt-cls list | head -1``): normal, not an error. Nothing
+    more is written; the exit status is the shell's for a command ended by SIGPIPE (128 + 13), as
+    for any Unix tool whose output stopped being read."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush must not fail again
+    except (OSError, ValueError):
+        pass
+    sys.exit(128 + signal.SIGPIPE)
 
 
 def _memory_hint(group: click.Group, ctx) -> str:

@@ -204,7 +204,7 @@ def info(entry, cache_dir):
 def verify(entry, all_entries, cache_dir):
     """Re-hash every shard and check it against the manifest; exit 1 naming each bad one."""
     from featcache.errors import FeatcacheError
-    from featcache.store import FeatureCache, cache_root, scan_entries
+    from featcache.store import cache_root, scan_entries
 
     if bool(entry) == all_entries:
         raise click.UsageError("give an ENTRY or --all")

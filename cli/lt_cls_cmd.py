@@ -9,7 +9,7 @@ import click
 from featcache.errors import FeatcacheError
 
 from .common import Group, comma_list, data_options, device_option, trust_checkpoint_option
-from .sweep_config import load_config, parse_param_flags, parse_value
+from .sweep_config import build_executor, executor_options, load_config, parse_param_flags, parse_value
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -59,10 +59,12 @@ def list_():
 @click.option("--no-plots", is_flag=True, help="Do not draw the PNG plots.")
 @click.option("--no-memory-check", is_flag=True, help="Run even when the estimate says the sweep will not fit in memory.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@executor_options
 @trust_checkpoint_option
 @device_option
 def sweep(cache_refs, ckpt, arch, data_spec, cache_dir, methods, params, config, seeds, eval_split, val_split,
-          many, few, out, fmt, resume, overwrite, no_plots, no_memory_check, quiet, trust_checkpoint, device):
+          many, few, out, fmt, resume, overwrite, no_plots, no_memory_check, quiet, executor, trust_checkpoint,
+          device):
     """Run representations x methods x parameters x seeds and print the ablation table.
 
     Writes OUT/results.jsonl (one record per run, appended as it finishes), OUT/table.md,
@@ -70,6 +72,7 @@ def sweep(cache_refs, ckpt, arch, data_spec, cache_dir, methods, params, config,
     already holds records needs --resume or --overwrite."""
     from tqdm.auto import tqdm
 
+    from classifiers.cluster import is_lost
     from classifiers.sweep import Representation, SweepSpec, Sweeper, default_label
     from featcache.store import FeatureCache, cache_root
 
@@ -100,24 +103,30 @@ def sweep(cache_refs, ckpt, arch, data_spec, cache_dir, methods, params, config,
         cache = FeatureCache.open(path)
         representations.append(Representation(label or default_label(cache), cache))
     sweeper = Sweeper(representations, spec, Path(out), mode="resume" if resume else "overwrite" if overwrite else "new",
-                      memory_check=not no_memory_check)
+                      memory_check=not no_memory_check, executor=build_executor(executor, settings))
     for message in sweeper.notes:
         click.echo(f"note: {message}", err=True)
+    lost = 0
     with sweeper, tqdm(total=len(sweeper.runs), initial=len(sweeper.runs) - len(sweeper.pending), unit="run",
                        desc="sweep", disable=quiet, dynamic_ncols=True) as bar:
         for record in sweeper:
+            lost += is_lost(record)
             shown = f"top1 {record['top1']:.1f}" if record["status"] == "ok" else "FAILED"
             bar.set_postfix_str(f"{record['representation']} {record['method']} {shown}")
             bar.update()
             if record["status"] != "ok":
                 bar.write(f"warning: {record['representation']} {record['method']} seed {record['seed']}: "
                           f"{record['failure']}", file=sys.stderr)
-        _write_tables(Path(out), fmt)
+        _write_tables(Path(out), fmt, sweeper.records)
     if not no_plots:
         from classifiers.plots import plot_sweep
-        pictures = plot_sweep(out)
+        pictures = plot_sweep(out, sweeper.records)
         click.echo(f"plots:   {', '.join(str(p) for p in pictures)}")
     click.echo(f"results: {Path(out) / 'results.jsonl'}")
+    if lost:
+        raise FeatcacheError(f"{lost} run(s) failed because their SLURM task ended first (their failed records in "
+                             f"{Path(out) / 'results.jsonl'} name the job and its log); the same command with "
+                             "--resume runs them again")
 
 
 def _split_label(ref: str, root: Path):
@@ -131,22 +140,25 @@ def _split_label(ref: str, root: Path):
     return None, resolve_entry(ref, root)
 
 
-def _write_tables(out: Path, fmt: str) -> None:
-    from classifiers.records import load_records
-    from classifiers.tables import render
+def _write_tables(out: Path, fmt: str, records: list[dict]) -> None:
+    """OUT/table.* (and grid.* with several representations) from the sweep's records, aggregated
+    once; the table in ``fmt`` to stdout."""
+    from classifiers.tables import aggregate, render_grid, render_rows
 
-    records = load_records(out / "results.jsonl")
-    outputs = {"table.md": render(records, "md"), "table.csv": render(records, "csv"),
-               "table.tex": render(records, "latex")}
-    if len({r["representation"] for r in records}) > 1:
-        outputs.update({"grid.md": render(records, "md", "grid"), "grid.csv": render(records, "csv", "grid"),
-                        "grid.tex": render(records, "latex", "grid")})
+    rows = aggregate(records)
+    outputs = {f"table.{ext}": render_rows(rows, kind) for kind, ext in _TABLE_FILES}
+    if len({r.representation for r in rows}) > 1:
+        outputs.update({f"grid.{ext}": render_grid(rows, kind) for kind, ext in _TABLE_FILES})
     try:
         for name, text in outputs.items():
             (out / name).write_text(text + "\n")
     except OSError as exc:
         raise FeatcacheError(f"cannot write the tables into {out}: {exc.strerror or exc}") from None
-    click.echo(render(records, fmt))
+    shown = dict(_TABLE_FILES).get(fmt)
+    click.echo(outputs[f"table.{shown}"] if shown else render_rows(rows, fmt))
+
+
+_TABLE_FILES = (("md", "md"), ("csv", "csv"), ("latex", "tex"))
 
 
 @main.command()

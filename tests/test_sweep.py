@@ -196,3 +196,60 @@ def test_bad_sweep_input_is_one_line(entry, runner, tmp_path, args, message):
     result = runner.invoke(lt_cls, ["sweep", "--cache", entry, "--out", str(tmp_path / "bad"), "--quiet", *args])
     assert result.exit_code != 0 and message in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_resume_and_table_over_20k_records_do_linear_work_and_aggregate_once(entry, runner, tmp_path, monkeypatch):
+    """20k records (200 tau values x 100 seeds), nothing left to run: the records are read once, each
+    record's key is computed once, the parameters are checked once per setting (not per seed), the
+    records are aggregated once and each table file rendered once."""
+    import classifiers.plots
+    import classifiers.records
+    import classifiers.sweep
+    import classifiers.tables
+
+    out = tmp_path / "big"
+    sweep(runner, entry, out, "--methods", "tau", "--param", "tau.tau=0.5")
+    (template,) = load_records(out / "results.jsonl")
+    taus, seeds = [round(0.01 * i, 2) for i in range(1, 201)], list(range(100))
+    rng = np.random.default_rng(0)
+    with open(out / "results.jsonl", "w") as handle:
+        for tau in taus:
+            for seed in seeds:
+                handle.write(json.dumps({**template, "params": {**template["params"], "tau": tau}, "seed": seed,
+                                         "top1": float(rng.uniform(40, 60))}) + "\n")
+    total = len(taus) * len(seeds)
+    calls: dict[str, int] = {}
+
+    def counted(module, name):
+        original = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return original(*args, **kwargs)
+        monkeypatch.setattr(module, name, wrapper)
+
+    for module, name in ((classifiers.records, "load_records"), (classifiers.sweep, "load_records"),
+                         (classifiers.plots, "load_records"), (classifiers.sweep, "record_key"),
+                         (classifiers.tables, "record_key"), (classifiers.records, "requested_params"),
+                         (classifiers.tables, "requested_params"), (classifiers.tables, "aggregate"),
+                         (classifiers.tables, "render_rows"), (classifiers.tables, "render_grid"),
+                         (classifiers.sweep, "create")):
+        counted(module, name)
+    result = runner.invoke(lt_cls, ["sweep", "--cache", entry, "--out", str(out), "--quiet", "--resume", "--methods",
+                                    "tau", "--param", "tau.tau=" + ",".join(map(str, taus)),
+                                    "--seeds", ",".join(map(str, seeds))])
+    assert result.exit_code == 0, result.output
+    assert len(load_records(out / "results.jsonl")) == total  # nothing was run (the unwrapped reader)
+    sweep_calls = dict(calls)
+    assert sweep_calls.pop("load_records") == 1, sweep_calls  # the plots reuse the sweep's records
+    assert sweep_calls["aggregate"] == 1, sweep_calls  # once for table.md/.csv/.tex, stdout and the plots
+    assert sweep_calls["render_rows"] == 3 and "render_grid" not in sweep_calls, sweep_calls
+    assert sweep_calls["record_key"] == total, sweep_calls  # the done runs, once each
+    assert sweep_calls["requested_params"] <= 2 * total, sweep_calls  # the keys and the groups
+    assert sweep_calls["create"] <= 2 * len(taus) + 2, sweep_calls  # the grid and the memory check, seeds aside
+    calls.clear()
+    table = runner.invoke(lt_cls, ["table", str(out)])
+    assert table.exit_code == 0, table.output
+    assert calls == {"load_records": 1, "record_key": total, "requested_params": 2 * total, "aggregate": 1,
+                     "render_rows": 1}, calls
+    assert table.output.count("\n") >= len(taus) and "± " in table.output
