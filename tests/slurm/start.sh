@@ -6,7 +6,8 @@ set -euo pipefail
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
 fi
-if sinfo -h >/dev/null 2>&1; then
+node_up() { pgrep -x slurmd >/dev/null && timeout 10 sinfo -h -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; }
+if node_up; then
   exit 0
 fi
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -22,14 +23,19 @@ chown -R munge:munge /etc/munge /run/munge /var/lib/munge /var/log/munge 2>/dev/
 chmod 0700 /etc/munge /var/lib/munge /var/log/munge
 chmod 0400 /etc/munge/munge.key
 chmod 0755 /run/munge
-pgrep -x munged >/dev/null || su -s /bin/sh munge -c /usr/sbin/munged 2>/dev/null || /usr/sbin/munged --force
-pgrep -x slurmctld >/dev/null || /usr/sbin/slurmctld
+if ! munge -n </dev/null >/dev/null 2>&1; then  # munged answers on its socket, or is started
+  su -s /bin/sh munge -c /usr/sbin/munged 2>/dev/null || /usr/sbin/munged --force
+  for _ in $(seq 1 20); do munge -n </dev/null >/dev/null 2>&1 && break; sleep 0.5; done
+fi
+timeout 10 scontrol ping 2>/dev/null | grep -q "is UP" || /usr/sbin/slurmctld
 pgrep -x slurmd >/dev/null || /usr/sbin/slurmd
-for _ in $(seq 1 60); do
-  if sinfo -h -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
+deadline=$(( $(date +%s) + 90 ))
+while [ "$(date +%s)" -lt "$deadline" ]; do
+  if node_up; then
     exit 0
   fi
-  scontrol update nodename="$NODE" state=resume >/dev/null 2>&1 || true
+  pgrep -x slurmd >/dev/null || /usr/sbin/slurmd  # (again: one that was shutting down has gone)
+  timeout 10 scontrol update nodename="$NODE" state=resume >/dev/null 2>&1 || true
   sleep 1
 done
 echo "SLURM did not come up; see /var/log/slurm/" >&2
