@@ -174,3 +174,31 @@ def test_two_readers_of_an_entry_while_a_third_process_commits_another(tmp_path)
         problems.append(errors.get())
     assert problems == []
     assert all(FeatureCache.open(tmp_path / "cache" / f"writer{i}").verify() == [] for i in range(6))
+
+
+@needs_slurm
+def test_resume_after_the_submitting_process_was_killed_uses_the_parts_on_disk(two_entries, tmp_path):
+    """The submitter dies while the array runs: the tasks finish on their own, their parts hold the
+    records, and --resume merges them and runs only what no part recorded."""
+    out = tmp_path / "study"
+    command = [sys.executable, "-m", "classifiers", *_sweep_args(two_entries, out, "--executor", "slurm",
+                                                                 "--slurm-runs-per-task", "3",
+                                                                 "--slurm-array-parallelism", "1")]
+    env = {**os.environ, "FEATCACHE_DIR": str(tmp_path / "cache")}
+    submitter = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(load_records(p) for p in (out / "parts").glob("*.jsonl")):
+        time.sleep(0.2)
+    submitter.kill()
+    submitter.wait()
+    while subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.strip():
+        assert time.monotonic() < deadline + 180, "the array did not finish"
+        time.sleep(0.5)
+    recorded = {record_key(r) for p in (out / "parts").glob("*.jsonl") for r in load_records(p)}
+    assert len(recorded) == 12  # every task ran to its end without the submitter
+    parts_before = set((out / "parts").glob("*.jsonl"))
+    resumed = subprocess.run([*command, "--resume"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    final = load_records(out / "results.jsonl")
+    assert sorted(record_key(r) for r in final) == sorted(recorded)
+    assert set((out / "parts").glob("*.jsonl")) == parts_before  # nothing was submitted again
