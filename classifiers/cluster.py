@@ -26,7 +26,7 @@ from pathlib import Path
 
 from featcache.errors import FeatcacheError
 
-from .records import load_records
+from .records import load_records, read_diagnostics
 
 PARTS_DIR = "parts"
 SLURM_DIR = "slurm"
@@ -271,12 +271,7 @@ def merge_diagnostics(out: Path, diagnostics: dict) -> dict:
     """``diagnostics`` with what every task's diagnostics file adds (first come, first kept)."""
     folder = Path(out) / PARTS_DIR
     for path in sorted(folder.glob("*.diagnostics.json")) if folder.is_dir() else []:
-        try:
-            part = json.loads(path.read_text())
-        except (OSError, ValueError):
-            raise FeatcacheError(f"{path} is damaged (not JSON); delete it (it only feeds the plots)") from None
-        if not isinstance(part, dict) or not isinstance(part.get("representations", {}), dict):
-            raise FeatcacheError(f"{path} is not a sweep's diagnostics file; delete it (it only feeds the plots)")
+        part = read_diagnostics(path, "delete it (it only feeds the plots)")
         for label, values in part.get("representations", {}).items():
             mine = diagnostics.setdefault("representations", {}).setdefault(label, {})
             for key, value in values.items():

@@ -3,7 +3,6 @@ training count (Fig. 2 left), balanced top-1 against tau on val and the eval spl
 accuracy against training count for each method."""
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import numpy as np
 from featcache.errors import FeatcacheError
 
 from .base import display_name
-from .records import DIAGNOSTICS_FILE, RESULTS_FILE, check_diagnostics, load_records
+from .records import DIAGNOSTICS_FILE, RESULTS_FILE, load_records, read_diagnostics
 from .tables import aggregate
 
 
@@ -28,16 +27,10 @@ def plot_sweep(directory: str | Path, records: list[dict] | None = None) -> list
     source = directory / DIAGNOSTICS_FILE
     if not source.is_file():
         raise FeatcacheError(f"{directory} has no {DIAGNOSTICS_FILE} (run `lt-cls sweep --out {directory}` first)")
-    try:
-        diagnostics = json.loads(source.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        diagnostics = None
-    problem = "not JSON" if diagnostics is None else check_diagnostics(diagnostics)
-    if problem is None and "representations" not in diagnostics:
-        problem = "no 'representations'"
-    if problem:
-        raise FeatcacheError(f"{source} is damaged or not a sweep's diagnostics file ({problem}; rerun the sweep "
-                             "with --overwrite to rebuild it)")
+    diagnostics = read_diagnostics(source, "rerun the sweep with --overwrite to rebuild it")
+    if "representations" not in diagnostics:
+        raise FeatcacheError(f"{source} is damaged or not a sweep's diagnostics file (no 'representations'); "
+                             "rerun the sweep with --overwrite to rebuild it")
     representations = diagnostics["representations"]
     written = []
     for label, diagnostics in representations.items():

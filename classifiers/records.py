@@ -221,6 +221,20 @@ def _numbers(values, allow_null: bool = False) -> bool:
     return isinstance(values, list) and all((allow_null and v is None) or _is_number(v) for v in values)
 
 
+def read_diagnostics(path: Path, remedy: str) -> dict:
+    """The checked contents of a ``diagnostics.json`` (see :func:`check_diagnostics`); damage is one
+    error naming the file, what is wrong and ``remedy``."""
+    try:
+        diagnostics = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        diagnostics, problem = None, exc.strerror if isinstance(exc, OSError) else "not JSON"
+    else:
+        problem = check_diagnostics(diagnostics)
+    if problem:
+        raise FeatcacheError(f"{path} is damaged or not a sweep's diagnostics file ({problem}); {remedy}")
+    return diagnostics
+
+
 def check_diagnostics(diagnostics) -> str | None:
     """What is wrong with the contents of a ``diagnostics.json`` (None: nothing): ``representations``
     maps each label to its ``train_counts`` (one non-negative integer per class) and, optionally,

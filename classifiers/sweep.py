@@ -35,10 +35,10 @@ from .records import (
     RECORD_FIELDS,
     RESULTS_FILE,
     SEED_LIMIT,
-    check_diagnostics,
     gc_paused,
     load_records,
     param_items,
+    read_diagnostics,
     record_key,
     run_key,
 )
@@ -348,19 +348,7 @@ class Sweeper:
 
     def _load_diagnostics(self) -> dict:
         path = self.out / DIAGNOSTICS_FILE
-        if not path.is_file():
-            return {}
-        try:
-            diagnostics = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else "not JSON"
-            raise FeatcacheError(f"{path} is damaged ({reason}); delete it to resume (it only feeds the plots)") \
-                from None
-        problem = check_diagnostics(diagnostics)
-        if problem:
-            raise FeatcacheError(f"{path} is damaged or not a sweep's diagnostics file ({problem}); delete it to "
-                                 "resume (it only feeds the plots)")
-        return diagnostics
+        return read_diagnostics(path, "delete it to resume (it only feeds the plots)") if path.is_file() else {}
 
     def _with_parts(self, existing: list[dict]) -> list[dict]:
         """The results with the records of SLURM tasks a killed submitter did not merge, and without

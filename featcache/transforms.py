@@ -32,24 +32,22 @@ class Step:
 
 
 @dataclass(frozen=True)
-class Resize(Step):
+class SizedStep(Step):
+    """A step with one parameter, the output ``size`` in pixels."""
+
+    size: int
+
+
+class Resize(SizedStep):
     """Resize the shorter side of an image to ``size`` pixels."""
 
-    size: int
 
-
-@dataclass(frozen=True)
-class CenterCrop(Step):
+class CenterCrop(SizedStep):
     """The central ``size`` x ``size`` square."""
 
-    size: int
 
-
-@dataclass(frozen=True)
-class RandomResizedCrop(Step):
+class RandomResizedCrop(SizedStep):
     """A random crop of random area and aspect ratio, resized to ``size`` x ``size``."""
-
-    size: int
 
 
 @dataclass(frozen=True)

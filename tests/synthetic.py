@@ -22,3 +22,19 @@ def long_tailed_features(num_classes=8, dim=16, max_count=200, imbalance=40, val
     W = (means / np.linalg.norm(means, axis=1, keepdims=True) * scale).astype(np.float32)
     b = (0.3 * np.log(np.asarray(counts, np.float32))).astype(np.float32)
     return {"train": train, "val": val, "test": test, "W": W, "b": b, "counts": np.asarray(counts)}
+
+
+def import_entry(runner, tmp_path, name: str, data: dict) -> str:
+    """``featcache import`` of ``long_tailed_features`` output (train / val / test and the joint
+    classifier W, b) under ``name``; returns the entry directory."""
+    import torch
+
+    from cli.featcache_cmd import main as featcache
+    from tests.conftest import invoke
+    args = ["import", "--name", name]
+    for split in ("train", "val", "test"):
+        X, y = data[split]
+        np.savez(tmp_path / f"{split}.npz", features=X, labels=y)
+        args += ["--split", f"{split}={tmp_path / f'{split}.npz'}"]
+    torch.save({"fc.weight": torch.from_numpy(data["W"]), "fc.bias": torch.from_numpy(data["b"])}, tmp_path / "clf.pth")
+    return invoke(runner, featcache, args + ["--classifier", tmp_path / "clf.pth"]).output.split()[-1]

@@ -5,27 +5,18 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-import torch
 
-from cli.featcache_cmd import main as featcache
 from cli.lt_cls_cmd import main as lt_cls
 from tests.conftest import invoke
-from tests.synthetic import long_tailed_features
+from tests.synthetic import import_entry, long_tailed_features
 
 
 @pytest.fixture
 def swept(tmp_path, cache_dir, runner):
     """An entry and a sweep of it (joint, tau with tau=auto: a per-class curve and a tau curve)."""
-    data = long_tailed_features(num_classes=8, max_count=300, imbalance=60)
-    args = ["import", "--name", "bad-inputs"]
-    for split in ("train", "val", "test"):
-        X, y = data[split]
-        np.savez(tmp_path / f"{split}.npz", features=X, labels=y)
-        args += ["--split", f"{split}={tmp_path / f'{split}.npz'}"]
-    torch.save({"fc.weight": torch.from_numpy(data["W"]), "fc.bias": torch.from_numpy(data["b"])}, tmp_path / "clf.pth")
-    entry = invoke(runner, featcache, args + ["--classifier", tmp_path / "clf.pth"]).output.split()[-1]
+    entry = import_entry(runner, tmp_path, "bad-inputs", long_tailed_features(num_classes=8, max_count=300,
+                                                                             imbalance=60))
     out = tmp_path / "sweep"
     invoke(runner, lt_cls, ["sweep", "--cache", entry, "--methods", "joint,tau", "--param", "tau.tau=auto",
                             "--seeds", "0,1", "--out", out, "--quiet", "--no-plots"])

@@ -9,24 +9,16 @@ import torch
 from classifiers import REGISTRY
 from classifiers.records import RECORD_FIELDS, load_records
 from classifiers.sweep import Representation, SweepSpec, Sweeper, flushing_denormals
-from cli.featcache_cmd import main as featcache
 from cli.lt_cls_cmd import main as lt_cls
 from featcache import FeatureCache
 from featcache.errors import FeatcacheError
 from tests.conftest import invoke
-from tests.synthetic import long_tailed_features
+from tests.synthetic import import_entry, long_tailed_features
 
 
 @pytest.fixture
 def entry(tmp_path, cache_dir, runner):
-    data = long_tailed_features(max_count=300, imbalance=60)
-    args = ["import", "--name", "synthetic"]
-    for split in ("train", "val", "test"):
-        X, y = data[split]
-        np.savez(tmp_path / f"{split}.npz", features=X, labels=y)
-        args += ["--split", f"{split}={tmp_path / f'{split}.npz'}"]
-    torch.save({"fc.weight": torch.from_numpy(data["W"]), "fc.bias": torch.from_numpy(data["b"])}, tmp_path / "clf.pth")
-    return invoke(runner, featcache, args + ["--classifier", tmp_path / "clf.pth"]).output.split()[-1]
+    return import_entry(runner, tmp_path, "synthetic", long_tailed_features(max_count=300, imbalance=60))
 
 
 def sweep(runner, entry, out, *extra):
