@@ -200,6 +200,7 @@ class Sweeper:
         self.device = resolve_device(spec.device)
         self.val_split = self._check_entries()
         self.grid = expand_grid(spec)
+        self._refuse_choosing_on_the_eval_split()
         if memory_check:
             self._check_memory()
         self.shots = (spec.many, spec.few)
@@ -248,6 +249,17 @@ class Sweeper:
             raise FeatcacheError(f"entry {missing!r} has no {val!r} split but entry {having[0]!r} has: every "
                                  "representation must choose on the same split")
         return val if having else None
+
+    def _refuse_choosing_on_the_eval_split(self) -> None:
+        """A value chosen on the split the table reports would be reported on its own selection split."""
+        if self.val_split != self.spec.eval_split:
+            return
+        for method, params, _ in self.grid:
+            chosen = [name for name in REGISTRY[method].info.chosen_on_val if dict(params).get(name) == "auto"]
+            if chosen:
+                raise FeatcacheError(f"--eval-split {self.spec.eval_split!r} is the split {method}.{chosen[0]}=auto "
+                                     "chooses on: the table would report the selection split; give another "
+                                     "--eval-split, or another --val-split")
 
     def memory_needed(self, rep: Representation) -> dict[str, int]:
         """Bytes one entry's sweep needs at its peak, by part: the splits as stored, the eval

@@ -182,3 +182,19 @@ def test_unlisted_files_name_an_uncommitted_split_once(tmp_path):
     assert [(p.name, why.split(" (")[0]) for p, why in unlisted] == [
         (".manifest.json.tmp-1", "a temporary file left by a killed writer"),
         ("val", "4 file(s) of split 'val', which is not committed")]
+
+
+def test_feature_cache_opens_an_entry_by_name_key_or_prefix_as_the_cli_does(tmp_path, monkeypatch):
+    from featcache.store import writing
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "root"
+    rng = np.random.default_rng(0)
+    with writing(root, "0123456789abcdef01234567", {"kind": "test", "feature_dim": 4, "dtype": "float32",
+                                                   "num_classes": 3}, name="digits-ib") as entry:
+        entry.write_split("train", rng.normal(size=(9, 4)).astype(np.float32), np.arange(9) % 3)
+    for ref in ("digits-ib", "0123456789abcdef01234567", "0123"):
+        assert FeatureCache.open(ref, cache_dir=root).path == entry.path
+    monkeypatch.setenv("FEATCACHE_DIR", str(root))
+    assert FeatureCache.open("digits-ib").key == "0123456789abcdef01234567"
+    with pytest.raises(FeatcacheError, match="no cache entry 'nothing'"):
+        FeatureCache.open("nothing")

@@ -245,3 +245,16 @@ def test_resume_and_table_over_20k_records_do_linear_work_and_aggregate_once(ent
     assert calls == {"load_records": 1, "record_key": total, "requested_params": 2 * total, "aggregate": 1,
                      "render_rows": 1}, calls
     assert table.output.count("\n") >= len(taus) and "± " in table.output
+
+
+def test_choosing_on_the_reported_split_is_refused(entry, runner, tmp_path):
+    """tau=auto chooses on val: a table that reports val would report the split that chose it."""
+    out = tmp_path / "sweep"
+    result = runner.invoke(lt_cls, ["sweep", "--cache", entry, "--methods", "joint,tau", "--param", "tau.tau=auto",
+                                    "--eval-split", "val", "--out", str(out), "--quiet"])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1 and "tau.tau=auto chooses on" in lines[0], result.output
+    assert not (out / "results.jsonl").exists()
+    fixed = runner.invoke(lt_cls, ["sweep", "--cache", entry, "--methods", "joint,tau", "--param", "tau.tau=1.0",
+                                   "--eval-split", "val", "--out", str(out), "--quiet"])
+    assert fixed.exit_code == 0, fixed.output  # nothing chosen on val: val may be reported

@@ -84,10 +84,16 @@ class FeatureCache:
         self._classifier = None
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, check_chunks: bool = True) -> "FeatureCache":
-        """Open a complete entry. Every read checks each chunk's fletcher32; ``check_chunks=False``
+    def open(cls, path: str | os.PathLike, *, check_chunks: bool = True,
+             cache_dir: str | os.PathLike | None = None) -> "FeatureCache":
+        """Open a complete entry: an entry directory, or, as the CLI takes them, a key, a unique key
+        prefix or an entry name under ``cache_dir`` (default ``$FEATCACHE_DIR``, else
+        ``~/.cache/featcache``). Every read checks each chunk's fletcher32; ``check_chunks=False``
         skips that on the uncompressed fast path, for explicitly trusted scratch entries only."""
         path = Path(path)
+        if not path.is_dir() and "/" not in str(path):
+            from .entries import cache_root, resolve_entry
+            path = resolve_entry(str(path), cache_root(cache_dir))
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
             raise FeatcacheError(f"{path} is not a complete cache entry (no {MANIFEST})")
