@@ -32,12 +32,13 @@ def main(debug):
 @click.option("--no-augment", is_flag=True, help="Switch the data set's augmentation off.")
 @click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--out", required=True, type=click.Path(), help="Run directory (last.pt, best.pt, log.jsonl).")
-@click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
+@click.option("--resume", is_flag=True, help="Continue from OUT/last.pt (same --epochs, --arch, --sampler, --seed).")
+@click.option("--overwrite", is_flag=True, help="Start over a run OUT already holds (its last.pt, best.pt, log.jsonl).")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
 @trust_checkpoint_option
 @device_option
 def train(data_spec, arch, init, sampler, epochs, batch_size, lr, wd, momentum, seed, epoch_draws, no_augment,
-          num_workers, out, resume, quiet, trust_checkpoint, device):
+          num_workers, out, resume, overwrite, quiet, trust_checkpoint, device):
     """Train a backbone + linear classifier jointly (Stage 1). Prints OUT/last.pt last."""
     from featcache.distributed import Dist
     from featcache.train import TrainConfig, train as run_train
@@ -50,7 +51,8 @@ def train(data_spec, arch, init, sampler, epochs, batch_size, lr, wd, momentum, 
         get_arch(arch)
     config = TrainConfig(data=data_spec, arch=arch, out=out, sampler=sampler, epochs=epochs, batch_size=batch_size,
                          lr=lr, weight_decay=wd, momentum=momentum, seed=seed, device=device, epoch_draws=epoch_draws,
-                         augment=not no_augment, num_workers=num_workers, resume=resume, progress=not quiet,
+                         augment=not no_augment, num_workers=num_workers, resume=resume, overwrite=overwrite,
+                         progress=not quiet,
                          init=init, trust_checkpoint=trust_checkpoint)
     path = run_train(config)
     if Dist.from_env().is_main:

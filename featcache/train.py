@@ -7,6 +7,7 @@ its slice of one global index stream; only rank 0 logs and writes checkpoints.""
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,12 +51,37 @@ class TrainConfig:
     progress: bool = True
     init: str | None = None  # timm/ archs: start from this checkpoint (head re-initialised)
     trust_checkpoint: bool = False  # --resume: allow full unpickling of OUT/last.pt
+    overwrite: bool = False  # start a run folder that holds a run over (its checkpoints and log)
 
     def to_dict(self) -> dict:
         payload = asdict(self)
         payload["data"] = self.data.to_dict()
-        del payload["trust_checkpoint"]
+        del payload["trust_checkpoint"], payload["overwrite"]
         return payload
+
+
+RUN_FILES = ("last.pt", "best.pt", "log.jsonl")  # what a run writes into its folder
+
+
+def _prepare_run_dir(out: Path, config: TrainConfig) -> None:
+    """Refuse a folder that already holds a run unless it is resumed or, with ``overwrite``, started
+    over (only the run's own files are removed); anything else in it is never touched."""
+    if out.exists() and not out.is_dir():
+        raise FeatcacheError(f"--out {out} is not a directory")
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and config.resume and config.overwrite:
+        raise FeatcacheError("--resume and --overwrite exclude each other")
+    if found and not config.resume:
+        if not config.overwrite:
+            raise FeatcacheError(f"--out {out} already holds a run ({', '.join(found)}): --resume continues it, "
+                                 "--overwrite starts it over, or choose another --out")
+        if Dist.from_env().is_main:
+            for name in found:
+                (out / name).unlink()
+    if config.resume and "log.jsonl" in found and "last.pt" not in found:
+        raise FeatcacheError(f"--resume: {out} has a log.jsonl but no last.pt to continue from; --overwrite starts "
+                             "the run over")
+    out.mkdir(parents=True, exist_ok=True)
 
 
 def _save_checkpoint(payload: dict, path: Path) -> None:
@@ -112,7 +138,7 @@ def train(config: TrainConfig) -> Path:
     if config.batch_size % dist.world_size:
         raise FeatcacheError(f"--batch-size {config.batch_size} must divide among {dist.world_size} processes")
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    _prepare_run_dir(out, config)
 
     torch.manual_seed(config.seed)
     model, channels, train_tf, eval_tf = _build(config, source)
@@ -127,15 +153,20 @@ def train(config: TrainConfig) -> Path:
         last = out / "last.pt"
         state = torch_load(last.read_bytes(), last, arrays=False, trust=config.trust_checkpoint,
                            trust_flag="--trust-checkpoint")
-        for key in ("arch", "sampler", "seed"):
+        for key in ("arch", "sampler", "seed", "epochs"):
             if state["args"][key] != getattr(config, key):
+                why = (f" (its cosine schedule is {state['args'][key]} epochs long: another --epochs would move "
+                       "its learning rate; train a new run instead)" if key == "epochs" else "")
                 raise FeatcacheError(f"--resume: {out / 'last.pt'} was trained with --{key} {state['args'][key]}, "
-                                     f"not {getattr(config, key)}")
+                                     f"not {getattr(config, key)}{why}")
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
         start_epoch, best_top1 = state["epoch"] + 1, state.get("best_top1", -1.0)
+        if dist.is_main:
+            print(f"resuming {last} after epoch {start_epoch}/{config.epochs}"
+                  + (": nothing left to train" if start_epoch >= config.epochs else ""), file=sys.stderr)
     net = model
     if dist.world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(

@@ -6,7 +6,7 @@ RUN=${RUN:-runs/demo}
 export FEATCACHE_DIR=${FEATCACHE_DIR:-$RUN/cache}
 
 echo "== Stage 1: train tinycnn on digits-lt with instance-balanced sampling"
-featcache train --data digits-lt --arch tinycnn --sampler instance --epochs 30 --out "$RUN/stage1" --quiet
+featcache train --data digits-lt --arch tinycnn --sampler instance --epochs 30 --out "$RUN/stage1" --overwrite --quiet
 
 echo "== Extract penultimate features into the cache ($FEATCACHE_DIR)"
 ENTRY=$(featcache extract --ckpt "$RUN/stage1/last.pt" --quiet | tail -n 1)

@@ -165,3 +165,21 @@ def test_python_m_entry_points_run_both_commands_and_under_torchrun(tmp_path):
                            capture_output=True, text=True, timeout=300)
     assert ranks.returncode == 0, ranks.stderr
     assert ranks.stdout.lower().count(f"no entries under {tmp_path / 'cache'}") == 2
+
+
+def test_a_run_folder_is_never_restarted_or_appended_to_without_being_asked(tmp_path, runner):
+    run = tmp_path / "run"
+    args = ["train", "--data", "digits-lt", "--arch", "tinycnn", "--epochs", "1", "--quiet", "--out", str(run)]
+    invoke(runner, featcache, args)
+    (run / "notes.txt").write_text("mine")
+    log = (run / "log.jsonl").read_text()
+    again = runner.invoke(featcache, args)
+    assert again.exit_code == 1 and "already holds a run" in again.output and "--overwrite" in again.output
+    assert (run / "log.jsonl").read_text() == log
+    longer = runner.invoke(featcache, args[:-2] + ["--out", str(run), "--resume", "--epochs", "3"])
+    assert longer.exit_code == 1 and "--epochs 1, not 3" in longer.output and "schedule" in longer.output
+    invoke(runner, featcache, args + ["--overwrite"])
+    assert len((run / "log.jsonl").read_text().splitlines()) == 1  # started over, not appended to
+    assert (run / "notes.txt").read_text() == "mine"  # what the run did not write is kept
+    finished = runner.invoke(featcache, args + ["--resume"], catch_exceptions=False)
+    assert finished.exit_code == 0 and "nothing left to train" in finished.stderr
