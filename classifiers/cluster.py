@@ -26,7 +26,7 @@ from pathlib import Path
 
 from featcache.errors import FeatcacheError
 
-from .records import load_records, read_diagnostics
+from .records import load_records, read_diagnostics, record_key
 
 PARTS_DIR = "parts"
 SLURM_DIR = "slurm"
@@ -198,7 +198,7 @@ class _Watched:
 
     def lost_records(self, sweeper) -> list[dict]:
         """A failed record for each run the task did not record, naming the job, its end and its log."""
-        done = {sweeper.record_key(r) for r in self.records}
+        done = {record_key(r) for r in self.records}
         lost = [run for run in self.task.runs if sweeper.run_key(run) not in done]
         if not lost:
             return []

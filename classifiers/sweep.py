@@ -350,11 +350,11 @@ class Sweeper:
             existing = self._with_parts(existing)
         with gc_paused():
             done = {record_key(r) for r in existing}
-        self.pending = [run for run in self.runs if self._key(run) not in done]
+        self.pending = [run for run in self.runs if self.run_key(run) not in done]
         self.records = existing
         self.diagnostics = self._load_diagnostics() if self.mode == "resume" else {}
 
-    def _key(self, run: Run) -> str:
+    def run_key(self, run: Run) -> str:
         return run_key(run.representation, run.cache_key, self.spec.eval_split, self.shots, run.method, run.params,
                        run.seed)
 
@@ -422,20 +422,13 @@ class Sweeper:
         append_line(self.results, json.dumps(record, allow_nan=False) + "\n")
 
     # -- the pieces a SLURM task and its submitter use (classifiers/cluster.py) ------------------
-    def run_key(self, run: Run) -> str:
-        return self._key(run)
-
-    @staticmethod
-    def record_key(record: dict) -> str:
-        return record_key(record)
-
     def run_part(self, runs: list[Run], records_path: Path, diagnostics_path: Path, job: dict) -> int:
         """Run ``runs`` here (an array task), appending their records to ``records_path`` (the
         task's own file) and the plot diagnostics to ``diagnostics_path``; runs the file already
         holds (a requeued task) are skipped. Returns the number of runs recorded."""
         self.results, self.diagnostics_path, self.job = Path(records_path), Path(diagnostics_path), job
         done = {record_key(r) for r in load_records(self.results)}
-        self.pending = [run for run in runs if self._key(run) not in done]
+        self.pending = [run for run in runs if self.run_key(run) not in done]
         before = flushing_denormals()
         torch.set_flush_denormal(True)
         try:
