@@ -23,7 +23,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -65,9 +65,10 @@ class MethodInfo:
     ``display``: its name in tables and plots. ``family``: one of :data:`FAMILIES`.
     ``diagnostics``: which of :data:`DIAGNOSTICS` the sweep records for it (``weight_norms``: the
     per-class norms of ``weight_``; ``tau_curve``: balanced top-1 over its tau grid on val and the
-    eval split). ``default``: in the default method set (the benchmark's). ``needs_classifier`` and
-    ``chosen_on_val`` (the parameters whose ``"auto"`` is chosen on the val split) are read from the
-    class when it registers."""
+    eval split). ``default``: in the default method set (the benchmark's). ``needs_classifier``,
+    ``chosen_on_val`` (the parameters whose ``"auto"`` is chosen on the val split) and
+    ``search_space`` (parameter -> the values a tuned sweep tries, classifiers/tuning.py) are read
+    from the class when it registers."""
 
     name: str
     display: str
@@ -76,6 +77,7 @@ class MethodInfo:
     default: bool = False
     needs_classifier: bool = False
     chosen_on_val: tuple[str, ...] = ()
+    search_space: dict = field(default_factory=dict)
 
 
 def register(name: str, *, display: str, family: str, diagnostics: tuple[str, ...] = (), default: bool = False):
@@ -90,7 +92,7 @@ def register(name: str, *, display: str, family: str, diagnostics: tuple[str, ..
     def wrap(cls):
         cls.name = name
         cls.info = MethodInfo(name, display, family, tuple(diagnostics), default, cls.needs_classifier,
-                              tuple(cls.auto_params))
+                              tuple(cls.auto_params), {k: tuple(v) for k, v in cls.search_space.items()})
         REGISTRY[name] = cls
         return cls
     return wrap
@@ -191,6 +193,8 @@ class LTClassifier(ClassifierMixin, BaseEstimator):
     needs_classifier = False
     uses_views = False  # True: fit(views=...) trains on augmented views (see the module docstring)
     auto_params: tuple[str, ...] = ()  # parameters that accept "auto" (chosen on the val split)
+    # parameter -> the values a tuned sweep tries (lr, epochs where it trains; its own parameters)
+    search_space: dict[str, tuple] = {}
     _parameter_constraints: dict = {}
     # scikit-learn estimator checks this method is known to fail, with the reason (see tests)
     _expected_failed_checks: dict[str, str] = {}
@@ -207,6 +211,12 @@ class LTClassifier(ClassifierMixin, BaseEstimator):
     @classmethod
     def param_names(cls) -> list[str]:
         return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+    @classmethod
+    def trial_params(cls, params: dict, searched: set[str]) -> dict:
+        """A tuned sweep's trial: ``params`` (every parameter), of which ``searched`` were drawn from
+        the search space; a method whose parameters are linked adjusts the others here."""
+        return params
 
     @classmethod
     def defaults(cls) -> dict:

@@ -1,6 +1,7 @@
 """cRT with the balanced-softmax loss."""
 from .base import register
 from .crt import CRT, FAMILY_CONSTRAINTS, with_defaults
+from .training import TUNED_EPOCHS, lr_range
 
 
 @register("bsce", display="cRT + balanced softmax", family="beyond-paper")
@@ -52,5 +53,6 @@ class BalancedSoftmaxCRT(CRT):
     """
 
     _parameter_constraints = FAMILY_CONSTRAINTS
+    search_space = {"lr": lr_range(0.4), "epochs": TUNED_EPOCHS}
     __init__ = with_defaults(CRT.__init__, loss="logit_adjusted", tau=1.0, sampler="instance", lr=0.4,
                              epoch_steps="floor")

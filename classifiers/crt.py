@@ -7,7 +7,7 @@ import torch
 from .base import FitData, InvalidInputError, register, require_all_classes
 from .losses import LOSS_CONSTRAINTS, make_loss
 from .params import InvalidParameterError, Options, Real
-from .training import EPOCH_STEPS_RULE, SGDTrained
+from .training import EPOCH_STEPS_RULE, TUNED_EPOCHS, SGDTrained, lr_range
 
 HEADS = ("linear", "cosine")
 INITS = ("random", "joint", "class_mean")
@@ -256,3 +256,4 @@ class ClassifierRetraining(CRT):
 
     _parameter_constraints = FAMILY_CONSTRAINTS
     __init__ = with_defaults(CRT.__init__, epoch_steps="floor")
+    search_space = {"lr": lr_range(0.2), "epochs": TUNED_EPOCHS}

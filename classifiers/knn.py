@@ -68,6 +68,7 @@ class KNN(LTClassifier):
            [0., 1.]])
     """
 
+    search_space = {"k": (5, 10, 20, 50), "temperature": (0.03, 0.07, 0.2)}
     _parameter_constraints = {"k": [Int(1)], "temperature": [Real(0, closed="neither")],
                               "feature_norm": [Options("l2n", "cl2n")], "chunk_size": [Int(1)], "device": [Device()]}
 

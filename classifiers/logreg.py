@@ -51,6 +51,7 @@ class BalancedLogReg(LTClassifier):
     array([0, 1])
     """
 
+    search_space = {"C": (0.01, 0.1, 1.0, 10.0)}
     _parameter_constraints = {"C": [Real(0, closed="neither")], "max_iter": [Int(1)], "standardize": [Bool()],
                               "device": [Device()]}
 

@@ -2,7 +2,7 @@
 import torch
 
 from .base import FitData, register
-from .training import DEFAULT_MEMORY_BUDGET, EPOCH_STEPS_RULE, OnFrozenLogits
+from .training import DEFAULT_MEMORY_BUDGET, EPOCH_STEPS_RULE, OnFrozenLogits, lr_range
 
 
 @register("lws", display="LWS", family="paper", diagnostics=("weight_norms",), default=True)
@@ -67,6 +67,7 @@ class LWS(OnFrozenLogits):
     """
 
     _parameter_constraints = {**OnFrozenLogits._parameter_constraints, "epoch_steps": EPOCH_STEPS_RULE}
+    search_space = {"lr": lr_range(0.2), "epochs": (5, 15, 45)}
 
     def __init__(self, epochs=5, lr=0.2, momentum=0.9, weight_decay=5e-4, batch_size=512,
                  sampler="class", seed=0, memory_budget=DEFAULT_MEMORY_BUDGET, device="auto", epoch_steps="floor"):

@@ -4,6 +4,7 @@ import torch
 from .base import register
 from .crt import CRT
 from .params import Real
+from .training import TUNED_EPOCHS, lr_range
 
 
 @register("maxnorm", display="cRT + MaxNorm", family="beyond-paper")
@@ -52,6 +53,7 @@ class MaxNormCRT(CRT):
     """
 
     _parameter_constraints = {**CRT._parameter_constraints, "max_norm": [Real(0, closed="neither")]}
+    search_space = {"lr": lr_range(0.2), "epochs": TUNED_EPOCHS, "max_norm": (0.5, 1.0, 2.0)}
 
     def __init__(self, *, max_norm=1.0, epochs=10, lr=0.2, momentum=0.9, weight_decay=5e-3, batch_size=512,
                  sampler="class", loss="ce", tau=1.0, beta=0.9999, gamma=0.0, max_margin=0.5, s=30.0, drw_epoch=8,

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from featcache.metrics import (accuracy, balanced_accuracy, evaluate, expected_calibration_error,  # noqa: F401
-                               macro_f1, per_class_accuracy, shot_groups, softmax, topk_accuracy)
+from featcache.metrics import (accuracy, balanced_accuracy, calibration_bins, evaluate,  # noqa: F401
+                               expected_calibration_error, macro_f1, negative_log_likelihood, per_class_accuracy,
+                               shot_groups, softmax, topk_accuracy)
 
 
 def shot_accuracy(y_true, y_pred, *, train_counts, group: str = "few", many: int = 100, few: int = 20) -> float:

@@ -76,6 +76,7 @@ class NCM(LTClassifier):
     ((3, 5), array(['cat', 'dog', 'owl'], dtype='<U3'))
     """
 
+    search_space = {"feature_norm": FEATURE_NORMS, "metric": METRICS}
     _parameter_constraints = {"feature_norm": [Options(*FEATURE_NORMS)], "metric": [Options(*METRICS)],
                               "device": [Device()]}
 

@@ -14,6 +14,7 @@ class PostHocTau(LTClassifier):
 
     needs_classifier = True
     auto_params = ("tau",)
+    search_space = {"tau": TAU_GRID[::2]}  # 0, 0.2, ..., 2.0 (tau="auto" tries all 21 of TAU_GRID)
     _parameter_constraints = {"tau": [Real(), Options("auto")], "grid": [RealSequence(Real())], "device": [Device()]}
 
     def __init__(self, tau=1.0, grid=TAU_GRID, device="auto"):

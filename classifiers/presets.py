@@ -10,6 +10,7 @@ import numpy as np
 from .base import FitData, InvalidInputError, register
 from .crt import CRT, FAMILY_CONSTRAINTS, with_defaults
 from .params import InvalidParameterError, Options, Real
+from .training import TUNED_EPOCHS, lr_range
 
 
 @register("la_loss", display="cRT + LA loss", family="beyond-paper")
@@ -52,6 +53,7 @@ class LogitAdjustedLoss(CRT):
 
     _parameter_constraints = FAMILY_CONSTRAINTS
     __init__ = with_defaults(CRT.__init__, loss="logit_adjusted", tau=1.0, sampler="instance", epoch_steps="floor")
+    search_space = {"lr": lr_range(0.2), "epochs": TUNED_EPOCHS, "tau": (0.5, 1.0, 1.5, 2.0)}
 
 
 @register("cb_loss", display="cRT + CB loss", family="beyond-paper")
@@ -97,6 +99,7 @@ class ClassBalancedLoss(CRT):
     _parameter_constraints = FAMILY_CONSTRAINTS
     __init__ = with_defaults(CRT.__init__, loss="class_balanced", beta=0.9999, gamma=0.0, sampler="instance",
                              epoch_steps="floor")
+    search_space = {"lr": lr_range(0.2), "epochs": TUNED_EPOCHS, "beta": (0.99, 0.999, 0.9999), "gamma": (0.0, 1.0)}
 
 
 @register("ldam_drw", display="cRT + LDAM-DRW", family="beyond-paper")
@@ -159,6 +162,14 @@ class LDAMDRW(CRT):
                              epoch_steps="floor")
 
     _parameter_constraints = FAMILY_CONSTRAINTS
+    search_space = {"lr": lr_range(0.2), "epochs": TUNED_EPOCHS, "max_margin": (0.3, 0.5, 0.7)}
+
+    @classmethod
+    def trial_params(cls, params: dict, searched: set[str]) -> dict:
+        """Re-weighting starts 80% of the way through a searched schedule (the paper's 160 of 200)."""
+        if "epochs" in searched and "drw_epoch" not in searched:
+            params = {**params, "drw_epoch": 4 * params["epochs"] // 5}
+        return params
 
 
 RECIPES = ("auto", "mislas", "fresh")
@@ -248,6 +259,7 @@ class LabelAwareSmoothingCRT(CRT):
 
     _parameter_constraints = {**{k: v for k, v in FAMILY_CONSTRAINTS.items() if k != "init"},
                               "recipe": [Options(*RECIPES)], "lr_factor": [Real(0, closed="neither")]}
+    search_space = {"lr": lr_range(0.1), "epochs": TUNED_EPOCHS, "smooth_head": (0.1, 0.2, 0.3, 0.4)}
 
     def __init__(self, *, recipe="auto", lr_factor=0.05, epochs=10, lr=0.1, momentum=0.9, weight_decay=5e-4,
                  batch_size=256, sampler="class", epoch_steps="ceil+1", loss="label_aware_smoothing", tau=1.0,

@@ -15,9 +15,13 @@ from .base import REGISTRY
 
 RECORD_FIELDS = ("method", "params", "seed", "representation", "eval_split", "selected_on", "status", "failure",
                  "top1", "accuracy", "top5", "many", "medium", "few", "n_many", "n_medium", "n_few",
-                 "many_threshold", "few_threshold", "macro_f1", "ece", "fit_seconds", "eval_seconds", "cache_key",
-                 "version", "job")
-METRIC_FIELDS = ("top1", "accuracy", "top5", "many", "medium", "few", "n_many", "n_medium", "n_few", "macro_f1", "ece")
+                 "many_threshold", "few_threshold", "macro_f1", "ece", "nll", "fit_seconds", "eval_seconds",
+                 "cache_key", "version", "job", "tuning")
+METRIC_FIELDS = ("top1", "accuracy", "top5", "many", "medium", "few", "n_many", "n_medium", "n_few", "macro_f1", "ece",
+                 "nll")
+# the metrics a tuned sweep can select on, and whether higher is better
+SELECTION_METRICS = {"top1": True, "accuracy": True, "top5": True, "many": True, "medium": True, "few": True,
+                     "macro_f1": True, "ece": False, "nll": False}
 # what makes two records the same experiment, seed aside (tables never average across these); records
 # of one representation label may come from several cache entries when each entry has its own seeds
 # (e.g. a backbone trained per seed), never when two of them share a seed
@@ -48,26 +52,41 @@ def _frozen(value):
 
 
 def run_key(representation: str, cache_key: str, eval_split: str, shots: tuple, method: str, params: tuple,
-            seed: int) -> tuple:
+            seed: int, tuning: tuple | None = None) -> tuple:
     """What says two runs are the same (hashable; equal values are equal whatever their JSON spelling,
-    so a parameter recorded as ``1.0`` matches a run asked for with ``1``)."""
-    return (representation, cache_key, eval_split, tuple(shots), method, tuple(params), seed)
+    so a parameter recorded as ``1.0`` matches a run asked for with ``1``). ``tuning``: None for a
+    plain run, ``("trial",)`` for a trial of a tuned sweep, ``("selected", metric, budget)`` for the
+    choice among a method's trials (whose ``params`` are then empty: the request is "tuned")."""
+    return (representation, cache_key, eval_split, tuple(shots), method, tuple(params), seed, tuning)
+
+
+def tuning_role(record: dict) -> str | None:
+    """"trial", "selected", or None (a plain run)."""
+    tuning = record.get("tuning")
+    return tuning["role"] if tuning else None
 
 
 def requested_params(record: dict) -> dict:
-    """The parameters a record was asked for: values chosen on val go back to 'auto'."""
+    """The parameters a record was asked for: values chosen on val go back to 'auto'; a tuned
+    method's choice was asked for as no parameters at all."""
+    if tuning_role(record) == "selected":
+        return {}
     params = dict(record["params"])
     if record.get("selected_on") and record["method"] in REGISTRY:
         for name in REGISTRY[record["method"]].info.chosen_on_val:
-            params[name] = "auto"
+            if name in params:
+                params[name] = "auto"
     return params
 
 
 def record_key(record: dict) -> tuple:
     """The record's :func:`run_key`: equal for two records of the same run."""
+    tuning = record.get("tuning")
+    key = None if not tuning else ("trial",) if tuning["role"] == "trial" else \
+        ("selected", tuning["metric"], tuning["budget"])
     return run_key(record["representation"], record["cache_key"], record["eval_split"],
                    (record["many_threshold"], record["few_threshold"]), record["method"],
-                   param_items(requested_params(record)), record["seed"])
+                   param_items(requested_params(record)), record["seed"], key)
 
 
 def load_records(path: Path) -> list[dict]:
@@ -130,7 +149,7 @@ PERCENT_FIELDS = ("top1", "accuracy", "top5", "many", "medium", "few", "macro_f1
 COUNT_FIELDS = ("n_many", "n_medium", "n_few")
 # metrics an ``ok`` record never has null (top1 it always has; records older than the other fields may
 # lack them); many / medium / few are null only when their group is empty
-ALWAYS_MEASURED = ("top1", "accuracy", "top5", "macro_f1", "ece")
+ALWAYS_MEASURED = ("top1", "accuracy", "top5", "macro_f1", "ece", "nll")
 _KNOWN = frozenset(RECORD_FIELDS)
 _OPTIONAL_TEXT = ("selected_on", "failure")
 
@@ -198,6 +217,12 @@ def check_record(record: dict) -> str | None:
         value = record.get(name)
         if value is not None and not (value.__class__ is int and value >= 0):
             return f"metric {name} {_shown(value)} is not a non-negative integer"
+    nll = record.get("nll")
+    if nll is not None and not (_is_number(nll) and nll >= 0):
+        return f"metric nll {_shown(nll)} is not a finite non-negative number"
+    problem = _check_tuning(record.get("tuning"))
+    if problem:
+        return problem
     if status == "ok":
         for name in ALWAYS_MEASURED:
             if record.get(name) is None and (name in record or name == "top1"):
@@ -207,6 +232,33 @@ def check_record(record: dict) -> str | None:
             size = record.get(f"n_{group}")
             if record.get(group) is None and size:
                 return f"metric {group} is null but n_{group} is {size} (null only for an empty group)"
+    return None
+
+
+def _check_tuning(tuning) -> str | None:
+    """What is wrong with a record's ``tuning`` (None: nothing): null, a trial's
+    ``{"role": "trial", "val": {metric: value}}`` or a choice's ``{"role": "selected", "metric",
+    "budget", "trials", "failed_trials", "chosen": {parameter: value}, "val": {metric: value}}``."""
+    if tuning is None:
+        return None
+    if not isinstance(tuning, dict) or tuning.get("role") not in ("trial", "selected"):
+        return f"tuning {_shown(tuning)} is neither null nor a trial's or a choice's tuning object"
+    val = tuning.get("val")
+    if val is not None and not (isinstance(val, dict) and set(val) <= set(METRIC_FIELDS)
+                                and all(v is None or _is_number(v) for v in val.values())):
+        return f"tuning.val {_shown(val)} is not an object of val metrics"
+    expected = {"role", "val"} if tuning["role"] == "trial" else \
+        {"role", "val", "metric", "budget", "trials", "failed_trials", "chosen"}
+    if set(tuning) != expected:
+        return f"tuning of a {tuning['role']} has the fields {', '.join(sorted(tuning))}, not {', '.join(sorted(expected))}"
+    if tuning["role"] == "selected":
+        if tuning["metric"] not in SELECTION_METRICS:
+            return f"tuning.metric {_shown(tuning['metric'])} is not one of {', '.join(SELECTION_METRICS)}"
+        for name in ("budget", "trials", "failed_trials"):
+            if not _is_int(tuning[name]) or tuning[name] < (1 if name == "budget" else 0):
+                return f"tuning.{name} {_shown(tuning[name])} is not a {'positive' if name == 'budget' else 'non-negative'} integer"
+        if not isinstance(tuning["chosen"], dict):
+            return f"tuning.chosen {_shown(tuning['chosen'])} is not an object of parameter -> value"
     return None
 
 
@@ -239,7 +291,9 @@ def check_diagnostics(diagnostics) -> str | None:
     """What is wrong with the contents of a ``diagnostics.json`` (None: nothing): ``representations``
     maps each label to its ``train_counts`` (one non-negative integer per class) and, optionally,
     ``cache_key``, ``per_class`` / ``weight_norms`` (method -> one number per class; per-class
-    accuracies may be null) and ``tau_curve`` (split -> {tau: top-1}, and the ``chosen`` tau)."""
+    accuracies may be null), ``reliability`` (method -> the eval split's confidence bins: ``count``,
+    mean ``confidence`` and ``accuracy``, null where empty) and ``tau_curve`` (split -> {tau:
+    top-1}, and the ``chosen`` tau)."""
     if not isinstance(diagnostics, dict):
         return "the file holds no JSON object"
     representations = diagnostics.get("representations", {})
@@ -261,6 +315,16 @@ def check_diagnostics(diagnostics) -> str | None:
             for method, values in by_method.items():
                 if not _numbers(values, allow_null=name == "per_class") or len(values) != len(counts):
                     return f"{where}: {name}[{method!r}] is not {len(counts)} finite numbers (one per class)"
+        reliability = entry.get("reliability", {})
+        if not isinstance(reliability, dict):
+            return f"{where}: reliability is not an object of method -> bins"
+        for method, bins in reliability.items():
+            if not (isinstance(bins, dict) and set(bins) == {"count", "confidence", "accuracy"}
+                    and isinstance(bins["count"], list) and bins["count"]
+                    and all(_is_int(c) and c >= 0 for c in bins["count"])
+                    and all(_numbers(bins[k], allow_null=True) and len(bins[k]) == len(bins["count"])
+                            for k in ("confidence", "accuracy"))):
+                return f"{where}: reliability[{method!r}] is not bins of count, confidence and accuracy"
         curve = entry.get("tau_curve")
         if curve is None:
             continue

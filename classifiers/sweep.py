@@ -24,17 +24,19 @@ import torch
 from featcache import __version__
 from featcache.distributed import resolve_device
 from featcache.errors import FeatcacheError
+from featcache.metrics import ROWS_PER_CHUNK as METRIC_CHUNK
 from featcache.store.durable import append_line, atomic_write_text, exclusive_lock
 
 from .base import REGISTRY, as_features, create
 from .cluster import collect_parts, is_lost, merge_diagnostics, remove_parts
-from .metrics import evaluate, per_class_accuracy
+from .metrics import calibration_bins, evaluate, per_class_accuracy
 from .records import (
     DIAGNOSTICS_FILE,
     METRIC_FIELDS,
     RECORD_FIELDS,
     RESULTS_FILE,
     SEED_LIMIT,
+    SELECTION_METRICS,
     gc_paused,
     load_records,
     param_items,
@@ -43,6 +45,7 @@ from .records import (
     run_key,
 )
 from .tau_norm import tau_curve
+from .tuning import DEFAULT_BUDGET, DEFAULT_METRIC, best_trial, check_selection, method_trials, selection_record
 
 LOCK_FILE = ".sweep.lock"
 
@@ -57,6 +60,9 @@ class SweepSpec:
     device: str = "auto"
     many: int = 100
     few: int = 20
+    tune: bool = False  # each method's trials (classifiers/tuning.py), the val-best reported
+    budget: int = DEFAULT_BUDGET  # trials per method when tuning
+    select_metric: str = DEFAULT_METRIC  # what the val-best is best at
 
     def check(self) -> list[str]:
         """Refuse what cannot be a sweep; drop repeated methods / seeds and return a note for each."""
@@ -69,6 +75,8 @@ class SweepSpec:
                 raise FeatcacheError(f"--seeds: {seed!r} is not an integer in 0..2**64-1")
         if self.few < 0 or self.many < 0:
             raise FeatcacheError(f"--many {self.many} / --few {self.few}: thresholds must be >= 0")
+        if self.tune:
+            check_selection(self.select_metric, self.budget)
         if self.few > self.many:
             raise FeatcacheError(f"--few {self.few} is above --many {self.many}: the Many-, Medium- and Few-shot "
                                  "groups would overlap (Few = fewer than --few, Many = more than --many)")
@@ -89,11 +97,24 @@ class Run:
     method: str
     params: tuple  # sorted (name, value) pairs, every hyper-parameter but the device
     seed: int
+    trial: bool = False  # a trial of a tuned sweep
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The choice among one method's trials for one representation and seed (a tuned sweep)."""
+
+    representation: str
+    cache_key: str
+    method: str
+    seed: int
+    trials: tuple[Run, ...]
 
 
 def expand_grid(spec: SweepSpec) -> list[tuple[str, tuple, int]]:
-    """(method, params, seed) of every run; each parameter combination is checked by ``create`` now,
-    so a bad value stops the sweep before anything runs."""
+    """(method, params, seed) of every run: the grid of ``--param`` values, or in a tuned sweep
+    every method's trials; each parameter combination is checked by ``create`` now, so a bad value
+    stops the sweep before anything runs."""
     for method in spec.params:
         if method not in spec.methods:
             raise FeatcacheError(f"--param for method {method!r}, which is not in --methods "
@@ -111,8 +132,9 @@ def expand_grid(spec: SweepSpec) -> list[tuple[str, tuple, int]]:
         names = list(grid)
         defaults = {k: v for k, v in REGISTRY[method].defaults().items() if k not in ("device", "seed")}
         has_seed = "seed" in REGISTRY[method].param_names()
-        for combo in itertools.product(*(grid[n] for n in names)):
-            params = {**defaults, **dict(zip(names, combo))}
+        combos = method_trials(method, grid, spec.budget).params if spec.tune else \
+            [{**defaults, **dict(zip(names, combo))} for combo in itertools.product(*(grid[n] for n in names))]
+        for params in combos:
             # the parameters are checked once per combination (the seeds are checked by SweepSpec.check)
             create(method, **({**params, "seed": spec.seeds[0] if spec.seeds else 0} if has_seed else params))
             shared = param_items(params)
@@ -204,16 +226,43 @@ class Sweeper:
         if memory_check:
             self._check_memory()
         self.shots = (spec.many, spec.few)
-        self.runs = [Run(r.label, r.cache.key, method, params, seed)
+        self.runs = [Run(r.label, r.cache.key, method, params, seed, spec.tune)
                      for r in representations for method, params, seed in self.grid]
+        self.selections = self._selections() if spec.tune else []
+        self.searched = {m: method_trials(m, spec.params.get(m, {}), spec.budget).searched
+                         for m in spec.methods} if spec.tune else {}
         self.results = self.out / RESULTS_FILE
         self.diagnostics_path = self.out / DIAGNOSTICS_FILE
         self.job: dict | None = None  # the SLURM task that runs these runs (records carry it)
         self._lock = None
         self._flushing_before: bool | None = None  # the denormal mode to restore on exit
         self.pending: list[Run] = []
+        self.pending_selections: list[Selection] = []
         self.records: list[dict] = []  # every record of the results file: those read on entry, then each new one
+        self._recorded: dict[tuple, dict] = {}  # the records by key
         self.diagnostics: dict = {}
+        self._candidates: dict[tuple, tuple] = {}  # (label, method) -> (val score, key, diagnostics) of the best trial
+        self._selecting = True  # False in a SLURM task: its submitter makes the choices
+
+    @property
+    def total(self) -> int:
+        """Records the sweep writes in all: its runs, and a tuned sweep's choices."""
+        return len(self.runs) + len(self.selections)
+
+    @property
+    def remaining(self) -> int:
+        return len(self.pending) + len(self.pending_selections)
+
+    def _selections(self) -> list[Selection]:
+        """One choice per representation, method and seed, over its trials (in trial order)."""
+        groups: dict[tuple, list[Run]] = {}
+        for run in self.runs:
+            groups.setdefault((run.representation, run.cache_key, run.method, run.seed), []).append(run)
+        return [Selection(*key, tuple(runs)) for key, runs in groups.items()]
+
+    def selection_key(self, selection: Selection) -> tuple:
+        return run_key(selection.representation, selection.cache_key, self.spec.eval_split, self.shots,
+                       selection.method, (), selection.seed, ("selected", self.spec.select_metric, self.spec.budget))
 
     def _check_entries(self) -> str | None:
         """Same classes and the splits the sweep uses in every entry; the val split to use, if any."""
@@ -252,6 +301,14 @@ class Sweeper:
 
     def _refuse_choosing_on_the_eval_split(self) -> None:
         """A value chosen on the split the table reports would be reported on its own selection split."""
+        if self.spec.tune and self.val_split is None:
+            rep = self.representations[0]
+            raise FeatcacheError(f"--tune chooses each method's trial on a val split, and entry {rep.label!r} "
+                                 f"({rep.cache.path}) has {', '.join(rep.cache.splits)}: extract a val split, or "
+                                 "name one with --val-split")
+        if self.spec.tune and self.val_split == self.spec.eval_split:
+            raise FeatcacheError(f"--tune chooses on --val-split {self.val_split!r}, the split the table reports "
+                                 "(--eval-split): give another --eval-split or --val-split")
         if self.val_split != self.spec.eval_split:
             return
         for method, params, _ in self.grid:
@@ -266,9 +323,9 @@ class Sweeper:
         logits, and the hungrier of two phases that never overlap: the hungriest method's fit and
         inference (its estimate for its settings, once per setting: seeds change nothing; the
         temporaries of a chunk of logits are bounded by the split's rows), or the metrics and
-        diagnostics on the eval logits (the ECE's float64 softmax holds four N x C float64 arrays at
-        its peak; the tau curve one N x C float32 array) beside the fitted classifier's C x D
-        matrices."""
+        diagnostics on the eval logits (the ECE's and NLL's float64 softmax holds four float64
+        arrays of a chunk of rows at its peak; the tau curve one N x C float32 array) beside the
+        fitted classifier's C x D matrices."""
         meta, cache = rep.cache.meta, rep.cache
         itemsize = 2 if meta.get("dtype") == "float16" else 4
         dim, classes = int(meta["feature_dim"]), cache.num_classes
@@ -286,7 +343,7 @@ class Sweeper:
                                   estimator.memory_estimate(rows["train"], dim, classes, largest))
         hungriest = max(methods, key=methods.get)
         eval_rows = rows[self.spec.eval_split]
-        metrics = eval_rows * classes * (32 + 4) + 4 * classes * dim * 4  # + the tau curve's logits
+        metrics = (min(eval_rows, METRIC_CHUNK) * 32 + eval_rows * 4) * classes + 4 * classes * dim * 4
         phase = (f"method {hungriest}", methods[hungriest]) if methods[hungriest] >= metrics else ("metrics", metrics)
         return {"features": sum(rows.values()) * dim * itemsize, "eval logits": eval_rows * classes * 4,
                 phase[0]: phase[1]}
@@ -349,14 +406,15 @@ class Sweeper:
         if self.mode == "resume":
             existing = self._with_parts(existing)
         with gc_paused():
-            done = {record_key(r) for r in existing}
-        self.pending = [run for run in self.runs if self.run_key(run) not in done]
+            self._recorded = {record_key(r): r for r in existing}
+        self.pending = [run for run in self.runs if self.run_key(run) not in self._recorded]
+        self.pending_selections = [s for s in self.selections if self.selection_key(s) not in self._recorded]
         self.records = existing
         self.diagnostics = self._load_diagnostics() if self.mode == "resume" else {}
 
-    def run_key(self, run: Run) -> str:
+    def run_key(self, run: Run) -> tuple:
         return run_key(run.representation, run.cache_key, self.spec.eval_split, self.shots, run.method, run.params,
-                       run.seed)
+                       run.seed, ("trial",) if run.trial else None)
 
     def _load_diagnostics(self) -> dict:
         path = self.out / DIAGNOSTICS_FILE
@@ -384,11 +442,41 @@ class Sweeper:
             merged = merge_diagnostics(self.out, self.diagnostics)
             if merged:
                 atomic_write_text(self.diagnostics_path, json.dumps(merged))
+            yield from self._select_ready()
             return
         for rep in self.representations:
             runs = [run for run in self.pending if run.representation == rep.label]
             if runs:
                 yield from self._sweep_entry(rep, runs)
+        yield from self._select_ready()  # choices whose trials were all recorded before (a resumed sweep)
+
+    def _record(self, record: dict) -> None:
+        self._append(record)
+        self.records.append(record)
+        self._recorded[record_key(record)] = record
+
+    def _select_ready(self, representation: str | None = None, method: str | None = None,
+                      seed: int | None = None) -> Iterator[dict]:
+        """Write the choice of every pending selection (of this representation, method and seed)
+        whose trials are all recorded, none lost on SLURM; yield each."""
+        if not self._selecting:
+            return
+        for selection in list(self.pending_selections):
+            if (representation, method, seed) != (None, None, None) and \
+                    (selection.representation, selection.method, selection.seed) != (representation, method, seed):
+                continue
+            trials = [self._recorded.get(self.run_key(run)) for run in selection.trials]
+            if any(t is None or is_lost(t) for t in trials):
+                continue
+            record = selection_record(trials, self.spec.select_metric, self.spec.budget,
+                                      self.searched[selection.method], self.val_split)
+            self._record(record)
+            self.pending_selections.remove(selection)
+            candidate = self._candidates.pop((selection.representation, selection.method), None)
+            if selection.seed == self.spec.seeds[0] and candidate and record["status"] == "ok" and \
+                    candidate[1] == record_key(best_trial(trials, self.spec.select_metric)):
+                self._keep_diagnostics(selection.representation, selection.method, candidate[2])
+            yield record
 
     def _split(self, cache, name: str):
         split = cache.split(name)
@@ -409,12 +497,13 @@ class Sweeper:
         try:
             for run in runs:
                 record, estimator, logits = self._run(run, X, y, counts, classifier, val, X_eval, y_eval, views)
-                self._append(record)
-                self.records.append(record)
+                self._record(record)
                 if record["status"] == "ok":
-                    self._diagnose(diagnostics, cache, run, estimator, logits, y_eval, X_eval)
+                    self._diagnose(diagnostics, cache, run, record, estimator, logits, y_eval, X_eval)
                 del estimator, logits  # not alive beside the next run's (memory_needed counts one run)
                 yield record
+                if run.trial:
+                    yield from self._select_ready(run.representation, run.method, run.seed)
         finally:
             cache.release()  # one entry in memory at a time
 
@@ -427,6 +516,7 @@ class Sweeper:
         task's own file) and the plot diagnostics to ``diagnostics_path``; runs the file already
         holds (a requeued task) are skipped. Returns the number of runs recorded."""
         self.results, self.diagnostics_path, self.job = Path(records_path), Path(diagnostics_path), job
+        self._selecting = False
         done = {record_key(r) for r in load_records(self.results)}
         self.pending = [run for run in runs if self.run_key(run) not in done]
         before = flushing_denormals()
@@ -443,10 +533,10 @@ class Sweeper:
     def merge_part(self, records: list[dict], lost: list[dict]) -> Iterator[dict]:
         """Add a finished task's records and the failed records of the runs it lost to the results
         file (one atomic replace); yield the failed ones."""
-        keys = {record_key(r) for r in self.records}
-        new = [r for r in records + lost if record_key(r) not in keys]
+        new = [r for r in records + lost if record_key(r) not in self._recorded]
         if new:
             self.records.extend(new)
+            self._recorded.update((record_key(r), r) for r in new)
             atomic_write_text(self.results, "".join(json.dumps(r, allow_nan=False) + "\n" for r in self.records))
         yield from lost
 
@@ -456,7 +546,8 @@ class Sweeper:
                   "representation": run.representation, "eval_split": self.spec.eval_split, "selected_on": None,
                   "status": "failed", "failure": failure, "many_threshold": self.spec.many,
                   "few_threshold": self.spec.few, "fit_seconds": None, "eval_seconds": None,
-                  "cache_key": run.cache_key, "version": __version__, "job": job, **dict.fromkeys(METRIC_FIELDS)}
+                  "cache_key": run.cache_key, "version": __version__, "job": job,
+                  "tuning": {"role": "trial", "val": None} if run.trial else None, **dict.fromkeys(METRIC_FIELDS)}
         return {k: record[k] for k in RECORD_FIELDS}
 
     def _run(self, run: Run, X, y, counts, classifier, val, X_eval, y_eval, views=None):
@@ -473,7 +564,7 @@ class Sweeper:
                   "selected_on": self.val_split if selected else None,
                   "many_threshold": self.spec.many, "few_threshold": self.spec.few,
                   "fit_seconds": round(fitted - began, 4), "eval_seconds": round(evaluated - fitted, 4),
-                  "cache_key": run.cache_key, "version": __version__, "job": self.job}
+                  "cache_key": run.cache_key, "version": __version__, "job": self.job, "tuning": None}
         bad = int((~np.isfinite(logits)).any(axis=1).sum())
         if bad:
             record.update(status="failed", failure=f"non-finite logits on {bad} of {len(logits)} eval rows "
@@ -483,20 +574,51 @@ class Sweeper:
                                                                 self.spec.few))
             if not all(v is None or math.isfinite(v) for v in (record[k] for k in METRIC_FIELDS)):
                 record.update(status="failed", failure="a metric is not finite", **dict.fromkeys(METRIC_FIELDS))
+        if run.trial:
+            record["tuning"] = {"role": "trial", "val": self._val_metrics(estimator, val, counts)
+                                if record["status"] == "ok" else None}
+            if record["status"] == "ok" and record["tuning"]["val"] is None:
+                record.update(status="failed", failure=f"non-finite logits on the {self.val_split!r} split",
+                              **dict.fromkeys(METRIC_FIELDS))
         return {k: record[k] for k in RECORD_FIELDS}, estimator, logits
 
-    def _diagnose(self, diagnostics: dict, cache, run: Run, estimator, logits, y_eval, X_eval) -> None:
-        """Keep what the plots need, for the first seed of each method: per-class accuracy, and the
-        diagnostics its registry entry names (weight norms; the val and eval curves over tau's grid)."""
-        label = run.method
-        if run.seed != self.spec.seeds[0] or label in diagnostics.get("per_class", {}):
+    def _val_metrics(self, estimator, val, counts) -> dict | None:
+        """A trial's metrics on the val split (what its method's choice compares); None where its
+        val logits are not finite."""
+        logits = estimator.logits(val[0])
+        if not np.isfinite(logits).all():
+            return None
+        labels = val[1].cpu().numpy() if isinstance(val[1], torch.Tensor) else val[1]
+        metrics = evaluate(logits, labels, counts, self.spec.many, self.spec.few)
+        return metrics if all(v is None or math.isfinite(v) for v in metrics.values()) else None
+
+    def _diagnose(self, diagnostics: dict, cache, run: Run, record: dict, estimator, logits, y_eval, X_eval) -> None:
+        """Keep what the plots need, for the first seed of each method: per-class accuracy, the
+        reliability diagram's bins, and the diagnostics its registry entry names (weight norms; the
+        val and eval curves over tau's grid). Of a tuned method's trials, those of the best trial
+        so far are held until the method's choice is made."""
+        if run.seed != self.spec.seeds[0] or run.method in diagnostics.get("per_class", {}):
             return
+        if run.trial:
+            score = record["tuning"]["val"].get(self.spec.select_metric)
+            held = self._candidates.get((run.representation, run.method))
+            better = score is not None and (held is None or (score > held[0] if SELECTION_METRICS[
+                self.spec.select_metric] else score < held[0]))
+            if better:
+                self._candidates[run.representation, run.method] = (
+                    score, record_key(record), self._diagnostics_of(cache, run, estimator, logits, y_eval, X_eval))
+            return
+        self._keep_diagnostics(run.representation, run.method,
+                               self._diagnostics_of(cache, run, estimator, logits, y_eval, X_eval))
+
+    def _diagnostics_of(self, cache, run: Run, estimator, logits, y_eval, X_eval) -> dict:
         wanted = REGISTRY[run.method].info.diagnostics
         per_class = per_class_accuracy(logits.argmax(1), y_eval, logits.shape[1])
-        diagnostics.setdefault("per_class", {})[label] = [None if np.isnan(a) else float(a) for a in per_class]
+        found = {"per_class": [None if np.isnan(a) else float(a) for a in per_class],
+                 "reliability": calibration_bins(logits, np.asarray(y_eval))}
         norms = effective_weight_norms(estimator)
         if norms is not None and "weight_norms" in wanted:
-            diagnostics.setdefault("weight_norms", {})[label] = norms.tolist()
+            found["weight_norms"] = norms.tolist()
         if "tau_curve" in wanted and getattr(estimator, "val_curve_", None):
             weight = torch.as_tensor(cache.classifier[0], device=X_eval.device)
             norms = weight.norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
@@ -504,8 +626,17 @@ class Sweeper:
             grid = list(estimator.val_curve_)
             curve = {str(t): 100 * a for t, a in zip(grid, tau_curve(X_eval, labels, weight, norms, grid,
                                                                       len(estimator.classes_)))}
-            diagnostics["tau_curve"] = {"val": {str(k): 100 * v for k, v in estimator.val_curve_.items()},
-                                        self.spec.eval_split: curve, "chosen": estimator.tau_}
+            found["tau_curve"] = {"val": {str(k): 100 * v for k, v in estimator.val_curve_.items()},
+                                  self.spec.eval_split: curve, "chosen": estimator.tau_}
+        return found
+
+    def _keep_diagnostics(self, label: str, method: str, found: dict) -> None:
+        diagnostics = self.diagnostics.setdefault("representations", {}).setdefault(label, {})
+        for name, value in found.items():
+            if name == "tau_curve":
+                diagnostics["tau_curve"] = value
+            else:
+                diagnostics.setdefault(name, {})[method] = value
         atomic_write_text(self.diagnostics_path, json.dumps(self.diagnostics))
 
 

@@ -60,6 +60,15 @@ class Schedule:
 
 
 EPOCH_STEPS = ("floor", "ceil", "ceil+1", "floor-1")
+# the schedule a tuned sweep searches for the SGD-trained methods (classifiers/tuning.py): each method's
+# default lr x {1/4, 1, 4} and epochs {10, 30, 90} (a default's handful of steps on a small or
+# many-class problem, and the longer schedules that reach convergence there)
+TUNED_EPOCHS = (10, 30, 90)
+
+
+def lr_range(default: float) -> tuple[float, float, float]:
+    """The lrs a tuned sweep tries around a method's default: a quarter, the default, four times it."""
+    return (default / 4, default, default * 4)
 EPOCH_STEPS_RULE = [Options(*EPOCH_STEPS)]  # one rule object, declared by every method that takes the option
 
 
@@ -286,6 +295,7 @@ class GRWRecalibration(OnFrozenLogits):
     MARC's official loop runs int(N / B) - 1 batches (``"floor-1"``), docs/methods.md."""
 
     _parameter_constraints = {"rho": [Real(0)], **OnFrozenLogits._parameter_constraints}
+    search_space = {"lr": lr_range(0.05), "epochs": TUNED_EPOCHS, "rho": (0.8, 1.2, 1.6)}
 
     def __init__(self, rho=1.2, epochs=10, lr=0.05, momentum=0.9, weight_decay=5e-4, batch_size=256,
                  sampler="instance", seed=0, memory_budget=DEFAULT_MEMORY_BUDGET, device="auto"):

@@ -11,6 +11,11 @@ from featcache.errors import FeatcacheError
 from .common import Group, comma_list, data_options, device_option, trust_checkpoint_option
 from .sweep_config import build_executor, executor_options, load_config, parse_param_flags, parse_value
 
+# kept here, not imported, so that --help does not import the classifiers (torch)
+DEFAULT_BUDGET = 12
+METRIC_CHOICES = ["top1", "accuracy", "top5", "many", "medium", "few", "macro_f1", "ece", "nll"]
+SELECTION_CHOICES = METRIC_CHOICES
+
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
@@ -45,10 +50,18 @@ def list_():
 @click.option("--methods", help="Comma list of methods (see `lt-cls list`).")
 @click.option("--param", "params", multiple=True, metavar="METHOD.KEY=V[,V...]",
               help="Fix or grid a hyper-parameter, e.g. tau.tau=auto or knn.k=10,20,50 (repeat).")
-@click.option("--config", type=click.Path(), help="TOML file: methods, seeds, eval_split, val_split, [params.METHOD].")
+@click.option("--config", type=click.Path(), help="TOML file: methods, seeds, eval_split, val_split, tune, budget, "
+                                                  "select_metric, [params.METHOD], [executor] (docs/cli.md).")
 @click.option("--seeds", help="Comma list of seeds (default 0).")
 @click.option("--eval-split", help="Split the table reports (default test).")
 @click.option("--val-split", help="Split used for automatic choices such as tau=auto (default val).")
+@click.option("--tune", is_flag=True, default=None,
+              help="Tune every method on the val split: run each method's search space (at most --budget trials; "
+                   "--param METHOD.KEY=V fixes a parameter, V1,V2 replaces its values) and report the val-best.")
+@click.option("--budget", type=int, help=f"With --tune: trials per method, the same for all (default {DEFAULT_BUDGET}).")
+@click.option("--select-metric", type=click.Choice(SELECTION_CHOICES),
+              help="With --tune: the val metric the best trial is best at (default top1, balanced top-1; "
+                   "ece and nll: lowest).")
 @click.option("--many", type=int, default=100, show_default=True, help="Many-shot: more than this many training images.")
 @click.option("--few", type=int, default=20, show_default=True, help="Few-shot: fewer than this many training images.")
 @click.option("--out", default="runs/sweep", show_default=True, type=click.Path(), help="Output directory.")
@@ -56,15 +69,18 @@ def list_():
               help="Format of the table printed to stdout.")
 @click.option("--resume", is_flag=True, help="Add the runs not yet recorded in OUT/results.jsonl.")
 @click.option("--overwrite", is_flag=True, help="Start OUT/results.jsonl over (its records are lost).")
-@click.option("--no-plots", is_flag=True, help="Do not draw the PNG plots.")
+@click.option("--no-plots", is_flag=True, help="Do not draw the plots.")
+@click.option("--plot-format", type=click.Choice(["png", "pdf", "svg"]), default="png", show_default=True,
+              help="File format of the plots.")
+@click.option("--dpi", type=click.IntRange(10, 2400), default=120, show_default=True, help="Resolution of PNG plots.")
 @click.option("--no-memory-check", is_flag=True, help="Run even when the estimate says the sweep will not fit in memory.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @executor_options
 @trust_checkpoint_option
 @device_option
 def sweep(cache_refs, ckpt, arch, data_spec, cache_dir, methods, params, config, seeds, eval_split, val_split,
-          many, few, out, fmt, resume, overwrite, no_plots, no_memory_check, quiet, executor, trust_checkpoint,
-          device):
+          tune, budget, select_metric, many, few, out, fmt, resume, overwrite, no_plots, plot_format, dpi,
+          no_memory_check, quiet, executor, trust_checkpoint, device):
     """Run representations x methods x parameters x seeds and print the ablation table.
 
     Writes OUT/results.jsonl (one record per run, appended as it finishes), OUT/table.md,
@@ -89,8 +105,13 @@ def sweep(cache_refs, ckpt, arch, data_spec, cache_dir, methods, params, config,
     for method, values in parse_param_flags(list(params)).items():
         grid.setdefault(method, {}).update(values)
     seed_list = [parse_value(s) for s in comma_list([seeds])] if seeds else settings.get("seeds", [0])
+    tune = settings.get("tune", False) if tune is None else tune
+    if not tune and (budget is not None or select_metric or "budget" in settings or "select_metric" in settings):
+        raise FeatcacheError("--budget and --select-metric apply to a tuned sweep: add --tune")
     spec = SweepSpec(list(method_list), grid, list(seed_list), eval_split or settings.get("eval_split", "test"),
-                     val_split or settings.get("val_split", "val"), device, many, few)
+                     val_split or settings.get("val_split", "val"), device, many, few, tune,
+                     settings.get("budget", DEFAULT_BUDGET) if budget is None else budget,
+                     select_metric or settings.get("select_metric", "top1"))
     if ckpt:
         from featcache.extract import ExtractRequest, extract
         path = extract(ExtractRequest(ckpt=ckpt, arch=arch, data=data_spec, cache_dir=cache_dir, device=device,
@@ -107,20 +128,23 @@ def sweep(cache_refs, ckpt, arch, data_spec, cache_dir, methods, params, config,
     for message in sweeper.notes:
         click.echo(f"note: {message}", err=True)
     lost = 0
-    with sweeper, tqdm(total=len(sweeper.runs), initial=len(sweeper.runs) - len(sweeper.pending), unit="run",
+    with sweeper, tqdm(total=sweeper.total, initial=sweeper.total - sweeper.remaining, unit="run",
                        desc="sweep", disable=quiet, dynamic_ncols=True) as bar:
         for record in sweeper:
             lost += is_lost(record)
             shown = f"top1 {record['top1']:.1f}" if record["status"] == "ok" else "FAILED"
-            bar.set_postfix_str(f"{record['representation']} {record['method']} {shown}")
+            chosen = " chosen" if (record.get("tuning") or {}).get("role") == "selected" else ""
+            bar.set_postfix_str(f"{record['representation']} {record['method']}{chosen} {shown}")
             bar.update()
             if record["status"] != "ok":
-                bar.write(f"warning: {record['representation']} {record['method']} seed {record['seed']}: "
+                role = (record.get("tuning") or {}).get("role")
+                what = {"trial": " trial", "selected": " (tuned)"}.get(role, "")
+                bar.write(f"warning: {record['representation']} {record['method']}{what} seed {record['seed']}: "
                           f"{record['failure']}", file=sys.stderr)
         _write_tables(Path(out), fmt, sweeper.records)
     if not no_plots:
         from classifiers.plots import plot_sweep
-        pictures = plot_sweep(out, sweeper.records)
+        pictures = plot_sweep(out, sweeper.records, plot_format, dpi)
         click.echo(f"plots:   {', '.join(str(p) for p in pictures)}")
     click.echo(f"results: {Path(out) / 'results.jsonl'}")
     if lost:
@@ -166,11 +190,20 @@ _TABLE_FILES = (("md", "md"), ("csv", "csv"), ("latex", "tex"))
 @click.option("--format", "fmt", type=click.Choice(["md", "csv", "latex", "json"]), default="md", show_default=True)
 @click.option("--layout", type=click.Choice(["rows", "grid"]), default="rows", show_default=True,
               help="rows: one row per representation x method; grid: representations x methods, one metric.")
-@click.option("--metric", type=click.Choice(["top1", "many", "medium", "few"]), default="top1", show_default=True,
-              help="The metric of a grid's cells.")
-def table(results, fmt, layout, metric):
+@click.option("--metrics", help="Comma list of metrics: the columns of rows (default many,medium,few,top1), "
+                                "one grid each (default top1); any of " + ", ".join(METRIC_CHOICES) + ".")
+@click.option("--metric", type=click.Choice(METRIC_CHOICES), help="Same as --metrics with one metric.")
+@click.option("--trials", is_flag=True, help="A tuned sweep: show every trial, not only each method's choice.")
+@click.option("--caption", help="LaTeX: put the tabular in a table environment with this caption.")
+@click.option("--label", help="LaTeX: the table's \\label.")
+def table(results, fmt, layout, metrics, metric, trials, caption, label):
     """Print the ablation table of one or more results.jsonl files or sweep directories (merged):
-    seeds as mean ± std, joint first, best marked."""
+    seeds as mean ± std, joint first, best marked (ECE and NLL: lowest).
+
+    \b
+    Example:
+      lt-cls table runs/sweep --metrics top1,few,ece,nll
+      lt-cls table runs/a runs/b --layout grid --metrics top1,few --format latex --caption "Top-1" --label tab:grid"""
     from classifiers.records import RESULTS_FILE, load_records
     from classifiers.tables import merge_records, render
 
@@ -182,15 +215,26 @@ def table(results, fmt, layout, metric):
             if not path.is_file():
                 raise FeatcacheError(f"{item} is a directory without {RESULTS_FILE}")
         sources.append(load_records(path))
-    click.echo(render(merge_records(sources), fmt, layout, metric))
+    if metrics and metric:
+        raise FeatcacheError("give --metrics or --metric, not both")
+    chosen = comma_list([metrics]) if metrics else [metric] if metric else None
+    click.echo(render(merge_records(sources), fmt, layout, chosen, trials=trials, caption=caption, label=label))
 
 
 @main.command()
 @click.argument("results_dir", type=click.Path(exists=True, file_okay=False))
-def plot(results_dir):
-    """Draw the paper's pictures from a sweep directory (PNG)."""
+@click.option("--format", "fmt", type=click.Choice(["png", "pdf", "svg"]), default="png", show_default=True)
+@click.option("--dpi", type=click.IntRange(10, 2400), default=120, show_default=True, help="Resolution of PNG plots.")
+def plot(results_dir, fmt, dpi):
+    """Draw the paper's pictures from a sweep directory: weight norms, the tau curve, per-class
+    accuracy, reliability diagrams and, with several representations, the representation x
+    classifier bars.
+
+    \b
+    Example:
+      lt-cls plot runs/sweep --format pdf"""
     from classifiers.plots import plot_sweep
-    for path in plot_sweep(results_dir):
+    for path in plot_sweep(results_dir, fmt=fmt, dpi=dpi):
         click.echo(str(path))
 
 

@@ -49,10 +49,17 @@ def load_config(path: str | None) -> dict:
             settings = tomllib.load(handle)
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise FeatcacheError(f"--config {path}: {exc}") from None
-    unknown = sorted(set(settings) - {"methods", "seeds", "eval_split", "val_split", "params", "executor"})
+    unknown = sorted(set(settings) - {"methods", "seeds", "eval_split", "val_split", "params", "executor", "tune",
+                                      "budget", "select_metric"})
     if unknown:
         raise FeatcacheError(f"--config {path}: unknown key {unknown[0]!r} (known: methods, seeds, eval_split, "
-                             "val_split, [params.METHOD], [executor])")
+                             "val_split, tune, budget, select_metric, [params.METHOD], [executor])")
+    if "tune" in settings and not isinstance(settings["tune"], bool):
+        raise FeatcacheError(f"--config {path}: tune must be true or false")
+    if "budget" in settings and (isinstance(settings["budget"], bool) or not isinstance(settings["budget"], int)):
+        raise FeatcacheError(f"--config {path}: budget must be an integer (trials per method)")
+    if "select_metric" in settings and not isinstance(settings["select_metric"], str):
+        raise FeatcacheError(f"--config {path}: select_metric must be a metric name")
     executor = settings.get("executor", {})
     if not isinstance(executor, dict):
         raise FeatcacheError(f"--config {path}: executor must be a table [executor] (kind = \"slurm\", ...)")

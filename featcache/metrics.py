@@ -52,22 +52,46 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-def expected_calibration_error(logits: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
-    """ECE with ``bins`` equal-width confidence bins over (0, 1] of the softmax's top probability."""
-    probs = softmax(logits.astype(np.float64))
-    confidence, pred = probs.max(axis=1), probs.argmax(axis=1)
-    correct = (pred == y).astype(np.float64)
-    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+ROWS_PER_CHUNK = 8192  # rows upcast to float64 at a time (bounded temporaries)
+
+
+def negative_log_likelihood(logits: np.ndarray, y: np.ndarray) -> float:
+    """Mean -log softmax(z)_y in nats, computed in float64 a chunk of rows at a time."""
     total = 0.0
-    for b in range(bins):
-        mask = which == b
-        if mask.any():
-            total += mask.mean() * abs(correct[mask].mean() - confidence[mask].mean())
-    return float(total)
+    for start in range(0, len(logits), ROWS_PER_CHUNK):
+        z = logits[start:start + ROWS_PER_CHUNK].astype(np.float64)
+        top = z.max(axis=1)
+        log_norm = top + np.log(np.exp(z - top[:, None]).sum(axis=1))
+        total += float((log_norm - z[np.arange(len(z)), y[start:start + ROWS_PER_CHUNK]]).sum())
+    return total / len(logits)
+
+
+def calibration_bins(logits: np.ndarray, y: np.ndarray, bins: int = 15) -> dict[str, list]:
+    """Reliability-diagram bins: ``bins`` equal-width bins over (0, 1] of the softmax's top
+    probability, each with its row ``count``, mean ``confidence`` and ``accuracy`` (None where empty)."""
+    count, confidence, correct = np.zeros(bins), np.zeros(bins), np.zeros(bins)
+    for start in range(0, len(logits), ROWS_PER_CHUNK):
+        probs = softmax(logits[start:start + ROWS_PER_CHUNK].astype(np.float64))
+        top, pred = probs.max(axis=1), probs.argmax(axis=1)
+        which = np.clip(np.ceil(top * bins).astype(int) - 1, 0, bins - 1)
+        count += np.bincount(which, minlength=bins)
+        confidence += np.bincount(which, weights=top, minlength=bins)
+        correct += np.bincount(which, weights=(pred == y[start:start + ROWS_PER_CHUNK]), minlength=bins)
+    filled = count > 0
+    mean = lambda total: [float(t / c) if f else None for t, c, f in zip(total, count, filled)]  # noqa: E731
+    return {"count": count.astype(int).tolist(), "confidence": mean(confidence), "accuracy": mean(correct)}
+
+
+def expected_calibration_error(logits: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
+    """ECE with ``bins`` equal-width confidence bins over (0, 1] of the softmax's top probability:
+    sum over bins of (rows in bin / N) |accuracy - mean confidence|."""
+    table = calibration_bins(logits, y, bins)
+    return float(sum(n * abs(a - c) for n, a, c in zip(table["count"], table["accuracy"], table["confidence"])
+                     if n) / len(logits))
 
 
 def evaluate(logits: np.ndarray, y: np.ndarray, train_counts, many: int = 100, few: int = 20) -> dict:
-    """Every metric of a record (percentages), with the number of classes in each shot group."""
+    """Every metric of a record (percentages; the NLL in nats), with the number of classes in each shot group."""
     num_classes = logits.shape[1]
     y = np.asarray(y, dtype=np.int64)
     pred = logits.argmax(axis=1)
@@ -81,5 +105,6 @@ def evaluate(logits: np.ndarray, y: np.ndarray, train_counts, many: int = 100, f
         out[f"n_{group}"] = int(chosen.sum())
     out["macro_f1"] = 100 * macro_f1(pred, y, num_classes)
     out["ece"] = 100 * expected_calibration_error(logits, y)
+    out["nll"] = negative_log_likelihood(logits, y)
     return out
 

@@ -74,11 +74,12 @@ def test_three_representations_in_one_sweep(entries, runner, tmp_path):
         assert record["top1"] == pytest.approx(independent_top1(record["method"], data), abs=1e-6)
     grid = invoke(runner, lt_cls, ["table", out / "results.jsonl", "--layout", "grid", "--format", "csv"]).output
     rows = list(csv.reader(io.StringIO(grid)))
-    assert rows[0] == ["representation", "Joint", "NCM", "tau-norm"] and [r[0] for r in rows[1:]] == list(labels)
+    assert rows[0] == ["representation"] + [f"{m} {s}" for m in ("Joint", "NCM", "tau-norm") for s in ("mean", "std")]
+    assert [r[0] for r in rows[1:]] == list(labels)
     by_cell = {(r["representation"], r["method"]): r["top1"] for r in records}
     for row in rows[1:]:
-        for method, value in zip(("joint", "ncm", "tau"), row[1:]):
-            assert float(value) == pytest.approx(by_cell[row[0], method], abs=1e-4)
+        for method, value, std in zip(("joint", "ncm", "tau"), row[1::2], row[2::2]):
+            assert float(value) == pytest.approx(by_cell[row[0], method], abs=1e-4) and float(std) == 0
     assert "| Representation" in result.output  # the default layout gains the column
     assert (out / "grid.md").is_file()
 
@@ -90,7 +91,7 @@ def test_table_merges_results_files_and_directories(entries, runner, tmp_path):
     grid = invoke(runner, lt_cls, ["table", tmp_path / "one" / "results.jsonl", tmp_path / "two",
                                    "--layout", "grid", "--format", "csv", "--metric", "few"]).output
     rows = list(csv.reader(io.StringIO(grid)))
-    assert [r[0] for r in rows[1:]] == ["a", "b"] and rows[0][1:] == ["Joint", "NCM"]
+    assert [r[0] for r in rows[1:]] == ["a", "b"] and rows[0][1:] == ["Joint mean", "Joint std", "NCM mean", "NCM std"]
     markdown = invoke(runner, lt_cls, ["table", tmp_path / "one", tmp_path / "two", "--layout", "grid"]).output
     assert "**" in markdown and "†" in markdown
 

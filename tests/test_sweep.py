@@ -168,7 +168,8 @@ def test_plots_include_the_tau_curve(entry, runner, tmp_path):
     assert set(diagnostics["weight_norms"]) == {"joint", "crt", "tau", "lws"}
     assert len(diagnostics["tau_curve"]["val"]) == 21 and len(diagnostics["tau_curve"]["test"]) == 21
     pictures = invoke(runner, lt_cls, ["plot", out]).output.split()
-    assert sorted(p.split("/")[-1] for p in pictures) == ["per_class_accuracy.png", "tau_curve.png", "weight_norms.png"]
+    assert sorted(p.split("/")[-1] for p in pictures) == ["per_class_accuracy.png", "reliability.png", "tau_curve.png",
+                                                          "weight_norms.png"]
 
 
 def test_list_shows_the_registry(runner):
