@@ -128,8 +128,8 @@ def _plot_reliability(reliability: dict, path: Path, title: str, save) -> Path:
         counts = np.asarray(bins["count"], dtype=float)
         ece = 100 * float(np.nansum(counts * np.abs(accuracy - confidence)) / counts.sum())
         ax.bar(left, np.nan_to_num(accuracy), width, align="edge", edgecolor="black", linewidth=0.5, label="accuracy")
-        ax.bar(left, np.nan_to_num(confidence - accuracy), width, bottom=np.nan_to_num(accuracy), align="edge",
-               color="tab:red", alpha=0.3, label="gap")
+        ax.bar(left, np.nan_to_num(np.abs(confidence - accuracy)), width, align="edge", fill=False, hatch="//",
+               edgecolor="tab:red", linewidth=0, bottom=np.nan_to_num(np.minimum(accuracy, confidence)), label="gap to confidence")
         ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
         ax.set(xlim=(0, 1), ylim=(0, 1), title=f"{display_name(method)} (ECE {ece:.1f}%)")
     for ax in axes.flat[len(methods):]:

@@ -91,6 +91,23 @@ def test_slurm_sweep_equals_the_local_sweep(two_entries, tmp_path, runner):
 
 
 @needs_slurm
+def test_a_tuned_slurm_sweep_makes_the_local_choices(two_entries, tmp_path, runner):
+    """The trials run in array tasks; the submitter chooses once every trial is merged."""
+    tuned = ("--methods", "joint,crt", "--tune", "--budget", "3", "--no-plots")
+    invoke(runner, lt_cls, ["sweep", "--cache", str(two_entries[0]), "--seeds", "0,1", "--out", str(tmp_path / "l"),
+                            "--quiet", *tuned])
+    invoke(runner, lt_cls, ["sweep", "--cache", str(two_entries[0]), "--seeds", "0,1", "--out", str(tmp_path / "s"),
+                            "--quiet", *tuned, "--executor", "slurm", "--slurm-runs-per-task", "3",
+                            "--slurm-time", "10"])
+    here, there = (_by_key(load_records(tmp_path / name / "results.jsonl")) for name in ("l", "s"))
+    assert here.keys() == there.keys() and len(here) == 2 * (1 + 3) + 2 * 2
+    for key, record in there.items():
+        assert record["params"] == here[key]["params"] and record["tuning"]["role"] == here[key]["tuning"]["role"]
+        assert abs(record["top1"] - here[key]["top1"]) <= 1e-9
+        assert (record["job"] is None) == (record["tuning"]["role"] == "selected")
+
+
+@needs_slurm
 def test_a_cancelled_array_task_leaves_failed_records_and_resume_completes_the_study(two_entries, tmp_path):
     out = tmp_path / "study"
     command = [sys.executable, "-m", "classifiers", *_sweep_args(two_entries, out, "--executor", "slurm",
