@@ -327,7 +327,9 @@ val-best trial reported. ECE in %, NLL in nats; mean ± std over seeds.
 
 {render(records["table_b_tuned"], "md", metrics=("many", "medium", "few", "top1", "ece", "nll"))}
 
-LaTeX: [results/table_b_tuned.tex](results/table_b_tuned.tex).
+LaTeX: [results/table_b_tuned.tex](results/table_b_tuned.tex). The same comparison on a small
+problem (digits-lt, 369 training images) and a 200-class synthetic one:
+[results/tuned_study.md](results/tuned_study.md) (`python scripts/tuned_study.py`).
 
 ### The grid, tuned on val
 
