@@ -26,7 +26,11 @@ def main(debug):
 
 @main.command(name="list")
 def list_():
-    """The registered methods with their family, needs and parameters."""
+    """The registered methods with their family, needs, parameters and search space (--tune).
+
+    \b
+    Example:
+      lt-cls list"""
     from classifiers import available
     for entry in available():
         click.echo(f"{entry['name']:<13} {entry['description']}")
@@ -36,6 +40,8 @@ def list_():
         click.echo(f"{'':<13} {entry['display']} ({entry['family']}){needed}")
         params = ", ".join(f"{k}={v!r}" for k, v in entry["params"].items() if k != "grid")
         click.echo(f"{'':<13} {params}")
+        space = "; ".join(f"{k} {', '.join(map(str, v))}" for k, v in entry["search_space"].items())
+        click.echo(f"{'':<13} --tune searches: {space or 'nothing (one trial)'}")
 
 
 @main.command()
@@ -85,7 +91,27 @@ def sweep(cache_refs, ckpt, arch, data_spec, cache_dir, methods, params, config,
 
     Writes OUT/results.jsonl (one record per run, appended as it finishes), OUT/table.md,
     table.csv, table.tex (and grid.* with several representations) and the plots. An OUT that
-    already holds records needs --resume or --overwrite."""
+    already holds records needs --resume or --overwrite.
+
+    \b
+    Examples:
+      lt-cls sweep --cache ENTRY --methods joint,crt,tau,lws,ncm,knn --param tau.tau=auto --seeds 0,1,2
+      lt-cls sweep --cache IB=ENTRY1 --cache CB=ENTRY2 --methods joint,crt,lws --tune --out runs/grid
+      lt-cls sweep --cache ENTRY --config sweep.toml
+
+    \b
+    A --config file (TOML; flags override it):
+      methods = ["joint", "crt", "knn"]
+      seeds = [0, 1, 2]
+      eval_split = "test"
+      val_split = "val"
+      tune = false              # true: --tune; then budget = 12, select_metric = "top1"
+      [params.knn]
+      k = [10, 20, 50]          # a list is a grid (or, with tune, the values to search)
+      [executor]
+      kind = "slurm"            # or "local"
+      partition = "gpu"
+      time_minutes = 60"""
     from tqdm.auto import tqdm
 
     from classifiers.cluster import is_lost

@@ -1,7 +1,9 @@
 """Regenerate docs/results.md: the paper's study on real Fashion-MNIST-LT, from scratch.
 
     python scripts/reproduce_fashion_mnist.py            # 3 seeds, 12 epochs, lengths 4/12/24 (~70 min, 2 cores)
-    python scripts/reproduce_fashion_mnist.py --quick    # 1 seed, 4 epochs, lengths 2/4 (~8 min)
+    python scripts/reproduce_fashion_mnist.py --quick    # 1 seed, 4 epochs, lengths 2/4 (~25 min)
+
+Each step prints one line on stderr (minutes so far, command, its output folder).
 
 Fashion-MNIST-LT: max 5000 per class, imbalance 500 (counts 5000 ... 10), a balanced val split of
 20 per class from unused training images, the full balanced test set; the small CNN (tinycnn).
@@ -49,8 +51,20 @@ TABLE_B_EXTRA = [name for name, cls in REGISTRY.items() if cls.info.family == "b
 AUTO = ["--param", "tau.tau=auto"]
 
 
+STARTED = time.perf_counter()
+
+
+def progress(message: str) -> None:
+    """One line on stderr per step, with the minutes since the script started."""
+    print(f"[{(time.perf_counter() - STARTED) / 60:5.1f} min] {message}", file=sys.stderr, flush=True)
+
+
 def run(command: list[str], log: Path, env: dict | None = None) -> str:
     """Run a CLI command; its stdout's last line is returned, everything is kept in ``log``."""
+    program = next((part for part in command if part.startswith("cli.")), command[0]).removeprefix("cli.")
+    step = command[command.index(program if program == command[0] else "cli." + program) + 1]
+    where = next((command[i + 1] for i, part in enumerate(command[:-1]) if part in ("--out", "--ckpt")), "")
+    progress(f"{program.removesuffix('_cmd')} {step} {where}")
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     with open(log, "a") as handle:
         handle.write(f"$ {' '.join(command)}\n{done.stdout}{done.stderr}\n")

@@ -315,3 +315,13 @@ def test_methods_doc_lists_every_search_space():
         trials = len(method_trials(name, {}, DEFAULT_BUDGET).params)
         assert f"| `{name}` | {space} | {int(np.prod([len(v) for v in cls.info.search_space.values()]))} | {trials} |" \
             in doc, f"docs/methods.md: the search space of {name} is not the registry's"
+
+
+def test_the_config_example_in_sweep_help_is_a_valid_config(tmp_path):
+    from cli.sweep_config import load_config
+    text = lt_cls.commands["sweep"].help.split("A --config file (TOML; flags override it):", 1)[1]
+    example = tmp_path / "sweep.toml"
+    example.write_text("\n".join(line.strip() for line in text.strip().splitlines()) + "\n")
+    settings = load_config(str(example))
+    assert settings["methods"] == ["joint", "crt", "knn"] and settings["params"]["knn"]["k"] == [10, 20, 50]
+    assert settings["executor"]["kind"] == "slurm" and settings["tune"] is False
