@@ -83,22 +83,30 @@ def key_value(values, option: str) -> dict[str, str]:
     return out
 
 
-def data_options(func):
+def data_options(func=None, *, required: bool = False):
     """--data and its options; only the ones given are passed on (a checkpoint's recorded data
-    options fill in the rest)."""
+    options fill in the rest). ``@data_options(required=True)`` marks --data required."""
+    if func is None:
+        return functools.partial(data_options, required=required)
+    data_help = ("Data set: digits-lt, fashion-mnist-lt, mnist-lt, cifar10-lt, cifar100-lt, imagefolder, txt"
+                 + ("." if required else "; default: the one a `featcache train` checkpoint records "
+                    "(required for any other checkpoint)."))
     options = [
-        click.option("--data", "data_name", help="Data set: digits-lt, fashion-mnist-lt, mnist-lt, "
-                     "cifar10-lt, cifar100-lt, imagefolder, txt."),
-        click.option("--data-root", type=click.Path(), help="Where the data set's files are."),
+        click.option("--data", "data_name", required=required, help=data_help),
+        click.option("--data-root", type=click.Path(), help="Where the data set's files are (digits-lt: none, "
+                     "built in; fashion-mnist-lt: default /usr/share/datasets/fashion-mnist; the others: required)."),
         click.option("--list", "lists", multiple=True, metavar="SPLIT=FILE",
                      help="txt data: a list file per split (repeat)."),
-        click.option("--imbalance", type=float, help="Max/min class-count ratio (generated data sets)."),
-        click.option("--max-per-class", type=int, help="Training images of the largest class."),
-        click.option("--profile", type=click.Choice(["exp", "step"]), help="Long-tail profile."),
+        click.option("--imbalance", type=float, help="Max/min class-count ratio (generated data sets; default: "
+                     "digits-lt 30, the others 100)."),
+        click.option("--max-per-class", type=int, help="Training images of the largest class (default: digits-lt "
+                     "120, cifar100-lt 500, the others 5000)."),
+        click.option("--profile", type=click.Choice(["exp", "step"]), help="Long-tail profile (default exp)."),
         click.option("--class-order", type=click.Choice(["natural", "shuffled"]),
-                     help="Which classes become the head."),
-        click.option("--order-seed", type=int, help="Seed of the shuffled class order."),
-        click.option("--val-per-class", type=int, help="Balanced val images per class (from unused train images)."),
+                     help="Which classes become the head (default natural: class 0 largest)."),
+        click.option("--order-seed", type=int, help="Seed of the shuffled class order (default 0)."),
+        click.option("--val-per-class", type=int, help="Balanced val images per class, from unused train images "
+                     "(default: digits-lt 10, cifar100-lt 0, the others 20)."),
         click.option("--resize", type=int, help="Eval resize of the shorter side: image files (default 256); "
                      "timm / open_clip backbones on any data (default: theirs)."),
         click.option("--crop", type=int, help="Eval center-crop size: image files (default 224); "

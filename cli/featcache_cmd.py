@@ -17,7 +17,7 @@ def main(debug):
 
 
 @main.command()
-@data_options
+@data_options(required=True)
 @click.option("--arch", required=True, help="Architecture; see `featcache archs` (also timm/NAME).")
 @click.option("--init", type=click.Path(), help="timm/ archs: start from this checkpoint's weights, head re-initialised.")
 @click.option("--sampler", type=click.Choice(["instance", "class", "sqrt", "progressive"]), default="instance",
@@ -39,14 +39,18 @@ def main(debug):
 @device_option
 def train(data_spec, arch, init, sampler, epochs, batch_size, lr, wd, momentum, seed, epoch_draws, no_augment,
           num_workers, out, resume, overwrite, quiet, trust_checkpoint, device):
-    """Train a backbone + linear classifier jointly (Stage 1). Prints OUT/last.pt last."""
+    """Train a backbone + linear classifier jointly (Stage 1). Prints OUT/last.pt last.
+
+    \b
+    Example:
+      featcache train --data digits-lt --arch tinycnn --sampler instance --epochs 30 --out runs/digits
+      featcache train --data digits-lt --arch tinycnn --epochs 30 --out runs/digits --resume
+    """
     from featcache.distributed import Dist
     from featcache.train import TrainConfig, train as run_train
     from featcache.backbones import get_arch
     from featcache.foundation import TIMM
 
-    if data_spec is None:
-        raise click.UsageError("--data is required")
     if not arch.startswith(TIMM):
         get_arch(arch)
     config = TrainConfig(data=data_spec, arch=arch, out=out, sampler=sampler, epochs=epochs, batch_size=batch_size,
@@ -61,7 +65,8 @@ def train(data_spec, arch, init, sampler, epochs, batch_size, lr, wd, momentum, 
 
 @main.command()
 @click.option("--ckpt", required=True, help="Checkpoint: own, state_dict (.pt/.pth/.bin, .safetensors), "
-              "classifier-balancing, or hf-hub:ORG/NAME from the local Hugging Face cache.")
+              "classifier-balancing, hf-hub:ORG/NAME from the local Hugging Face cache, or random[:SEED] for "
+              "the --arch's random initialisation (no weights file; a file named random: ./random).")
 @click.option("--arch", help="Architecture (default: recorded in the checkpoint): see `featcache archs`; "
               "timm/NAME[.TAG], open_clip/MODEL[.TAG].")
 @data_options
@@ -98,7 +103,16 @@ def extract(ckpt, arch, data_spec, splits, cache_dir, dtype, compression, batch_
             train_transform, view_seed, quiet, trust_checkpoint, device):
     """Run the backbone over each split and cache its penultimate features.
 
-    The last line printed is the entry directory; an identical second call is a hit."""
+    The last line printed is the entry directory. An identical second call is a hit ("cache hit"
+    on stderr, no model built); an interrupted one resumes; a damaged entry is refused. A head
+    whose classes are not the data set's is not stored (a warning says so).
+
+    \b
+    Example:
+      featcache extract --ckpt runs/digits/last.pt
+      featcache extract --ckpt runs/digits/last.pt --data digits-lt --views 4 --train-transform flip
+      featcache extract --ckpt random --arch timm/resnet18 --data imagefolder --data-root data/flowers
+    """
     from featcache.distributed import Dist
     from featcache.extract import ExtractRequest, extract as run_extract
 
@@ -126,7 +140,13 @@ def extract(ckpt, arch, data_spec, splits, cache_dir, dtype, compression, batch_
                    "Default: numpy arrays, scalars and plain containers only.")
 @trust_checkpoint_option
 def import_(splits, classifier, name, cache_dir, dtype, allow_nonfinite, trust_pickle, trust_checkpoint):
-    """Build a cache entry from features you already have. Prints the entry directory last."""
+    """Build a cache entry from features you already have. Prints the entry directory last.
+
+    \b
+    Example:
+      featcache import --name clip-b16 --split train=train.npz --split val=val.npz \\
+          --split test=test.npz --classifier final.pth
+    """
     from featcache.importer import import_features
 
     path = import_features(key_value(splits, "--split"), name=name, classifier_ckpt=classifier,
@@ -138,21 +158,51 @@ def import_(splits, classifier, name, cache_dir, dtype, allow_nonfinite, trust_p
 @main.command(name="ls")
 @CACHE_DIR
 def ls(cache_dir):
-    """List every cache entry with its status: ok, incomplete, or damaged (with the reason)."""
+    """List every cache entry with its status: ok, incomplete, or damaged (with the reason).
+
+    views: per training image; run: the `featcache train` run of its checkpoint
+    (arch/sampler/epochs/seed); size: on disk.
+
+    \b
+    Example:
+      featcache ls
+      featcache ls --cache-dir /scratch/featcache
+    """
     from tabulate import tabulate
     from featcache.store import cache_root, scan_entries
+    from featcache.store.reader import format_bytes
 
     root = cache_root(cache_dir)
     rows = []
     for entry in scan_entries(root):
         meta = entry.cache.meta if entry.cache else {}
+        size = sum(p.stat().st_size for p in entry.path.rglob("*") if p.is_file())
         rows.append([entry.path.name, meta.get("name") or "", meta.get("arch") or "", _data_name(meta),
-                     ",".join(meta.get("splits", {})), meta.get("feature_dim", ""), meta.get("dtype", ""),
+                     _run_label(meta) or "", ",".join(meta.get("splits", {})), _train_views(meta),
+                     meta.get("feature_dim", ""), meta.get("dtype", ""), format_bytes(size),
                      meta.get("created", ""), entry.status])
     if not rows:
         click.echo(f"no entries under {root}")
         return
-    click.echo(tabulate(rows, headers=["key", "name", "arch", "data", "splits", "dim", "dtype", "created", "status"]))
+    click.echo(tabulate(rows, headers=["key", "name", "arch", "data", "run", "splits", "views", "dim", "dtype",
+                                       "size", "created", "status"]))
+
+
+def _train_views(meta: dict):
+    """Views per image of the train split ("" without one)."""
+    train = (meta.get("splits") or {}).get("train")
+    return train.get("views", 1) if train else ""
+
+
+def _run_label(meta: dict) -> str | None:
+    """The `featcache train` run that made the entry's checkpoint, as lt-cls labels it
+    (``tinycnn/instance/e12/s0``, ``/K4`` for 4 views per training image); None for other checkpoints."""
+    training = (meta.get("checkpoint") or {}).get("training")
+    if not training:
+        return None
+    views = _train_views(meta) or 1
+    return (f"{meta.get('arch')}/{training['sampler']}/e{training['epochs']}/s{training['seed']}"
+            + (f"/K{views}" if views > 1 else ""))
 
 
 def _data_name(meta: dict) -> str:
@@ -167,9 +217,18 @@ def _entry(ref, cache_dir):
 
 @main.command()
 @click.argument("entry")
+@click.option("--counts", is_flag=True, help="Also list every split's per-class counts in full.")
 @CACHE_DIR
-def info(entry, cache_dir):
-    """Splits, rows, dim, dtype, class counts, arch, checkpoint hash and size of an entry."""
+def info(entry, counts, cache_dir):
+    """Splits, rows, dim, dtype, class counts, arch, checkpoint (path, hash, run) and size of an entry.
+
+    \b
+    Example:
+      featcache info digits
+      featcache info 3f2a --counts
+    """
+    import numpy as np
+
     cache = _entry(entry, cache_dir)
     meta = cache.meta
     click.echo(f"entry        {cache.path}")
@@ -177,7 +236,11 @@ def info(entry, cache_dir):
     click.echo(f"format       {meta['format_version']}    created {meta.get('created', '?')}")
     click.echo(f"arch         {meta.get('arch') or '-'}    data {_data_name(meta)}")
     click.echo(f"features     dim {meta['feature_dim']}, {meta['dtype']}, compression {meta.get('compression')}")
-    click.echo(f"checkpoint   {(meta.get('checkpoint') or {}).get('sha256') or '-'}")
+    checkpoint = meta.get("checkpoint") or {}
+    click.echo(f"checkpoint   {checkpoint.get('path') or '-'}"
+               + (f"  ({checkpoint['format']})" if checkpoint.get("format") else ""))
+    click.echo(f"sha256       {checkpoint.get('sha256') or '-'}")
+    click.echo(f"run          {_run_label(meta) or '-'}")
     classifier = meta.get("classifier")
     head = (meta.get("backbone") or {}).get("head")  # timm / open_clip: what the classifier is, or why none
     if classifier:
@@ -187,15 +250,17 @@ def info(entry, cache_dir):
     click.echo(f"classifier   {shown}")
     click.echo(f"classes      {meta['num_classes']}")
     for name in cache.splits:
-        counts = cache.class_counts(name)
-        present = counts[counts > 0]
-        summary = (f"max {present.max()}, min {present.min()}, imbalance {present.max() / present.min():.1f}"
-                   if len(present) else "empty")
+        class_counts = cache.class_counts(name)
+        present = class_counts[class_counts > 0]
+        summary = (f"max {present.max()}, median {np.median(present):g}, min {present.min()}, "
+                   f"imbalance {present.max() / present.min():.1f}" if len(present) else "empty")
         views = cache.num_views(name)
         shown_views = f" ({views} views of {meta['splits'][name]['rows'] // views})" if views > 1 else ""
         click.echo(f"split {name:<7}{meta['splits'][name]['rows']:>9} rows{shown_views}, "
                    f"{len(meta['splits'][name]['shards'])} "
                    f"shard(s), {len(present)} classes ({summary})")
+        if counts:
+            click.echo(f"  per class  {','.join(map(str, class_counts.tolist()))}")
     click.echo(f"size         {cache.disk_bytes() / 2**20:.1f} MiB")
 
 
@@ -204,7 +269,13 @@ def info(entry, cache_dir):
 @click.option("--all", "all_entries", is_flag=True, help="Verify every entry under the cache root.")
 @CACHE_DIR
 def verify(entry, all_entries, cache_dir):
-    """Re-hash every shard and check it against the manifest; exit 1 naming each bad one."""
+    """Re-hash every shard and check it against the manifest; exit 1 naming each bad one.
+
+    \b
+    Example:
+      featcache verify digits
+      featcache verify --all
+    """
     from featcache.errors import FeatcacheError
     from featcache.store import cache_root, scan_entries
 
@@ -246,7 +317,13 @@ def verify(entry, all_entries, cache_dir):
 @click.argument("entry")
 @CACHE_DIR
 def rm(entry, cache_dir):
-    """Delete a cache entry (a key, key prefix, name or entry path; nothing that is not an entry)."""
+    """Delete a cache entry (a key, key prefix, name or entry path; nothing that is not an entry).
+
+    \b
+    Example:
+      featcache rm digits
+      featcache rm 3f2a9c
+    """
     from featcache.store import cache_root, remove_entry, resolve_entry
     path = resolve_entry(entry, cache_root(cache_dir))
     remove_entry(path)
@@ -258,7 +335,13 @@ def rm(entry, cache_dir):
 @click.option("--open-clip", is_flag=True, help="List open_clip's models and pretrained tags (open_clip/MODEL.TAG).")
 @click.argument("pattern", required=False)
 def archs(timm_, open_clip, pattern):
-    """List the architectures; with --timm / --open-clip, the library's (PATTERN: a wildcard like 'convnext*')."""
+    """List the architectures; with --timm / --open-clip, the library's (PATTERN: a wildcard like 'convnext*').
+
+    \b
+    Example:
+      featcache archs
+      featcache archs --timm 'convnext*'
+    """
     import fnmatch
     if timm_:
         import timm
@@ -282,7 +365,12 @@ def archs(timm_, open_clip, pattern):
 
 @main.command()
 def datasets():
-    """List the data sets."""
+    """List the data sets.
+
+    \b
+    Example:
+      featcache datasets
+    """
     from featcache.datasets import DATASETS
     for name, loader in DATASETS.items():
         click.echo(f"{name:<18} {loader.__doc__.splitlines()[0]}")

@@ -21,22 +21,23 @@ class ArchSpec:
 
 
 def _resnet(block_name: str, layers: list[int], groups: int = 1, width: int = 64):
-    from torchvision.models import resnet
+    """A builder of torchvision's ResNet with the pooled features exposed (torchvision is imported
+    when a model is built, not with this module: a cache hit builds none)."""
+    def build(num_classes, in_channels):
+        from torchvision.models import resnet
 
-    class ResNetFeatures(resnet.ResNet):
-        """torchvision's ResNet with the pooled features exposed."""
+        class ResNetFeatures(resnet.ResNet):
+            def forward_features(self, x):
+                x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+                x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+                return torch.flatten(self.avgpool(x), 1)
 
-        def forward_features(self, x):
-            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-            return torch.flatten(self.avgpool(x), 1)
+            def forward(self, x):
+                return self.fc(self.forward_features(x))
 
-        def forward(self, x):
-            return self.fc(self.forward_features(x))
-
-    block = getattr(resnet, block_name)
-    return lambda num_classes, in_channels: ResNetFeatures(
-        block, layers, num_classes=num_classes, groups=groups, width_per_group=width)
+        return ResNetFeatures(getattr(resnet, block_name), layers, num_classes=num_classes, groups=groups,
+                              width_per_group=width)
+    return build
 
 
 class TinyCNN(nn.Module):

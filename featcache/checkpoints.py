@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
+from importlib import metadata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +27,8 @@ from .safe_pickle import torch_load
 
 PREFIXES = ("module.", "_orig_mod.")
 OWN_FORMAT = "featcache-checkpoint"
+RANDOM_FORMAT = "random-init"
+_RANDOM = re.compile(r"random(?::([0-9]+))?")
 
 
 def strip_prefixes(state_dict: dict) -> dict:
@@ -190,9 +194,47 @@ class Checkpoint:
         return 3 if first_conv is None else int(first_conv.shape[1])
 
 
+def library_version(package: str) -> str | None:
+    """An installed distribution's version (None when absent), without importing it."""
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def random_init(reference: str | Path) -> Checkpoint | None:
+    """``random`` / ``random:SEED``: no file, the architecture's own random initialisation drawn with
+    SEED (default 0). Its hash is of the seed and the versions of the libraries that draw the weights;
+    it has no classifier. None for any other reference."""
+    match = _RANDOM.fullmatch(str(reference))
+    if match is None:
+        return None
+    seed = int(match.group(1) or 0)
+    drawn_by = {name: library_version(name) for name in ("torch", "torchvision", "timm", "open_clip_torch")}
+    described = json.dumps({"random_init_seed": seed, **drawn_by}, sort_keys=True)
+    return Checkpoint(Path(str(reference)), hashlib.sha256(described.encode()).hexdigest(), RANDOM_FORMAT, {},
+                      meta={"seed": seed})
+
+
+@contextlib.contextmanager
+def initialising(checkpoint: Checkpoint):
+    """Build a model inside this block: a random-init checkpoint's seed draws its weights (the
+    caller's random state is restored after)."""
+    if checkpoint.format != RANDOM_FORMAT:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(checkpoint.meta["seed"])
+        yield
+
+
 def load_checkpoint(path: str | Path, *, trust_checkpoint: bool = False) -> Checkpoint:
     """Read a checkpoint weights-only (numpy scalars and dtypes allowed); ``trust_checkpoint``
-    allows full unpickling, which can run code from the file."""
+    allows full unpickling, which can run code from the file. ``random`` / ``random:SEED`` is
+    :func:`random_init` (a file of that name: ``./random``)."""
+    random = random_init(path)
+    if random is not None:
+        return random
     if str(path).startswith(HF_HUB_PREFIX):
         path = resolve_hf_hub(str(path))
     path = Path(path)

@@ -1,12 +1,16 @@
 """``featcache extract``: run a backbone in eval mode over a data set's splits and store the pooled
 penultimate features in the cache. Identical requests are hits; interrupted ones resume shard by
-shard; under ``torchrun`` each rank writes its own shards and rank 0 writes the manifest.
+shard; under ``torchrun`` each rank writes its own shards and rank 0 writes the manifest. A hit
+builds no model: the key of a request whose inputs (checkpoint bytes, arch, data, options, library
+versions) were seen before is read from the cache root's request index.
 
 Backbones are this project's (``featcache archs``) or delegated to timm / open_clip
 (``timm/NAME``, ``open_clip/MODEL``; see foundation.py), with the library's own eval transform."""
 from __future__ import annotations
 
 import collections
+import contextlib
+import dataclasses
 import platform
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,17 +21,21 @@ import numpy as np
 import torch
 
 from . import __version__
-from .backbones import get_arch, model_channels
+from .backbones import build_model, get_arch, model_channels
 from .batches import ViewAugment, iterate_batches, resolve_view_transform
-from .checkpoints import HF_HUB_PREFIX, Checkpoint, load_checkpoint, load_model, resolve_hf_hub
+from .checkpoints import (HF_HUB_PREFIX, RANDOM_FORMAT, Checkpoint, initialising, library_version, load_checkpoint,
+                          load_model, resolve_hf_hub)
 from .datasets import DataSource, DataSpec
 from .distributed import Dist, resolve_device
 from .errors import FeatcacheError
-from .foundation import OPEN_CLIP, TIMM, Backbone, is_foundation, open_clip_backbone, timm_backbone, zeroshot_inputs
-from .store import EntryWriter, cache_root, content_key, writing
+from .foundation import (OPEN_CLIP, TIMM, Backbone, ZeroShot, is_foundation, open_clip_backbone, timm_backbone,
+                         zeroshot_inputs)
+from .store import MANIFEST, EntryWriter, FeatureCache, atomic_write_text, cache_root, content_key, writing
+from .store.format import looks_like_key
 
 DEFAULT_SPLITS = ("train", "val", "test")
 VIEWS_SPLIT = "train"  # the split that gets --views K views per sample; the others keep one
+REQUESTS_DIR = ".requests"  # under the cache root: one file per request key, holding its entry's key
 
 
 @dataclass(kw_only=True)
@@ -77,74 +85,153 @@ def versions() -> dict:
             "h5py": h5py.__version__, "numpy": np.__version__, "python": platform.python_version()}
 
 
-def _check_labels(source: DataSource, splits: list[str], num_classes: int | None, ckpt: Path) -> None:
-    if num_classes is None:
-        return
-    for name in splits:
-        labels = source.split(name).labels
-        if labels.max() >= num_classes:
-            raise FeatcacheError(f"split {name!r} has label {int(labels.max())}, out of range for the "
-                                 f"{num_classes}-class classifier in {ckpt}")
-
-
 @dataclass
 class _Extraction:
-    """One extraction's state, shared by the functions that run it."""
+    """One extraction's state, shared by the functions that run it; ``backbone`` is loaded only
+    when the request is not a known hit."""
 
     request: ExtractRequest
     checkpoint: Checkpoint
     arch: str
-    backbone: Backbone
     data_spec: DataSpec
     source: DataSource
-    num_classes: int
+    splits: list[str]
     dist: Dist
     device: torch.device
     view_transform: tuple[str, str] | None  # (name, description) of views 1..K-1; None: one view
+    zeroshot: ZeroShot | None
+    backbone: Backbone | None = None
+    foreign_head: int | None = None  # the classes of a head that does not fit the data set (not stored)
     bar: object = None  # the progress bar, while splits are extracted
+
+    @property
+    def num_classes(self) -> int:
+        return self.source.num_classes
 
     def views_of(self, split: str) -> int:
         return self.request.views if self.view_transform and split == VIEWS_SPLIT else 1
 
 
 def extract(request: ExtractRequest) -> Path:
-    """Return the entry directory holding every requested split, computing only what is missing."""
-    run, splits = _prepare(request)
+    """Return the entry directory holding every requested split, computing only what is missing.
+
+    A hit (every split already there) says so on stderr; an entry whose files fail their check is
+    refused with the ``featcache rm`` hint, never returned."""
+    run = _prepare(request)
+    root, dist = cache_root(request.cache_dir), run.dist
+    request_key = content_key({"request": _request_identity(run)})
+    if dist.world_size == 1:
+        known = _known_hit(root, request_key, run.splits, request.name)
+        if known is not None:
+            return known
+    _load(run)
+    identity = _identity(run)
+    key = content_key(identity)
+    _refuse_damaged(root / key, run.splits)
+    # One process: a hit (every split already in the manifest) is found before locking, so a
+    # complete entry under a read-only cache root reads. Under torchrun every rank locks-or-waits the
+    # same way (a rank must not skip the barriers because it alone saw the manifest complete).
+    needs = run.splits if dist.world_size == 1 else None
+    with writing(root, key, _base_meta(run, identity), name=request.name, coordinator=dist.is_main,
+                 needs=needs) as entry:
+        todo = []
+        if not entry.read_only:
+            dist.barrier()
+            todo = [s for s in run.splits if s not in entry.complete_splits()]
+            dist.barrier()
+        if todo:
+            if request.on_bad_image == "skip":
+                _skip_undecodable(run.source, todo)
+            _extract_splits(run, entry, todo)
+            if run.foreign_head is not None and dist.is_main:
+                print(f"warning: {run.checkpoint.path} ({run.arch}) has a {run.foreign_head}-class head but data set "
+                      f"{run.source.name!r} has {run.num_classes} classes: the entry stores no classifier (joint / "
+                      "tau / lws need one; ncm, crt, knn do not)", file=sys.stderr, flush=True)
+        elif dist.is_main:
+            _say_hit(entry.path)
+    if dist.is_main:
+        _remember(root, request_key, key)
+    return entry.path
+
+
+def _identity(run: _Extraction) -> dict:
+    """What the entry's key hashes (the backbone loaded)."""
+    request, backbone = run.request, run.backbone
     identity = {"checkpoint_sha256": run.checkpoint.sha256, "arch": run.arch, "data": run.source.identity,
-                "transform": run.backbone.transform_description or run.source.transform_description,
-                "dtype": request.dtype, **run.backbone.key}
+                "transform": backbone.transform_description or run.source.transform_description,
+                "dtype": request.dtype, **backbone.key}
     if run.view_transform:
         identity["views"] = {"count": request.views, "train_transform": run.view_transform[1],
                              "seed": request.view_seed, "split": VIEWS_SPLIT}
     if request.on_bad_image == "skip":
         identity["on_bad_image"] = "skip"
-    dist = run.dist
-    # One process: a hit (every split already in the manifest) is found before locking, so a
-    # complete entry under a read-only cache root reads. Under torchrun every rank locks-or-waits the
-    # same way (a rank must not skip the barriers because it alone saw the manifest complete).
-    needs = splits if dist.world_size == 1 else None
-    with writing(cache_root(request.cache_dir), content_key(identity), _base_meta(run, identity),
-                 name=request.name, coordinator=dist.is_main, needs=needs) as entry:
-        if entry.read_only:
-            return entry.path
-        dist.barrier()
-        todo = [s for s in splits if s not in entry.complete_splits()]
-        dist.barrier()
-        if todo:
-            if request.on_bad_image == "skip":
-                _skip_undecodable(run.source, todo)
-            _extract_splits(run, entry, todo)
-    return entry.path
+    if run.foreign_head is not None:  # its entries once stored the head: a new key, not their old content
+        identity["foreign_head_classes"] = run.foreign_head
+    return identity
 
 
-def _prepare(request: ExtractRequest) -> tuple[_Extraction, list[str]]:
-    """Check the request, load the checkpoint, the data set and the backbone; the splits to extract."""
+def _request_identity(run: _Extraction) -> dict:
+    """Every input the entry's key is a function of, known without building the model: the request
+    key names the entry in the request index (an input left out would be a wrong hit)."""
+    request = run.request
+    zeroshot = dataclasses.asdict(run.zeroshot) if run.zeroshot else None
+    return {"checkpoint_sha256": run.checkpoint.sha256, "arch": run.arch, "data": run.source.identity,
+            "data_options": run.data_spec.options, "data_transform": run.source.transform_description,
+            "data_classes": run.source.num_classes, "dtype": request.dtype, "views": request.views,
+            "train_transform": request.train_transform, "view_seed": request.view_seed,
+            "on_bad_image": request.on_bad_image, "zeroshot": zeroshot, "featcache": __version__,
+            "libraries": {name: library_version(name) for name in ("torch", "torchvision", "timm", "open_clip_torch")}}
+
+
+def _known_hit(root: Path, request_key: str, splits: list[str], name: str | None) -> Path | None:
+    """The entry a request seen before made, when it holds every split (and the name asked for)."""
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        key = (root / REQUESTS_DIR / request_key).read_text().strip()
+        if looks_like_key(key) and (root / key / MANIFEST).is_file():
+            _refuse_damaged(root / key, splits)
+            meta = FeatureCache.open(root / key).meta
+            if all(s in meta["splits"] for s in splits) and name in (None, meta.get("name")):
+                _say_hit(root / key)
+                return root / key
+    return None
+
+
+def _remember(root: Path, request_key: str, key: str) -> None:
+    """Index the request's entry; a cache root that cannot be written only loses the shortcut."""
+    with contextlib.suppress(OSError, FeatcacheError):
+        (root / REQUESTS_DIR).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(root / REQUESTS_DIR / request_key, key + "\n")
+
+
+def _refuse_damaged(path: Path, splits: list[str]) -> None:
+    """Refuse an entry whose manifest, or a file of one of ``splits`` or its classifier, fails the
+    check every read makes: a damaged entry is never a hit."""
+    if not (path / MANIFEST).is_file():
+        return
+    try:
+        cache = FeatureCache.open(path)
+        problem = cache.check_files([s for s in splits if s in cache.splits])
+    except FeatcacheError as exc:
+        problem = str(exc)
+    if problem:
+        raise FeatcacheError(f"cache entry {path.name} is damaged: {problem}; remove it with "
+                             f"`featcache rm {path.name}`, then extract again")
+
+
+def _say_hit(path: Path) -> None:
+    print(f"cache hit: {path.name} ({path})", file=sys.stderr, flush=True)
+
+
+def _prepare(request: ExtractRequest) -> _Extraction:
+    """Check the request, load the checkpoint and the data set (not the backbone: see :func:`_load`)."""
     dist = Dist.from_env()
     ckpt = request.ckpt
     if str(ckpt).startswith(HF_HUB_PREFIX) and (request.arch or "").startswith(OPEN_CLIP):
         ckpt = resolve_hf_hub(str(ckpt), "open_clip")
     checkpoint = load_checkpoint(ckpt, trust_checkpoint=request.trust_checkpoint)
     arch = request.arch or checkpoint.arch
+    if not arch and checkpoint.format == RANDOM_FORMAT:
+        raise FeatcacheError(f"--ckpt {request.ckpt} needs --arch: the architecture to initialise randomly")
     if not arch:
         raise FeatcacheError(f"--arch is required: checkpoint {checkpoint.path} ({checkpoint.format}) "
                              "does not record its architecture")
@@ -164,20 +251,37 @@ def _prepare(request: ExtractRequest) -> tuple[_Extraction, list[str]]:
                              f"name them with --split (it has: {', '.join(source.splits)})")
     for name in splits:
         source.split(name)
-    if not is_foundation(arch) and checkpoint.in_channels < source.channels:
+    if (not is_foundation(arch) and checkpoint.format != RANDOM_FORMAT
+            and checkpoint.in_channels < source.channels):
         raise FeatcacheError(f"checkpoint {checkpoint.path} takes {checkpoint.in_channels}-channel (grayscale) images; "
                              f"data set {source.name!r} has {source.channels}-channel images")
     device = dist.device(resolve_device(request.device))
-    backbone = load_backbone(checkpoint, arch, source, data_spec, request, device)
-    _check_labels(source, splits, backbone.num_classes, checkpoint.path)
-    view_transform = _view_transform(request, source, backbone)
+    view_transform = _view_transform(request, source, arch)
     if view_transform and VIEWS_SPLIT not in splits:
         raise FeatcacheError(f"--views {request.views} applies to the {VIEWS_SPLIT!r} split; add it to --split "
                              f"(asked for: {', '.join(splits)})")
-    num_classes = max(backbone.num_classes or 0, source.num_classes)
-    run = _Extraction(request, checkpoint, arch, backbone, data_spec, source, num_classes, dist, device,
-                      view_transform)
-    return run, splits
+    zeroshot = zeroshot_inputs(source.class_names, source.num_classes, request.class_names,
+                               request.templates) if request.zeroshot_head else None
+    return _Extraction(request, checkpoint, arch, data_spec, source, splits, dist, device, view_transform, zeroshot)
+
+
+def _load(run: _Extraction) -> None:
+    """Load the backbone. A head with more classes than the data set's is not kept (a warning follows
+    the extraction): the entry has no classifier, and the methods that need none work. A head too
+    small for the split's labels is refused."""
+    backbone = load_backbone(run.checkpoint, run.arch, run.source, run.data_spec, run.zeroshot, run.device)
+    classes, wanted = backbone.num_classes, run.source.num_classes
+    for name in run.splits if classes is not None else ():  # a head too small for the labels: wrong data
+        labels = run.source.split(name).labels
+        if labels.max() >= classes:
+            raise FeatcacheError(f"split {name!r} has label {int(labels.max())}, out of range for the "
+                                 f"{classes}-class classifier in {run.checkpoint.path}")
+    if classes is not None and classes != wanted:
+        note = f"none: the checkpoint's head has {classes} classes, the data set {wanted}"
+        backbone = dataclasses.replace(backbone, num_classes=None, classifier=None, head=note,
+                                       meta={**backbone.meta, "head": note})
+        run.foreign_head = classes
+    run.backbone = backbone
 
 
 def _base_meta(run: _Extraction, identity: dict) -> dict:
@@ -195,7 +299,7 @@ def _base_meta(run: _Extraction, identity: dict) -> dict:
     return meta
 
 
-def _view_transform(request: ExtractRequest, source: DataSource, backbone: Backbone) -> tuple[str, str] | None:
+def _view_transform(request: ExtractRequest, source: DataSource, arch: str) -> tuple[str, str] | None:
     """(name, description) of the augmentation of views 1..K-1, or None for one view."""
     if not isinstance(request.views, int) or request.views < 1:
         raise FeatcacheError(f"--views {request.views!r}: give a positive number of views per training image")
@@ -203,7 +307,7 @@ def _view_transform(request: ExtractRequest, source: DataSource, backbone: Backb
         raise FeatcacheError(f"--view-seed {request.view_seed}: give a non-negative seed")
     if request.views == 1:
         return None
-    if backbone.transform is not None:
+    if is_foundation(arch):
         raise FeatcacheError("--views > 1 needs the data set's own transforms; timm/ and open_clip/ backbones "
                              "bring their own eval transform, for which no training augmentation is defined here")
     return resolve_view_transform(source, request.train_transform)
@@ -218,20 +322,24 @@ def training_summary(checkpoint: Checkpoint) -> dict | None:
 
 
 def load_backbone(checkpoint: Checkpoint, arch: str, source: DataSource, data_spec: DataSpec,
-                  request: ExtractRequest, device: torch.device) -> Backbone:
+                  zeroshot: ZeroShot | None, device: torch.device) -> Backbone:
     """The network with the checkpoint's weights on ``device``, its classifier and transform."""
     resize, crop = data_spec.options.get("resize"), data_spec.options.get("crop")
     if arch.startswith(TIMM):
         return timm_backbone(arch, checkpoint, resize, crop, device)
     if arch.startswith(OPEN_CLIP):
-        zeroshot = zeroshot_inputs(source.class_names, source.num_classes, request.class_names,
-                                   request.templates) if request.zeroshot_head else None
         return open_clip_backbone(arch, checkpoint, resize, crop, zeroshot, device)
+    channels = model_channels(arch, source.channels)
+    if checkpoint.format == RANDOM_FORMAT:
+        with initialising(checkpoint):
+            model = build_model(arch, source.num_classes, channels).eval().to(device)
+        return Backbone(model, model.forward_features, get_arch(arch).feature_dim, None, None,
+                        "none: random-init weights (--ckpt random)", channels=channels)
     model = load_model(checkpoint, arch, max(checkpoint.num_classes or 0, source.num_classes)).to(device)
     return Backbone(model, model.forward_features, get_arch(arch).feature_dim, checkpoint.num_classes,
                     (lambda: checkpoint.classifier) if checkpoint.num_classes else None,
                     "fc" if checkpoint.num_classes else "none: the checkpoint has no fc layer",
-                    channels=model_channels(arch, source.channels))
+                    channels=channels)
 
 
 def _skip_undecodable(source: DataSource, splits: list[str]) -> None:
@@ -264,6 +372,9 @@ def _extract_splits(run: _Extraction, entry: EntryWriter, todo: list[str]) -> No
                                        compression=request.compression, views=views)
             mine = [i for i in range(split.num_shards) if i % dist.world_size == dist.rank]
             pending = [i for i in mine if not split.shard_is_complete(i)]
+            if len(pending) < len(mine) and dist.is_main:
+                tqdm.write(f"resuming {len(mine) - len(pending)}/{len(mine)} shards of split {name!r} ({entry.key})",
+                           file=sys.stderr)
             run.bar.update(sum(split.rows_in_shard(i) for i in mine if i not in pending) * dist.world_size)
             writes = []
             for index in pending:
@@ -389,3 +500,37 @@ def _forward(run: _Extraction, samples, rows, view=None):
         ids.append(batch_ids.numpy())
         run.bar.update(len(batch_labels) * run.dist.world_size)
     return np.concatenate(chunks), np.concatenate(labels), np.concatenate(ids)
+
+
+def as_data_spec(data: str | DataSpec | None, root: str | Path | None = None,
+                 options: dict | None = None) -> DataSpec | None:
+    """``data`` as a :class:`DataSpec`: one given, or a data set's name with its root and options
+    (checked when loaded); None stays None (a checkpoint's recorded data set)."""
+    if isinstance(data, DataSpec) or data is None:
+        if root is not None or options:
+            raise FeatcacheError("data_root / data_options go with a data set name, not with "
+                                 + ("a DataSpec" if data is not None else "no data"))
+        return data
+    return DataSpec(str(data), None if root is None else str(root), dict(options or {}))
+
+
+def extract_features(ckpt: str | Path, data: str | DataSpec | None = None, *, data_root: str | Path | None = None,
+                     data_options: dict | None = None, splits: str | list[str] | None = None,
+                     **options) -> FeatureCache:
+    """``featcache extract`` from Python (also ``featcache.extract_features``). Returns the entry.
+
+    ``data`` is a data set name with ``data_root`` and ``data_options``, or a :class:`DataSpec`
+    (default: the data set the checkpoint records); ``splits`` a list or comma string (default
+    train, val, test); ``options`` are :class:`ExtractRequest`'s other fields (``arch``, ``dtype``,
+    ``views``, ``cache_dir``, ``progress`` ...)::
+
+        import featcache
+        entry = featcache.extract_features(ckpt="runs/digits/last.pt", data="digits-lt")
+        train = entry.split("train")
+    """
+    if isinstance(splits, str):
+        splits = [s.strip() for s in splits.split(",") if s.strip()]
+    request = ExtractRequest(ckpt=str(ckpt), data=as_data_spec(data, data_root, data_options),
+                             splits=list(splits) if splits else None, **options)
+    return FeatureCache.open(extract(request))
+

@@ -2,8 +2,8 @@
 ``timm/NAME[.TAG]`` is any model timm knows, ``open_clip/MODEL[.TAG]`` the image tower of an
 open_clip model, optionally with its zero-shot head as the entry's classifier.
 
-Models are built with random weights and then given the ``--ckpt`` weights, so nothing is ever
-downloaded. The eval transform is the library's own (timm's data config, open_clip's preprocess);
+Models are built with random weights and then given the ``--ckpt`` weights (``--ckpt random``:
+kept random, drawn with a seed), so nothing is ever downloaded. The eval transform is the library's own (timm's data config, open_clip's preprocess);
 ``--resize`` / ``--crop`` replace only the resize and crop sizes.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoints import RANDOM_FORMAT, initialising
 from .errors import FeatcacheError
 
 TIMM, OPEN_CLIP = "timm/", "open_clip/"
@@ -175,8 +176,10 @@ def timm_backbone(arch: str, checkpoint, resize: int | None, crop: int | None, d
     head = timm_head(name)
     weight = checkpoint.state_dict.get(f"{head}.weight") if head else None
     num_classes = int(weight.shape[0]) if weight is not None and weight.ndim >= 1 else 0
-    model = create_timm(arch, num_classes)
-    load_weights(model, checkpoint.state_dict, checkpoint.path, arch)
+    with initialising(checkpoint):
+        model = create_timm(arch, num_classes)
+    if checkpoint.format != RANDOM_FORMAT:
+        load_weights(model, checkpoint.state_dict, checkpoint.path, arch)
     model = model.to(device).eval()
     layer = model.get_classifier()
     classifier = None
@@ -188,7 +191,8 @@ def timm_backbone(arch: str, checkpoint, resize: int | None, crop: int | None, d
     elif num_classes:
         note = f"none: the head {head} is {type(layer).__name__}, not a plain linear layer"
     else:
-        note = "none: the checkpoint has no head"
+        note = ("none: random-init weights (--ckpt random)" if checkpoint.format == RANDOM_FORMAT
+                else "none: the checkpoint has no head")
     transform, size = timm_transform(model, resize, crop)
 
     def features(x):
@@ -254,12 +258,13 @@ def open_clip_backbone(arch: str, checkpoint, resize: int | None, crop: int | No
         if not pretrained:
             raise FeatcacheError(f"--arch {arch}: open_clip has no pretrained tag {tag!r} for {name} "
                                  f"(it has: {', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none'})")
-    with _quiet_logging():
+    with _quiet_logging(), initialising(checkpoint):
         model, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=None, force_quick_gelu=bool(pretrained.get("quick_gelu")),
             image_mean=pretrained.get("mean"), image_std=pretrained.get("std"),
             image_interpolation=pretrained.get("interpolation"), image_resize_mode=pretrained.get("resize_mode"))
-    load_weights(model, checkpoint.state_dict, checkpoint.path, arch)
+    if checkpoint.format != RANDOM_FORMAT:
+        load_weights(model, checkpoint.state_dict, checkpoint.path, arch)
     model = model.to(device).eval()
     config = model.visual.preprocess_cfg
     size = config["size"][-1] if isinstance(config["size"], (tuple, list)) else config["size"]

@@ -20,7 +20,7 @@ from .batches import iterate_batches
 from .datasets import DataSpec
 from .distributed import Dist, resolve_device
 from .errors import FeatcacheError
-from .extract import versions
+from .extract import as_data_spec, versions
 from .foundation import OPEN_CLIP, TIMM, timm_for_training, timm_transform
 from .safe_pickle import torch_load
 from .sampling import SAMPLERS, ClassSampler, class_probabilities
@@ -165,8 +165,8 @@ def train(config: TrainConfig) -> Path:
         torch.set_rng_state(state["rng"]["torch"])
         start_epoch, best_top1 = state["epoch"] + 1, state.get("best_top1", -1.0)
         if dist.is_main:
-            print(f"resuming {last} after epoch {start_epoch}/{config.epochs}"
-                  + (": nothing left to train" if start_epoch >= config.epochs else ""), file=sys.stderr)
+            print(f"resuming from epoch {start_epoch + 1} of {config.epochs} ({last})" if start_epoch < config.epochs
+                  else f"{last} has trained all {config.epochs} epochs: nothing left to train", file=sys.stderr, flush=True)
     net = model
     if dist.world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -239,3 +239,21 @@ def train(config: TrainConfig) -> Path:
             _save_checkpoint(payload, out / "best.pt")
     dist.barrier()
     return out / "last.pt"
+
+
+def train_backbone(data: str | DataSpec, arch: str, out: str | Path, *, data_root: str | Path | None = None,
+                   data_options: dict | None = None, **options) -> Path:
+    """``featcache train`` from Python (also ``featcache.train_backbone``). Returns the path of ``last.pt``.
+
+    ``data`` is a data set name (``featcache datasets``) with ``data_root`` and ``data_options``
+    (e.g. ``{"imbalance": 10}``), or a :class:`DataSpec`; ``options`` are :class:`TrainConfig`'s
+    other fields (``sampler``, ``epochs``, ``lr``, ``resume``, ``progress`` ...)::
+
+        import featcache
+        last = featcache.train_backbone(data="digits-lt", arch="tinycnn", epochs=30, out="runs/digits")
+    """
+    spec = as_data_spec(data, data_root, data_options)
+    if spec is None:
+        raise FeatcacheError("featcache.train_backbone needs data: a data set name or a DataSpec")
+    return train(TrainConfig(data=spec, arch=arch, out=str(out), **options))
+

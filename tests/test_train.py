@@ -183,3 +183,15 @@ def test_a_run_folder_is_never_restarted_or_appended_to_without_being_asked(tmp_
     assert (run / "notes.txt").read_text() == "mine"  # what the run did not write is kept
     finished = runner.invoke(featcache, args + ["--resume"], catch_exceptions=False)
     assert finished.exit_code == 0 and "nothing left to train" in finished.stderr
+
+
+def test_resume_says_from_which_epoch(tmp_path, runner):
+    run = tmp_path / "run"
+    args = ["train", "--data", "digits-lt", "--arch", "tinycnn", "--epochs", "3", "--epoch-draws", "64", "--quiet",
+            "--out", str(run)]
+    invoke(runner, featcache, args)
+    state = torch.load(run / "last.pt", weights_only=True)
+    state["epoch"] = 0  # as if stopped after the first epoch
+    torch.save(state, run / "last.pt")
+    resumed = runner.invoke(featcache, args + ["--resume"], catch_exceptions=False)
+    assert resumed.exit_code == 0 and f"resuming from epoch 2 of 3 ({run / 'last.pt'})" in resumed.stderr
