@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.errors import FeatcacheError
+from featcache.metrics import binned_calibration_error
 
 from .base import display_name
 from .records import DIAGNOSTICS_FILE, RESULTS_FILE, load_records, read_diagnostics
@@ -125,8 +126,7 @@ def _plot_reliability(reliability: dict, path: Path, title: str, save) -> Path:
         left = np.arange(len(bins["count"])) * width
         accuracy = np.array([np.nan if a is None else a for a in bins["accuracy"]], dtype=float)
         confidence = np.array([np.nan if c is None else c for c in bins["confidence"]], dtype=float)
-        counts = np.asarray(bins["count"], dtype=float)
-        ece = 100 * float(np.nansum(counts * np.abs(accuracy - confidence)) / counts.sum())
+        ece = 100 * binned_calibration_error(bins)
         ax.bar(left, np.nan_to_num(accuracy), width, align="edge", edgecolor="black", linewidth=0.5, label="accuracy")
         ax.bar(left, np.nan_to_num(np.abs(confidence - accuracy)), width, align="edge", fill=False, hatch="//",
                edgecolor="tab:red", linewidth=0, bottom=np.nan_to_num(np.minimum(accuracy, confidence)), label="gap to confidence")

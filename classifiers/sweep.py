@@ -36,7 +36,6 @@ from .records import (
     RECORD_FIELDS,
     RESULTS_FILE,
     SEED_LIMIT,
-    SELECTION_METRICS,
     gc_paused,
     load_records,
     param_items,
@@ -45,7 +44,8 @@ from .records import (
     run_key,
 )
 from .tau_norm import tau_curve
-from .tuning import DEFAULT_BUDGET, DEFAULT_METRIC, best_trial, check_selection, method_trials, selection_record
+from .tuning import (DEFAULT_BUDGET, DEFAULT_METRIC, best_trial, better, check_selection, method_trials,
+                     selection_record)
 
 LOCK_FILE = ".sweep.lock"
 
@@ -602,9 +602,7 @@ class Sweeper:
         if run.trial:
             score = record["tuning"]["val"].get(self.spec.select_metric)
             held = self._candidates.get((run.representation, run.method))
-            better = score is not None and (held is None or (score > held[0] if SELECTION_METRICS[
-                self.spec.select_metric] else score < held[0]))
-            if better:
+            if score is not None and better(self.spec.select_metric, score, held and held[0]):
                 self._candidates[run.representation, run.method] = (
                     score, record_key(record), self._diagnostics_of(cache, run, estimator, logits, y_eval, X_eval))
             return

@@ -35,6 +35,7 @@ METRIC_HEADERS = {"many": "Many", "medium": "Medium", "few": "Few", "top1": "All
                   "top5": "Top-5", "macro_f1": "Macro-F1", "ece": "ECE", "nll": "NLL"}
 DEFAULT_METRICS = ("many", "medium", "few", "top1")
 LOWER_IS_BETTER = frozenset({"ece", "nll"})
+METRICS_RENAMED = {"top1": "all"}  # CSV column names: all_mean, as before --metrics
 SHOT_GROUPS = ("many", "medium", "few")
 FORMATS = ("md", "csv", "latex", "json")
 LAYOUTS = ("rows", "grid")
@@ -355,8 +356,7 @@ def render_rows(rows: list[Row], fmt: str = "md", metrics=DEFAULT_METRICS, capti
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow([h.lower() for h in lead] + ["method", "seeds", "failed"]
-                        + [f"{c}_{s}" if c not in METRICS_RENAMED else f"{METRICS_RENAMED[c]}_{s}"
-                           for c in columns for s in ("mean", "std")])
+                        + [f"{METRICS_RENAMED.get(c, c)}_{s}" for c in columns for s in ("mean", "std")])
         for r in rows:
             writer.writerow(leading(r) + [r.label, r.seeds, r.failed]
                             + [("" if r.stats[c] is None else f"{r.stats[c][i]:.4f}") for c in columns for i in (0, 1)])
@@ -373,8 +373,6 @@ def render_rows(rows: list[Row], fmt: str = "md", metrics=DEFAULT_METRICS, capti
                      colalign=["left"] * (len(lead) + 1) + ["right"] * (len(columns) + 1))
     return table + "".join(f"\n\n{note}" for note in said)
 
-
-METRICS_RENAMED = {"top1": "all"}  # CSV column names: all_mean, as before --metrics
 
 
 def render_grid(rows: list[Row], fmt: str = "md", metric: str = "top1", caption: str | None = None,

@@ -70,17 +70,20 @@ def check_selection(metric: str, budget) -> None:
         raise FeatcacheError(f"--budget {budget!r}: the number of trials per method must be a positive integer")
 
 
+def better(metric: str, score: float, than: float | None) -> bool:
+    """Whether ``score`` beats ``than`` (None: nothing to beat) on ``metric``: higher, or lower for
+    ECE and NLL; a tie is not better (the earlier trial keeps it)."""
+    return than is None or (score > than if SELECTION_METRICS[metric] else score < than)
+
+
 def best_trial(trials: list[dict], metric: str) -> dict | None:
     """The ``ok`` trial record (in trial order) with the best val ``metric``, the earlier on a tie;
     None when no trial has the metric (every trial failed, or the val split has no class of the
     metric's shot group)."""
-    higher = SELECTION_METRICS[metric]
     best, best_score = None, None
     for record in trials:
         score = record["tuning"]["val"].get(metric) if record["status"] == "ok" else None
-        if score is None:
-            continue
-        if best is None or (score > best_score if higher else score < best_score):
+        if score is not None and better(metric, score, best_score):
             best, best_score = record, score
     return best
 

@@ -194,12 +194,16 @@ class Checkpoint:
         return 3 if first_conv is None else int(first_conv.shape[1])
 
 
-def library_version(package: str) -> str | None:
-    """An installed distribution's version (None when absent), without importing it."""
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
+def library_versions() -> dict[str, str | None]:
+    """The versions of the libraries that build (and randomly initialise) models, read from the
+    installed distributions without importing them; None for one that is absent."""
+    versions = {}
+    for package in ("torch", "torchvision", "timm", "open_clip_torch"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
 
 
 def random_init(reference: str | Path) -> Checkpoint | None:
@@ -210,8 +214,7 @@ def random_init(reference: str | Path) -> Checkpoint | None:
     if match is None:
         return None
     seed = int(match.group(1) or 0)
-    drawn_by = {name: library_version(name) for name in ("torch", "torchvision", "timm", "open_clip_torch")}
-    described = json.dumps({"random_init_seed": seed, **drawn_by}, sort_keys=True)
+    described = json.dumps({"random_init_seed": seed, **library_versions()}, sort_keys=True)
     return Checkpoint(Path(str(reference)), hashlib.sha256(described.encode()).hexdigest(), RANDOM_FORMAT, {},
                       meta={"seed": seed})
 

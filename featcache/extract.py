@@ -23,7 +23,7 @@ import torch
 from . import __version__
 from .backbones import build_model, get_arch, model_channels
 from .batches import ViewAugment, iterate_batches, resolve_view_transform
-from .checkpoints import (HF_HUB_PREFIX, RANDOM_FORMAT, Checkpoint, initialising, library_version, load_checkpoint,
+from .checkpoints import (HF_HUB_PREFIX, RANDOM_FORMAT, Checkpoint, initialising, library_versions, load_checkpoint,
                           load_model, resolve_hf_hub)
 from .datasets import DataSource, DataSpec
 from .distributed import Dist, resolve_device
@@ -180,7 +180,7 @@ def _request_identity(run: _Extraction) -> dict:
             "data_classes": run.source.num_classes, "dtype": request.dtype, "views": request.views,
             "train_transform": request.train_transform, "view_seed": request.view_seed,
             "on_bad_image": request.on_bad_image, "zeroshot": zeroshot, "featcache": __version__,
-            "libraries": {name: library_version(name) for name in ("torch", "torchvision", "timm", "open_clip_torch")}}
+            "libraries": library_versions()}
 
 
 def _known_hit(root: Path, request_key: str, splits: list[str], name: str | None) -> Path | None:

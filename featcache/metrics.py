@@ -85,9 +85,13 @@ def calibration_bins(logits: np.ndarray, y: np.ndarray, bins: int = 15) -> dict[
 def expected_calibration_error(logits: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
     """ECE with ``bins`` equal-width confidence bins over (0, 1] of the softmax's top probability:
     sum over bins of (rows in bin / N) |accuracy - mean confidence|."""
-    table = calibration_bins(logits, y, bins)
+    return binned_calibration_error(calibration_bins(logits, y, bins))
+
+
+def binned_calibration_error(table: dict[str, list]) -> float:
+    """The ECE of :func:`calibration_bins`' table (a fraction)."""
     return float(sum(n * abs(a - c) for n, a, c in zip(table["count"], table["accuracy"], table["confidence"])
-                     if n) / len(logits))
+                     if n) / sum(table["count"]))
 
 
 def evaluate(logits: np.ndarray, y: np.ndarray, train_counts, many: int = 100, few: int = 20) -> dict:

@@ -49,6 +49,8 @@ GRID = ",".join(PAPER)
 REBALANCED = [name for name in PAPER if name != "joint"]
 TABLE_B_EXTRA = [name for name, cls in REGISTRY.items() if cls.info.family == "beyond-paper"]
 AUTO = ["--param", "tau.tau=auto"]
+FEATCACHE = [sys.executable, "-m", "cli.featcache_cmd"]  # the CLIs as run() runs them
+LT_CLS = [sys.executable, "-m", "cli.lt_cls_cmd"]
 
 
 STARTED = time.perf_counter()
@@ -61,10 +63,9 @@ def progress(message: str) -> None:
 
 def run(command: list[str], log: Path, env: dict | None = None) -> str:
     """Run a CLI command; its stdout's last line is returned, everything is kept in ``log``."""
-    program = next((part for part in command if part.startswith("cli.")), command[0]).removeprefix("cli.")
-    step = command[command.index(program if program == command[0] else "cli." + program) + 1]
+    program, step = command[2].removeprefix("cli.").removesuffix("_cmd"), command[3]  # [python, -m, cli.X, step, ...]
     where = next((command[i + 1] for i, part in enumerate(command[:-1]) if part in ("--out", "--ckpt")), "")
-    progress(f"{program.removesuffix('_cmd')} {step} {where}")
+    progress(f"{program} {step} {where}")
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     with open(log, "a") as handle:
         handle.write(f"$ {' '.join(command)}\n{done.stdout}{done.stderr}\n")
@@ -131,7 +132,7 @@ def run_dir(args, sampler, seed, epochs) -> Path:
 def stage1(args, seeds, lengths) -> None:
     """Train every run, ``--jobs`` at a time (longest first); one thread per job when several run,
     since OpenMP threads of concurrent processes fighting for 2 cores slow everything down."""
-    featcache = [sys.executable, "-m", "cli.featcache_cmd"]
+    featcache = FEATCACHE
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.jobs > 1 else None
 
     def train(job):
@@ -150,8 +151,7 @@ def stage1(args, seeds, lengths) -> None:
 
 
 def stage2(args, seeds, lengths) -> None:
-    featcache = [sys.executable, "-m", "cli.featcache_cmd"]
-    lt_cls = [sys.executable, "-m", "cli.lt_cls_cmd"]
+    featcache, lt_cls = FEATCACHE, LT_CLS
     log, cache = args.out / "commands.log", args.out / "cache"
     timings = {"extract": [], "sweep": []}
     entries = {}

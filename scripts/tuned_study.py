@@ -26,16 +26,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from classifiers.records import load_records  # noqa: E402
-from scripts.reproduce_fashion_mnist import PUBLISHED, defaults_against_tuned, run  # noqa: E402
+from scripts.reproduce_fashion_mnist import FEATCACHE, LT_CLS, PUBLISHED, defaults_against_tuned, run  # noqa: E402
 
 METHODS = ",".join(("joint",) + PUBLISHED)
 
 
-def digits_entry(work: Path, log: Path, env: dict) -> str:
-    featcache = [sys.executable, "-m", "cli.featcache_cmd"]
-    run(featcache + ["train", "--data", "digits-lt", "--arch", "tinycnn", "--sampler", "instance", "--epochs", "30",
+def digits_entry(work: Path, log: Path) -> str:
+    run(FEATCACHE + ["train", "--data", "digits-lt", "--arch", "tinycnn", "--sampler", "instance", "--epochs", "30",
                      "--out", str(work / "digits"), "--quiet"], log)
-    return run(featcache + ["extract", "--ckpt", str(work / "digits" / "last.pt"), "--quiet"], log)
+    return run(FEATCACHE + ["extract", "--ckpt", str(work / "digits" / "last.pt"), "--quiet"], log)
 
 
 def many_class_entry(work: Path, log: Path) -> str:
@@ -50,7 +49,7 @@ def many_class_entry(work: Path, log: Path) -> str:
         np.savez(work / f"{split}.npz", features=data[split][0], labels=data[split][1])
         args += ["--split", f"{split}={work / f'{split}.npz'}"]
     torch.save({"fc.weight": torch.from_numpy(data["W"]), "fc.bias": torch.from_numpy(data["b"])}, work / "clf.pth")
-    return run([sys.executable, "-m", "cli.featcache_cmd", "import", "--name", "many-class", *args,
+    return run(FEATCACHE + ["import", "--name", "many-class", *args,
                 "--classifier", str(work / "clf.pth")], log)
 
 
@@ -61,16 +60,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
-        env = {**os.environ, "FEATCACHE_DIR": str(work / "cache")}
-        os.environ.update(env)
+        os.environ["FEATCACHE_DIR"] = str(work / "cache")  # the commands' cache: this run's own
         log = work / "commands.log"
-        entries = {"digits-lt": digits_entry(work, log, env), "many-class (synthetic)": many_class_entry(work, log)}
+        entries = {"digits-lt": digits_entry(work, log), "many-class (synthetic)": many_class_entry(work, log)}
         sections = []
         for title, entry in entries.items():
             records = {}
             for mode in ("defaults", "tuned"):
                 out = work / f"{title.split()[0]}-{mode}"
-                run([sys.executable, "-m", "cli.lt_cls_cmd", "sweep", "--cache", entry, "--methods", METHODS,
+                run(LT_CLS + ["sweep", "--cache", entry, "--methods", METHODS,
                      "--seeds", args.seeds, "--out", str(out), "--quiet", "--no-plots"]
                     + (["--tune"] if mode == "tuned" else []), log)
                 records[mode] = load_records(out / "results.jsonl")

@@ -128,19 +128,17 @@ class FeatureCache:
     def check_files(self, splits: list[str] | None = None) -> str | None:
         """The first problem of the files of ``splits`` (default: all) and the classifier under the
         check every read makes (present; size and mtime as written, else SHA-256), or None."""
-        names = self.splits if splits is None else splits
-        files = [s for name in names for s in self._split_meta(name)["shards"]]
-        if self.meta.get("classifier"):
-            files.append(self.meta["classifier"])
-        for info in files:
+        for info in self._listed_files(splits):
             try:
                 self._check_file(self.path / info["file"], info)
             except CorruptEntryError as exc:
                 return str(exc)
         return None
 
-    def _listed_files(self) -> list[dict]:
-        files = [s for split in self.meta["splits"].values() for s in split["shards"]]
+    def _listed_files(self, splits: list[str] | None = None) -> list[dict]:
+        """The manifest's entries of the shards of ``splits`` (default: every split) and the classifier."""
+        names = self.splits if splits is None else splits
+        files = [s for name in names for s in self._split_meta(name)["shards"]]
         if self.meta.get("classifier"):
             files.append(self.meta["classifier"])
         return files
