@@ -26,6 +26,7 @@ from featcache.distributed import resolve_device
 from featcache.errors import FeatcacheError
 from featcache.metrics import ROWS_PER_CHUNK as METRIC_CHUNK
 from featcache.store.durable import append_line, atomic_write_text, exclusive_lock
+from featcache.store.format import training_run_label
 
 from .base import REGISTRY, as_features, create
 from .cluster import collect_parts, is_lost, merge_diagnostics, remove_parts
@@ -190,15 +191,7 @@ def default_label(cache) -> str:
     """The entry's name, else a short form of the training run that made its checkpoint
     (``tinycnn/instance/e12/s0``, ``/K4`` added for 4 views per training image), else the first 12
     digits of its key."""
-    meta = cache.meta
-    if meta.get("name"):
-        return meta["name"]
-    training = (meta.get("checkpoint") or {}).get("training")
-    if training:
-        views = cache.num_views("train") if "train" in cache.splits else 1
-        return (f"{meta.get('arch')}/{training['sampler']}/e{training['epochs']}/s{training['seed']}"
-                + (f"/K{views}" if views > 1 else ""))
-    return cache.key[:12]
+    return cache.meta.get("name") or training_run_label(cache.meta) or cache.key[:12]
 
 
 class Sweeper:

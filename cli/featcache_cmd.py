@@ -170,6 +170,7 @@ def ls(cache_dir):
     """
     from tabulate import tabulate
     from featcache.store import cache_root, scan_entries
+    from featcache.store.format import training_run_label
     from featcache.store.reader import format_bytes
 
     root = cache_root(cache_dir)
@@ -178,7 +179,7 @@ def ls(cache_dir):
         meta = entry.cache.meta if entry.cache else {}
         size = sum(p.stat().st_size for p in entry.path.rglob("*") if p.is_file())
         rows.append([entry.path.name, meta.get("name") or "", meta.get("arch") or "", _data_name(meta),
-                     _run_label(meta) or "", ",".join(meta.get("splits", {})), _train_views(meta),
+                     training_run_label(meta) or "", ",".join(meta.get("splits", {})), _train_views(meta),
                      meta.get("feature_dim", ""), meta.get("dtype", ""), format_bytes(size),
                      meta.get("created", ""), entry.status])
     if not rows:
@@ -192,17 +193,6 @@ def _train_views(meta: dict):
     """Views per image of the train split ("" without one)."""
     train = (meta.get("splits") or {}).get("train")
     return train.get("views", 1) if train else ""
-
-
-def _run_label(meta: dict) -> str | None:
-    """The `featcache train` run that made the entry's checkpoint, as lt-cls labels it
-    (``tinycnn/instance/e12/s0``, ``/K4`` for 4 views per training image); None for other checkpoints."""
-    training = (meta.get("checkpoint") or {}).get("training")
-    if not training:
-        return None
-    views = _train_views(meta) or 1
-    return (f"{meta.get('arch')}/{training['sampler']}/e{training['epochs']}/s{training['seed']}"
-            + (f"/K{views}" if views > 1 else ""))
 
 
 def _data_name(meta: dict) -> str:
@@ -229,6 +219,8 @@ def info(entry, counts, cache_dir):
     """
     import numpy as np
 
+    from featcache.store.format import training_run_label
+
     cache = _entry(entry, cache_dir)
     meta = cache.meta
     click.echo(f"entry        {cache.path}")
@@ -240,7 +232,7 @@ def info(entry, counts, cache_dir):
     click.echo(f"checkpoint   {checkpoint.get('path') or '-'}"
                + (f"  ({checkpoint['format']})" if checkpoint.get("format") else ""))
     click.echo(f"sha256       {checkpoint.get('sha256') or '-'}")
-    click.echo(f"run          {_run_label(meta) or '-'}")
+    click.echo(f"run          {training_run_label(meta) or '-'}")
     classifier = meta.get("classifier")
     head = (meta.get("backbone") or {}).get("head")  # timm / open_clip: what the classifier is, or why none
     if classifier:

@@ -30,6 +30,18 @@ def looks_like_key(name: str) -> bool:
     return len(name) == KEY_LENGTH and all(c in "0123456789abcdef" for c in name)
 
 
+def training_run_label(meta: dict) -> str | None:
+    """The ``featcache train`` run that made an entry's checkpoint, from its manifest
+    (``tinycnn/instance/e12/s0``; ``/K4`` added for 4 views per training image); None for other
+    checkpoints."""
+    training = (meta.get("checkpoint") or {}).get("training")
+    if not training:
+        return None
+    views = ((meta.get("splits") or {}).get("train") or {}).get("views", 1)
+    return (f"{meta.get('arch')}/{training['sampler']}/e{training['epochs']}/s{training['seed']}"
+            + (f"/K{views}" if views > 1 else ""))
+
+
 def _is_int(value, minimum: int = 0) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
