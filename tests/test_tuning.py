@@ -326,3 +326,20 @@ def test_the_config_example_in_sweep_help_is_a_valid_config(tmp_path):
     settings = load_config(str(example))
     assert settings["methods"] == ["joint", "crt", "knn"] and settings["params"]["knn"]["k"] == [10, 20, 50]
     assert settings["executor"]["kind"] == "slurm" and settings["tune"] is False
+
+
+def test_a_choice_without_a_choosable_trial_is_a_failed_record_that_says_why():
+    from classifiers.records import RECORD_FIELDS, check_record
+    from classifiers.tuning import selection_record
+    base = {**dict.fromkeys(RECORD_FIELDS), "method": "crt", "params": {"lr": 0.2}, "seed": 0, "representation": "r",
+            "eval_split": "test", "many_threshold": 100, "few_threshold": 20, "cache_key": "k", "version": "0",
+            "fit_seconds": 1.0, "eval_seconds": 0.5}
+    failed = {**base, "status": "failed", "failure": "non-finite logits", "tuning": {"role": "trial", "val": None}}
+    record = selection_record([failed, failed], "top1", 4, ("lr",), "val")
+    assert record["status"] == "failed" and "every one of its 2 trials failed" in record["failure"]
+    assert record["fit_seconds"] == 2.0 and record["tuning"]["failed_trials"] == 2 and check_record(record) is None
+    no_few = {**base, "status": "ok", "failure": None, "top1": 50.0,
+              "tuning": {"role": "trial", "val": {"top1": 40.0, "few": None}}}
+    record = selection_record([no_few], "few", 4, ("lr",), "val")
+    assert record["status"] == "failed" and "no class in that shot group" in record["failure"]
+    assert record["top1"] is None and record["tuning"]["chosen"] == {}
