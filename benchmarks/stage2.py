@@ -6,6 +6,8 @@
     python benchmarks/stage2.py                          # ImageNet-LT shape, D = 2048
     python benchmarks/stage2.py --profile places_lt --device cuda
     python benchmarks/stage2.py --profile inat2018_like --dim 512 --epochs 1 --float16 --no-peers
+    python benchmarks/stage2.py --dim 512 --methods none --stacked crt,la_loss --epochs 1 --rounds 3
+    python benchmarks/stage2.py --scale small --methods none --tuned-sweep --epochs 2 --rounds 3
 
 Synthetic Gaussian class clusters with a real long-tail profile (featcache/profiles/), written
 through the real cache and loaded back through the real API. For each method: wall time of
@@ -20,6 +22,13 @@ With --float16 each method runs again on a float16 copy of the entry: its peak, 
 predictions agree with the float32 run.
 With --rounds R the floors and every method are measured R times, interleaved (floors, each
 method, floors, each method, ...): the table gives the median ratio and its min-max over the rounds.
+With --stacked METHODS: for each, 8 trials of its search space (lr x its own parameters; epochs E
+and 2 E with --epochs E, else its own epochs) fitted one by one and fitted together in one pass
+(classifiers/stacking.py), interleaved over the rounds: the stacked / separate time ratio (median,
+min-max) and how many test predictions agree. With --tuned-sweep: the real tuned sweep
+(classifiers.sweep.Sweeper, --budget trials per method, one seed) of the six default methods with
+their search spaces (epochs replaced by E, 2 E, 3 E with --epochs E) with and without stacking,
+interleaved: both wall times and their ratio.
 Exits non-zero only when it cannot run; prints a table and (with --json) writes the numbers.
 """
 from __future__ import annotations
@@ -45,6 +54,8 @@ from classifiers import REGISTRY, create  # noqa: E402
 from classifiers.base import default_methods  # noqa: E402
 from classifiers.crt import CRT  # noqa: E402
 from classifiers.metrics import balanced_accuracy  # noqa: E402
+from classifiers.stacking import fit_together  # noqa: E402
+from classifiers.tuning import DEFAULT_BUDGET, method_trials  # noqa: E402
 from featcache.store import FeatureCache, writing  # noqa: E402
 
 TAU_GRID = [round(0.1 * i, 1) for i in range(21)]
@@ -358,6 +369,62 @@ def summarise(rounds: list[dict]) -> dict:
     return out
 
 
+# -- stacked trials -------------------------------------------------------------------------------
+
+
+def stack_trials(name: str, epochs: int | None, count: int = 8) -> list[dict]:
+    """``count`` trials of ``name``'s search space; with ``epochs`` E its epochs are E and 2 E, and
+    a space of fewer points gets its lr dimension widened (x 1/2 and x 2 between the three)."""
+    overrides = {"epochs": [epochs, 2 * epochs]} if epochs is not None else {}
+    trials = method_trials(name, overrides, count).params
+    if len(trials) < count:
+        lr = REGISTRY[name].defaults()["lr"]
+        overrides["lr"] = [lr / 4, lr / 2, lr, lr * 2, lr * 4]
+        trials = method_trials(name, overrides, count).params
+    return trials
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def stacked_round(name: str, trials: list[dict], cache: FeatureCache, data: dict, device) -> dict:
+    """One interleaved round: the trials fitted one by one, then together; seconds of each and the
+    share of test predictions (over all trials) the two agree on."""
+    (X, y), (Xt, _) = data["train"], data["test"]
+    kwargs = {"class_counts": cache.class_counts("train"), "classifier": cache.classifier}
+    began = time.perf_counter()
+    alone = [create(name, device=str(device), **p).fit(X, y, **kwargs) for p in trials]
+    sync(device)
+    middle = time.perf_counter()
+    together = fit_together([create(name, device=str(device), **p) for p in trials], X, y, **kwargs)
+    sync(device)
+    ended = time.perf_counter()
+    agree = np.mean([np.mean(a.predict(Xt) == b.predict(Xt)) for a, b in zip(alone, together)])
+    return {"separate_s": middle - began, "stacked_s": ended - middle, "ratio": (ended - middle) / (middle - began),
+            "agreement": float(agree)}
+
+
+def tuned_sweep_round(cache_path: Path, device, epochs: int | None, budget: int, stack: bool, out: Path) -> float:
+    """Seconds of the tuned sweep of the default methods on the entry (fresh results each time)."""
+    from classifiers.sweep import Representation, Sweeper, SweepSpec
+
+    methods = default_methods()
+    params = {m: {"epochs": [epochs, 2 * epochs, 3 * epochs]} for m in methods
+              if epochs is not None and "epochs" in REGISTRY[m].info.search_space}
+    spec = SweepSpec(methods, params, [0], device=str(device), tune=True, budget=budget, stack=stack)
+    began = time.perf_counter()
+    with Sweeper([Representation("bench", FeatureCache.open(cache_path))], spec, out, mode="overwrite") as sweeper:
+        for _ in sweeper:
+            pass
+    return time.perf_counter() - began
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": float(np.median(values)), "min": min(values), "max": max(values)}
+
+
 # -- main ---------------------------------------------------------------------------------------
 
 
@@ -380,6 +447,38 @@ def measure(name: str, args, tmp: Path, floor_s: float, logits_bytes: int, resul
         m["float16"] = {**half, "agreement": float(agree.mean()),
                         "extra_over_features": (half["peak_beyond_features"] - logits_bytes) / feature_bytes}
     return m
+
+
+def measure_stacking(args, tmp: Path, device, results: dict) -> None:
+    """The --stacked and --tuned-sweep rows, each over --rounds interleaved rounds."""
+    cache = FeatureCache.open(tmp / "bench")
+    splits = {s: cache.split(s) for s in ("train", "test")}
+    data = {name: (torch.from_numpy(s.features).to(device), s.labels) for name, s in splits.items()}
+    stacked = {name: {"trials": stack_trials(name, args.epochs), "rounds": []}
+               for name in (args.stacked.split(",") if args.stacked else [])}
+    sweeps = {"stacked": [], "separate": []}
+    for round_ in range(args.rounds):
+        for name, entry in stacked.items():
+            entry["rounds"].append(stacked_round(name, entry["trials"], cache, data, device))
+            print(f"round {round_ + 1}, {name} stacked: {json.dumps(entry['rounds'][-1])}", file=sys.stderr, flush=True)
+        if args.tuned_sweep:
+            order = ("stacked", "separate") if round_ % 2 == 0 else ("separate", "stacked")
+            for kind in order:
+                sweeps[kind].append(tuned_sweep_round(tmp / "bench", device, args.epochs, args.budget,
+                                                      kind == "stacked", tmp / f"sweep-{kind}"))
+            print(f"round {round_ + 1}, tuned sweep: stacked {sweeps['stacked'][-1]:.1f} s, separate "
+                  f"{sweeps['separate'][-1]:.1f} s", file=sys.stderr, flush=True)
+    for entry in stacked.values():
+        rounds = entry["rounds"]
+        entry.update(ratio=spread([r["ratio"] for r in rounds]), separate_s=spread([r["separate_s"] for r in rounds]),
+                     stacked_s=spread([r["stacked_s"] for r in rounds]),
+                     agreement=min(r["agreement"] for r in rounds))
+    results["stacked"] = stacked
+    if args.tuned_sweep:
+        ratios = [a / b for a, b in zip(sweeps["stacked"], sweeps["separate"])]
+        results["tuned_sweep"] = {"methods": default_methods(), "budget": args.budget, "epochs": args.epochs,
+                                  "stacked_s": spread(sweeps["stacked"]), "separate_s": spread(sweeps["separate"]),
+                                  "ratio": spread(ratios)}
 
 
 def at_least_one(text: str) -> int:
@@ -408,6 +507,12 @@ def main(argv=None) -> int:
     parser.add_argument("--float16", action="store_true",
                         help="also run each method on a float16 copy of the entry: peak RSS, agreement")
     parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--stacked", metavar="METHODS",
+                        help="comma-separated cRT-family methods: 8 trials each, stacked vs separate (a ratio)")
+    parser.add_argument("--tuned-sweep", action="store_true",
+                        help="the tuned sweep of the six default methods, with and without stacking")
+    parser.add_argument("--budget", type=at_least_one, default=DEFAULT_BUDGET,
+                        help="trials per method of --tuned-sweep (default %(default)s)")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -436,7 +541,7 @@ def main(argv=None) -> int:
         results = {"shape": shape, "device": str(device), "build_s": build_s, "split_load_s": load_s,
                    "npload_s": npload_s, "epochs": args.epochs, "rounds": args.rounds, "machine": [], "methods": {}}
         logits_bytes = shape["nt"] * shape["c"] * 4
-        names = args.methods.split(",")
+        names = [] if args.methods == "none" else args.methods.split(",")
         for round_ in range(args.rounds):  # interleaved: each round measures its own floors
             rate = sgemm_rate(shape["nt"], dim, shape["c"], device)
             bandwidth = copy_bandwidth(256 << 20, device)
@@ -447,6 +552,8 @@ def main(argv=None) -> int:
                 m = measure(name, args, Path(tmp), floor[name], logits_bytes, results, float16=args.float16 and round_ == 0)
                 results["methods"].setdefault(name, {"rounds": []})["rounds"].append(m)
                 print(f"round {round_ + 1}, {name}: {json.dumps(m)}", file=sys.stderr, flush=True)
+        if args.stacked or args.tuned_sweep:
+            measure_stacking(args, Path(tmp), device, results)
         for name, entry in results["methods"].items():
             entry.update(summarise(entry["rounds"]))
         results["sgemm_gflops"] = float(np.median([m["sgemm_gflops"] for m in results["machine"]]))
@@ -467,20 +574,29 @@ def main(argv=None) -> int:
             results["sklearn"] = sklearn_peers(data, device, classes=min(100, shape["c"]),
                                                queries=2000 if args.scale == "full" else 500)
     report(results)
+    report_stacking(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0
 
 
-def report(r: dict) -> None:
-    s = r["shape"]
-    print(f"shape: train {s['n']}, val {s['nv']}, test {s['nt']}, D {s['d']}, C {s['c']} on {r['device']}")
-    print(f"machine: sgemm {r['sgemm_gflops']:.1f} GFLOP/s (best of 5), copy {r['copy_gbps']:.1f} GB/s"
-          + (f" (medians of {r['rounds']} rounds: sgemm {min(m['sgemm_gflops'] for m in r['machine']):.0f}-"
-             f"{max(m['sgemm_gflops'] for m in r['machine']):.0f})" if r["rounds"] > 1 else ""))
-    print(f"cache: wrote the entry in {r['build_s']:.1f} s; train split loads in {r['split_load_s']:.3f} s vs "
-          f"np.load {r['npload_s']:.3f} s ({r['npload_s'] / r['split_load_s']:.2f}x np.load speed)")
-    print()
+def report_stacking(r: dict) -> None:
+    if r.get("stacked"):
+        print(f"\nstacked trials ({r['rounds']} interleaved rounds; ratio = stacked / separate, median and min-max):")
+        print(f"{'method':<10}{'trials':>7}{'separate s':>12}{'stacked s':>11}{'ratio':>7}{'min-max':>12}{'agree %':>9}")
+        for name, m in r["stacked"].items():
+            q = m["ratio"]
+            print(f"{name:<10}{len(m['trials']):>7}{m['separate_s']['median']:>12.2f}{m['stacked_s']['median']:>11.2f}"
+                  f"{q['median']:>7.2f}{q['min']:>7.2f}-{q['max']:<4.2f}{100 * m['agreement']:>9.2f}")
+    if r.get("tuned_sweep"):
+        t = r["tuned_sweep"]
+        epochs = f", epochs {t['epochs']}, {2 * t['epochs']}, {3 * t['epochs']}" if t["epochs"] else ""
+        print(f"\ntuned sweep of {','.join(t['methods'])} (budget {t['budget']}, one seed{epochs}): stacked "
+              f"{t['stacked_s']['median']:.1f} s, separate {t['separate_s']['median']:.1f} s, ratio "
+              f"{t['ratio']['median']:.2f} ({t['ratio']['min']:.2f}-{t['ratio']['max']:.2f}) over {r['rounds']} rounds")
+
+
+def report_methods(r: dict) -> None:
     if r["epochs"] is not None:
         print(f"epochs: {r['epochs']} for the cRT family, lws, disalign and marc (reduced; the floors follow)")
     half = "feature_bytes16" in r
@@ -508,6 +624,19 @@ def report(r: dict) -> None:
     if half:
         print(f"f16: the same on the float16 entry, whose features take {r['feature_bytes16'] / 2**20:.0f} MiB; "
               f"agree: test predictions equal to the float32 run's")
+
+
+def report(r: dict) -> None:
+    s = r["shape"]
+    print(f"shape: train {s['n']}, val {s['nv']}, test {s['nt']}, D {s['d']}, C {s['c']} on {r['device']}")
+    print(f"machine: sgemm {r['sgemm_gflops']:.1f} GFLOP/s (best of 5), copy {r['copy_gbps']:.1f} GB/s"
+          + (f" (medians of {r['rounds']} rounds: sgemm {min(m['sgemm_gflops'] for m in r['machine']):.0f}-"
+             f"{max(m['sgemm_gflops'] for m in r['machine']):.0f})" if r["rounds"] > 1 else ""))
+    print(f"cache: wrote the entry in {r['build_s']:.1f} s; train split loads in {r['split_load_s']:.3f} s vs "
+          f"np.load {r['npload_s']:.3f} s ({r['npload_s'] / r['split_load_s']:.2f}x np.load speed)")
+    print()
+    if r["methods"]:
+        report_methods(r)
     if "official" in r:
         print(f"{','.join(r['official'])} sweep: {r['sweep_speedup']:.2f}x faster than the official-style peer")
         k = r["sklearn"]

@@ -235,6 +235,12 @@ class LTClassifier(ClassifierMixin, BaseEstimator):
         ``classifier`` the checkpoint's ``(W: C x D, b: C)``; ``val`` ``(X_val, y_val)`` for
         parameters set to ``"auto"``; ``views`` (K x N x D) the K views of every training sample,
         ``views[0]`` equal to X (used by the methods with ``uses_views``, ignored by the others)."""
+        self._fit(self._fit_data(X, y, class_counts=class_counts, classifier=classifier, val=val, views=views))
+        return self
+
+    def _fit_data(self, X, y, *, class_counts=None, classifier=None, val=None, views=None) -> FitData:
+        """Check the parameters and the inputs of :meth:`fit`, set ``classes_``, ``n_features_in_``
+        and ``device_``, and return what ``_fit`` trains on."""
         check_params(self)
         device = resolve_device(getattr(self, "device", "auto"))
         if isinstance(X, torch.Tensor):
@@ -288,10 +294,8 @@ class LTClassifier(ClassifierMixin, BaseEstimator):
                 raise InvalidInputError(f"{self.name}: views must be K x {len(X_t)} x {X_t.shape[1]} (the views of "
                                         f"the training samples, view 0 first; got {tuple(views_t.shape)})")
             views_t = views_t.reshape(-1, X_t.shape[1]) if len(views_t) > 1 else None
-        data = FitData(X_t, torch.from_numpy(y_idx).to(device), counts, num_classes, clf, val_t, device, views_t)
         self.device_ = device
-        self._fit(data)
-        return self
+        return FitData(X_t, torch.from_numpy(y_idx).to(device), counts, num_classes, clf, val_t, device, views_t)
 
     def _encode_known(self, labels: np.ndarray, what: str) -> np.ndarray:
         """Class indices of ``labels`` under ``classes_``; an unseen label is an error."""

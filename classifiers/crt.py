@@ -5,9 +5,9 @@ import types
 import torch
 
 from .base import FitData, InvalidInputError, register, require_all_classes
-from .losses import LOSS_CONSTRAINTS, make_loss
+from .losses import LOSS_CONSTRAINTS, LOSS_PARAMS, make_loss
 from .params import InvalidParameterError, Options, Real
-from .training import EPOCH_STEPS_RULE, TUNED_EPOCHS, SGDTrained, lr_range
+from .training import EPOCH_STEPS_RULE, TUNED_EPOCHS, SGDTrained, TrialStack, lr_range
 
 HEADS = ("linear", "cosine")
 INITS = ("random", "joint", "class_mean")
@@ -30,6 +30,7 @@ class CRT(SGDTrained):
     train a learnable per-class scaling of the logits with the layer (:meth:`_recipe`; ``las``).
     """
 
+    per_trial: tuple[str, ...] = ()  # a recipe's own parameters trials may differ in (train_together)
     _parameter_constraints = {**SGDTrained._parameter_constraints, **LOSS_CONSTRAINTS, "head": [Options(*HEADS)],
                               "cosine_scale": [Real(0, closed="neither")], "init": [Options(*INITS)]}
 
@@ -75,63 +76,16 @@ class CRT(SGDTrained):
         return weight.T.contiguous(), bias  # trained as D x C: both matmuls of a step run faster
 
     def _fit(self, data: FitData) -> None:
-        init, scaling, lr_factor = self._recipe(data)
-        if self.epochs == 0 and init != "joint":
-            raise InvalidParameterError(f"{self.name}: epochs=0 needs init='joint' (got init={init!r}); "
-                                        "other initialisations need epochs >= 1")
-        if self.loss != "ce":
-            require_all_classes(data, self.name)
-        loss = make_loss(self.loss, data.counts, data.device, self.get_params())
-        weight_t, bias = self._initial(data, init)
-        scales = torch.ones(data.num_classes, device=data.device)
-        cosine = self.head == "cosine"
-        epoch_now = [0]
-        X, y = data.rows_X, data.rows_y  # every view's rows; the epochs index them
+        train_together([self], data)
 
-        def linear_grad(batch):
-            features = X.index_select(0, batch).float()
-            logits = torch.addmm(bias if loss.offset is None else bias + loss.offset, features, weight_t)
-            g = loss.grad(logits, y.index_select(0, batch), epoch_now[0])
-            return [torch.mm(features.T, g).div_(len(batch)), g.sum(0).div_(len(batch))]
-
-        def scaled_grad(batch):
-            # z = f * u (+ offset), u = x W^T + b: dL/df_j = sum_i g_ij u_ij, dL/du = g * f
-            features = X.index_select(0, batch).float()
-            raw = torch.addmm(bias, features, weight_t)
-            logits = raw * scales if loss.offset is None else raw * scales + loss.offset
-            g = loss.grad(logits, y.index_select(0, batch), epoch_now[0])
-            grad_scales = (g * raw).sum(0).div_(len(batch))
-            g.mul_(scales)
-            return [torch.mm(features.T, g).div_(len(batch)), g.sum(0).div_(len(batch)), grad_scales]
-
-        def cosine_grad(batch):
-            # z = s·x̂·w_j/‖w_j‖; dL/dw_j = (s/‖w_j‖)(Σ_i g_ij x̂_i − (Σ_i g_ij cos_ij) w_j/‖w_j‖);
-            # scaling the B x C logits and gradients instead of W keeps the passes over W to three
-            features = torch.nn.functional.normalize(X.index_select(0, batch).float(), dim=1)
-            norms = weight_t.square().sum(0).sqrt_().clamp_min_(1e-12)  # 4x faster than norm(dim=0) here
-            cos = torch.mm(features, weight_t).div_(norms)
-            logits = cos * self.cosine_scale if loss.offset is None else cos * self.cosine_scale + loss.offset
-            g = loss.grad(logits, y.index_select(0, batch), epoch_now[0])
-            along = (g * cos).sum(0).div_(norms)
-            grad_t = torch.mm(features.T, g).addcmul_(weight_t, along, value=-1.0)
-            return [grad_t.mul_(norms.reciprocal_().mul_(self.cosine_scale / len(batch)))]
-
-        if scaling:
-            if cosine:
-                raise InvalidParameterError(f"{self.name}: the learnable weight scaling needs head='linear'")
-            params, grad_fn, factors = [weight_t, bias, scales], scaled_grad, [lr_factor, lr_factor, 1.0]
-        else:
-            params = [weight_t] if cosine else [weight_t, bias]
-            grad_fn = cosine_grad if cosine else linear_grad
-            factors = None if lr_factor == 1.0 else [lr_factor] * len(params)
-        self._train(params, grad_fn, self._draw_epochs(data), post_step=lambda: self._post_step(weight_t),
-                    on_epoch=lambda e: epoch_now.__setitem__(0, e), lr_factors=factors)
-        if scaling:  # fold f into the layer: logits f_j (x w_j + b_j) = x (f_j w_j) + f_j b_j
+    def _finish(self, weight_t: torch.Tensor, bias: torch.Tensor, scales: torch.Tensor | None) -> None:
+        """Classify with the trained W^T (D x C), b and, where they trained, the per-class scales."""
+        if scales is not None:  # fold f into the layer: logits f_j (x w_j + b_j) = x (f_j w_j) + f_j b_j
             self.scales_ = scales.cpu().numpy()
-            weight_t.mul_(scales)
-            bias.mul_(scales)
-        self._set_linear(weight_t.T.contiguous(), None if cosine else bias)
-        if cosine:
+            weight_t = weight_t * scales
+            bias = bias * scales
+        self._set_linear(weight_t.T.contiguous(), None if self.head == "cosine" else bias)
+        if self.head == "cosine":
             self._unit_t = torch.nn.functional.normalize(weight_t, dim=0).mul_(self.cosine_scale)
 
     def _logits(self, X, out):
@@ -139,6 +93,141 @@ class CRT(SGDTrained):
             torch.mm(torch.nn.functional.normalize(X, dim=1), self._unit_t, out=out)
         else:
             torch.addmm(self._bias, X, self._weight_t, out=out)
+
+
+# what the trials of one stack may differ in, besides their loss's own parameters (losses.LOSS_PARAMS)
+# and a recipe's (CRT.per_trial); everything else of the fit is shared
+PER_TRIAL = ("lr", "epochs")
+
+
+def stack_key(estimator) -> tuple | None:
+    """What trials must share to be trained in one pass by :func:`train_together` (equal keys: they
+    can), None for an estimator that trains alone: one outside the cRT family, or with no epochs. A
+    progressively-balanced sampler's draws depend on the number of epochs, so there it is shared too."""
+    if not isinstance(estimator, CRT) or estimator.epochs < 1:
+        return None
+    varying = set(PER_TRIAL) | set(LOSS_PARAMS[estimator.loss]) | set(estimator.per_trial)
+    if estimator.sampler == "progressive":
+        varying.discard("epochs")
+    params = estimator.get_params()
+    return (type(estimator), *sorted((k, repr(v)) for k, v in params.items() if k not in varying))
+
+
+def train_together(trials: list[CRT], data: FitData, tile: int | None = None) -> None:
+    """Fit every trial on ``data`` in one pass (stacked heads): one gather of the drawn rows per
+    step, the K trials' weights side by side (W^T: D x K C), one matmul for all their logits and one
+    for all their weight gradients, each trial's own loss on its block of the logits, its own lr,
+    epochs and schedule (:class:`~classifiers.training.TrialStack`). Each trial ends as if fitted
+    alone, to float32 rounding. The trials must share :func:`stack_key`; one trial is a plain fit.
+    ``tile``: trials per matmul (default: all of them on a GPU, one launch for the stack; one on the
+    CPU, where the arithmetic is the same either way and one trial's B x C temporaries stay in cache)."""
+    if len({stack_key(t) for t in trials}) > 1 or (len(trials) > 1 and stack_key(trials[0]) is None):
+        raise ValueError("train_together: these trials differ in more than their lr, epochs and loss parameters")
+    recipes = [t._recipe(data) for t in trials]
+    init, scaling = recipes[0][:2]
+    if any(r[:2] != (init, scaling) for r in recipes):
+        raise ValueError("train_together: the trials start from different points")
+    first = trials[0]
+    for t in trials:
+        if t.epochs == 0 and init != "joint":
+            raise InvalidParameterError(f"{t.name}: epochs=0 needs init='joint' (got init={init!r}); "
+                                        "other initialisations need epochs >= 1")
+    if first.loss != "ce":
+        require_all_classes(data, first.name)
+    cosine = first.head == "cosine"
+    if scaling and cosine:
+        raise InvalidParameterError(f"{first.name}: the learnable weight scaling needs head='linear'")
+    order = sorted(range(len(trials)), key=lambda k: -trials[k].epochs)  # the longest first (TrialStack)
+    trials, factors = [trials[k] for k in order], tuple(recipes[k][2] for k in order)
+    first = trials[0]  # draws the epochs: the longest trial's, whose first epochs are the others'
+    count = len(trials)
+    loss = make_loss(first.loss, data.counts, data.device, [t.get_params() for t in trials])
+    start_t, start_b = first._initial(data, init)  # every trial starts there (the same seed)
+    weight_t = start_t.unsqueeze(0).repeat(count, 1, 1)  # K x D x C
+    bias = start_b.unsqueeze(0).repeat(count, 1)  # K x C
+    scales = torch.ones_like(bias)
+    if scaling:
+        params, layer = [weight_t, bias, scales], 2  # the scales train at the full lr
+    else:
+        params, layer = ([weight_t] if cosine else [weight_t, bias]), 1 if cosine else 2
+    lr_factors = None if all(f == 1.0 for f in factors) else \
+        (factors,) * layer + ((1.0,) * count,) * (len(params) - layer)
+    stack = TrialStack(tuple(t.epochs for t in trials), tuple(float(t.lr) for t in trials), lr_factors)
+    epoch_now, active = [0], [count]
+    X, y = data.rows_X, data.rows_y  # every view's rows; the epochs index them
+
+    def on_epoch(epoch: int) -> None:
+        epoch_now[0], active[0] = epoch, stack.active(epoch)
+
+
+    tile = tile or (count if data.device.type == "cuda" else 1)
+    dim, C = X.shape[1], data.num_classes
+
+    def shifted(z: torch.Tensor, k: int) -> torch.Tensor:
+        """Trials k ...'s logits (t x B x C) with the loss's training offset."""
+        return z if loss.offset is None else z + loss.offset[k:k + len(z)].unsqueeze(1)
+
+    def tiles(features: torch.Tensor):
+        """(first trial, the tile's features t x B x D: a view, no copy) for the active trials, the
+        batch's rows (B x D) gathered once for all of them."""
+        return ((k, features.expand(min(tile, active[0] - k), -1, -1)) for k in range(0, active[0], tile))
+
+    def gathered(batch) -> torch.Tensor:
+        return X.index_select(0, batch).float()
+
+    def linear_grad(batch):
+        targets, n = y.index_select(0, batch), len(batch)
+        grad_w, grad_b = weight_t.new_empty((active[0], dim, C)), bias.new_empty((active[0], C))
+        for k, features in tiles(gathered(batch)):
+            rows = slice(k, k + len(features))
+            logits = shifted(torch.baddbmm(bias[rows].unsqueeze(1), features, weight_t[rows]), k)
+            g = loss.grad(logits, targets, epoch_now[0], first=k)
+            torch.bmm(features.transpose(1, 2), g, out=grad_w[rows]).div_(n)
+            torch.sum(g, 1, out=grad_b[rows]).div_(n)
+        return [grad_w, grad_b]
+
+    def scaled_grad(batch):
+        # z = f * u (+ offset), u = x W^T + b: dL/df_j = sum_i g_ij u_ij, dL/du = g * f
+        targets, n = y.index_select(0, batch), len(batch)
+        grad_w, grad_b = weight_t.new_empty((active[0], dim, C)), bias.new_empty((active[0], C))
+        grad_scales = scales.new_empty((active[0], C))
+        for k, features in tiles(gathered(batch)):
+            rows = slice(k, k + len(features))
+            raw = torch.baddbmm(bias[rows].unsqueeze(1), features, weight_t[rows])
+            g = loss.grad(shifted(raw * scales[rows].unsqueeze(1), k), targets, epoch_now[0], first=k)
+            torch.sum(g * raw, 1, out=grad_scales[rows]).div_(n)
+            g.mul_(scales[rows].unsqueeze(1))
+            torch.bmm(features.transpose(1, 2), g, out=grad_w[rows]).div_(n)
+            torch.sum(g, 1, out=grad_b[rows]).div_(n)
+        return [grad_w, grad_b, grad_scales]
+
+    def cosine_grad(batch):
+        # z = s·x̂·w_j/‖w_j‖; dL/dw_j = (s/‖w_j‖)(Σ_i g_ij x̂_i − (Σ_i g_ij cos_ij) w_j/‖w_j‖);
+        # scaling the B x C logits and gradients instead of W keeps the passes over W to three
+        targets, scale = y.index_select(0, batch), first.cosine_scale
+        grad_w = weight_t.new_empty((active[0], dim, C))
+        for k, unit in tiles(torch.nn.functional.normalize(gathered(batch), dim=1)):
+            rows = slice(k, k + len(unit))
+            live = weight_t[rows]
+            norms = live.square().sum(1, keepdim=True).sqrt_().clamp_min_(1e-12)  # 4x faster than norm() here
+            cos = torch.bmm(unit, live).div_(norms)
+            g = loss.grad(shifted(cos * scale, k), targets, epoch_now[0], first=k)
+            along = (g * cos).sum(1, keepdim=True).div_(norms)
+            torch.bmm(unit.transpose(1, 2), g, out=grad_w[rows]).addcmul_(live, along, value=-1.0)
+            grad_w[rows].mul_(norms.reciprocal_().mul_(scale / len(batch)))
+        return [grad_w]
+
+    def post_step() -> None:  # MaxNorm's projection, on each trial's W^T
+        for k in range(active[0]):
+            trials[k]._post_step(weight_t[k])
+
+    capped = type(first)._post_step is not CRT._post_step
+    grad_fn = scaled_grad if scaling else cosine_grad if cosine else linear_grad
+    epochs = first._draw_epochs(data)
+    first._train(params, grad_fn, epochs, post_step=post_step if capped else None, on_epoch=on_epoch, stack=stack)
+    for k, t in enumerate(trials):
+        t.class_draws_ = first.class_draws_[:t.epochs]
+        t._finish(weight_t[k], bias[k], scales[k] if scaling else None)
 
 
 # the constraint table of every registered recipe that takes ``epoch_steps`` (CRT's own table, which

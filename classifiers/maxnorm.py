@@ -52,6 +52,7 @@ class MaxNormCRT(CRT):
     True
     """
 
+    per_trial = ("max_norm",)
     _parameter_constraints = {**CRT._parameter_constraints, "max_norm": [Real(0, closed="neither")]}
     search_space = {"lr": lr_range(0.2), "epochs": TUNED_EPOCHS, "max_norm": (0.5, 1.0, 2.0)}
 

@@ -257,6 +257,7 @@ class LabelAwareSmoothingCRT(CRT):
     'fresh'
     """
 
+    per_trial = ("lr_factor",)
     _parameter_constraints = {**{k: v for k, v in FAMILY_CONSTRAINTS.items() if k != "init"},
                               "recipe": [Options(*RECIPES)], "lr_factor": [Real(0, closed="neither")]}
     search_space = {"lr": lr_range(0.1), "epochs": TUNED_EPOCHS, "smooth_head": (0.1, 0.2, 0.3, 0.4)}

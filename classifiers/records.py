@@ -237,7 +237,8 @@ def check_record(record: dict) -> str | None:
 
 def _check_tuning(tuning) -> str | None:
     """What is wrong with a record's ``tuning`` (None: nothing): null, a trial's
-    ``{"role": "trial", "val": {metric: value}}`` or a choice's ``{"role": "selected", "metric",
+    ``{"role": "trial", "val": {metric: value}}`` (with ``"stacked": K`` where it was fitted in one
+    pass with K - 1 others) or a choice's ``{"role": "selected", "metric",
     "budget", "trials", "failed_trials", "chosen": {parameter: value}, "val": {metric: value}}``."""
     if tuning is None:
         return None
@@ -249,6 +250,10 @@ def _check_tuning(tuning) -> str | None:
         return f"tuning.val {_shown(val)} is not an object of val metrics"
     expected = {"role", "val"} if tuning["role"] == "trial" else \
         {"role", "val", "metric", "budget", "trials", "failed_trials", "chosen"}
+    if tuning["role"] == "trial" and "stacked" in tuning:  # fitted in one pass with others (stacking.py)
+        if not _is_int(tuning["stacked"]) or tuning["stacked"] < 1:
+            return f"tuning.stacked {_shown(tuning['stacked'])} is not a positive integer"
+        expected = expected | {"stacked"}
     if set(tuning) != expected:
         return f"tuning of a {tuning['role']} has the fields {', '.join(sorted(tuning))}, not {', '.join(sorted(expected))}"
     if tuning["role"] == "selected":

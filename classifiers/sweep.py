@@ -44,7 +44,9 @@ from .records import (
     record_key,
     run_key,
 )
+from .stacking import fit_together, stack_bytes, stack_groups
 from .tau_norm import tau_curve
+from .training import DEFAULT_MEMORY_BUDGET
 from .tuning import (DEFAULT_BUDGET, DEFAULT_METRIC, best_trial, better, check_selection, method_trials,
                      selection_record)
 
@@ -64,6 +66,8 @@ class SweepSpec:
     tune: bool = False  # each method's trials (classifiers/tuning.py), the val-best reported
     budget: int = DEFAULT_BUDGET  # trials per method when tuning
     select_metric: str = DEFAULT_METRIC  # what the val-best is best at
+    stack: bool = True  # when tuning, fit a method's stackable trials of one seed in one pass (stacking.py)
+    stack_budget: int = DEFAULT_MEMORY_BUDGET  # bytes one stack of trials may hold
 
     def check(self) -> list[str]:
         """Refuse what cannot be a sweep; drop repeated methods / seeds and return a note for each."""
@@ -334,6 +338,14 @@ class Sweeper:
             estimator = create(method, **dict(params))
             methods[method] = max(methods.get(method, 0),
                                   estimator.memory_estimate(rows["train"], dim, classes, largest))
+        if self.spec.tune and self.spec.stack:  # a stack of trials is fitted, and held, at once
+            for method in methods:
+                trials = [create(m, **dict(p)) for m, p, seed in self.grid if m == method and seed == self.spec.seeds[0]]
+                for group in stack_groups(trials, self.spec.stack_budget, rows=rows["train"], dim=dim,
+                                          num_classes=classes):
+                    if len(group) > 1:
+                        held = len(group) * stack_bytes(trials[group[0]], rows["train"], dim, classes)
+                        methods[method] = max(methods[method], held)
         hungriest = max(methods, key=methods.get)
         eval_rows = rows[self.spec.eval_split]
         metrics = (min(eval_rows, METRIC_CHUNK) * 32 + eval_rows * 4) * classes + 4 * classes * dim * 4
@@ -488,15 +500,22 @@ class Sweeper:
         diagnostics.setdefault("train_counts", counts.tolist())
         diagnostics.setdefault("cache_key", cache.key)
         try:
-            for run in runs:
-                record, estimator, logits = self._run(run, X, y, counts, classifier, val, X_eval, y_eval, views)
-                self._record(record)
-                if record["status"] == "ok":
-                    self._diagnose(diagnostics, cache, run, record, estimator, logits, y_eval, X_eval)
-                del estimator, logits  # not alive beside the next run's (memory_needed counts one run)
-                yield record
-                if run.trial:
-                    yield from self._select_ready(run.representation, run.method, run.seed)
+            for batch in self._batches(runs, X, counts):
+                fitted = self._fit_stack(batch, X, y, counts, classifier, val, views) if len(batch) > 1 else None
+                for position, run in enumerate(batch):
+                    prefit = None
+                    if fitted is not None:
+                        prefit, fitted[0][position] = (fitted[0][position], fitted[1]), None
+                    record, estimator, logits = self._run(run, X, y, counts, classifier, val, X_eval, y_eval, views,
+                                                          prefit, stacked=len(batch) if fitted else None)
+                    self._record(record)
+                    if record["status"] == "ok":
+                        self._diagnose(diagnostics, cache, run, record, estimator, logits, y_eval, X_eval)
+                    del estimator, logits, prefit  # not alive beside the next run's (memory_needed counts one)
+                    yield record
+                if batch[-1].trial:
+                    for method, seed in dict.fromkeys((run.method, run.seed) for run in batch):
+                        yield from self._select_ready(batch[0].representation, method, seed)
         finally:
             cache.release()  # one entry in memory at a time
 
@@ -543,12 +562,39 @@ class Sweeper:
                   "tuning": {"role": "trial", "val": None} if run.trial else None, **dict.fromkeys(METRIC_FIELDS)}
         return {k: record[k] for k in RECORD_FIELDS}
 
-    def _run(self, run: Run, X, y, counts, classifier, val, X_eval, y_eval, views=None):
-        params = dict(run.params)
-        estimator = create(run.method, **params, device=str(self.device))
+    def _batches(self, runs: list[Run], X, counts) -> list[list[Run]]:
+        """The runs in the groups fitted together: a tuned method's trials of one seed that can be
+        stacked (classifiers/stacking.py), within ``stack_budget``; every other run alone."""
+        if not (self.spec.tune and self.spec.stack):
+            return [[run] for run in runs]
+        estimators = [create(run.method, **dict(run.params)) for run in runs]
+        groups = stack_groups(estimators, self.spec.stack_budget, rows=len(X), dim=X.shape[1],
+                              num_classes=len(counts))
+        return [[runs[position] for position in group] for group in groups]
+
+    def _fit_stack(self, batch: list[Run], X, y, counts, classifier, val, views) -> tuple[list, float]:
+        """The batch's estimators fitted in one pass, and each one's share of the seconds it took."""
+        estimators = [create(run.method, **dict(run.params), device=str(self.device)) for run in batch]
         began = time.perf_counter()
-        estimator.fit(X, y, class_counts=counts, classifier=classifier, val=val, views=views)
-        fitted = time.perf_counter()
+        fit_together(estimators, X, y, class_counts=counts, classifier=classifier, val=val, views=views,
+                     memory_budget=self.spec.stack_budget)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return estimators, (time.perf_counter() - began) / len(batch)
+
+    def _run(self, run: Run, X, y, counts, classifier, val, X_eval, y_eval, views=None, prefit=None,
+             stacked: int | None = None):
+        """Fit (unless ``prefit`` holds the fitted estimator and its fit seconds), evaluate and
+        record one run; ``stacked``: the size of the stack it was fitted in."""
+        params = dict(run.params)
+        if prefit is None:
+            estimator = create(run.method, **params, device=str(self.device))
+            began = time.perf_counter()
+            estimator.fit(X, y, class_counts=counts, classifier=classifier, val=val, views=views)
+            fitted = time.perf_counter()
+        else:
+            (estimator, fit_seconds), fitted = prefit, time.perf_counter()
+            began = fitted - fit_seconds
         logits = estimator.logits(X_eval)
         evaluated = time.perf_counter()
         selected = getattr(estimator, "selected_", {}) or {}
@@ -570,6 +616,8 @@ class Sweeper:
         if run.trial:
             record["tuning"] = {"role": "trial", "val": self._val_metrics(estimator, val, counts)
                                 if record["status"] == "ok" else None}
+            if stacked:
+                record["tuning"]["stacked"] = stacked
             if record["status"] == "ok" and record["tuning"]["val"] is None:
                 record.update(status="failed", failure=f"non-finite logits on the {self.val_split!r} split",
                               **dict.fromkeys(METRIC_FIELDS))

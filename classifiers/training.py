@@ -97,12 +97,14 @@ def cosine_lr(base: float, epoch: int, epochs: int) -> float:
 
 
 def softmax_minus_onehot(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """G = softmax(logits) - onehot(targets): row i is d CE(z_i, y_i) / d z_i. For a weighted batch
-    loss L = sum_i r_i CE_i a parameter's gradient is then a matrix-vector product with r (e.g.
-    dL/d(bias) = G^T r), without a pass to weight G's rows."""
-    probs = torch.softmax(logits, dim=1)
-    minus_one = torch.full((len(targets), 1), -1.0, device=probs.device, dtype=probs.dtype)
-    return probs.scatter_add_(1, targets.unsqueeze(1), minus_one)  # cheaper than indexed assignment
+    """G = softmax(logits) - onehot(targets): row i is d CE(z_i, y_i) / d z_i (logits B x C, or
+    a x B x C for a trials of a stack). For a weighted batch loss L = sum_i r_i CE_i a parameter's
+    gradient is then a matrix-vector product with r (e.g. dL/d(bias) = G^T r), without a pass to
+    weight G's rows."""
+    probs = torch.softmax(logits, dim=-1)
+    index = targets.expand(logits.shape[:-1]).unsqueeze(-1)
+    minus_one = torch.full(index.shape, -1.0, device=probs.device, dtype=probs.dtype)
+    return probs.scatter_add_(-1, index, minus_one)  # cheaper than indexed assignment
 
 
 def draw_epochs(labels: torch.Tensor, counts: np.ndarray, schedule: Schedule,
@@ -136,37 +138,80 @@ def draw_epochs(labels: torch.Tensor, counts: np.ndarray, schedule: Schedule,
     return epochs, histogram
 
 
+@dataclass(frozen=True)
+class TrialStack:
+    """K trials trained in one pass by :func:`sgd_train`: the first axis of every parameter is the
+    trial. Each trial has its own base lr, number of epochs (at least 1, non-increasing in k, so the
+    trials still training are always the first ones) and per-parameter lr factors; the rest of the
+    schedule (momentum, weight decay, the batches) is shared."""
+
+    epochs: tuple[int, ...]
+    lrs: tuple[float, ...]
+    lr_factors: tuple[tuple[float, ...], ...] | None = None  # [parameter][trial]; None: all 1
+
+    def active(self, epoch: int) -> int:
+        """How many trials (the first ones) still train in ``epoch``."""
+        return sum(epochs > epoch for epochs in self.epochs)
+
+    def steps(self, epoch: int, params: list[torch.Tensor]) -> list[float | torch.Tensor]:
+        """Per parameter, the lr of ``epoch`` (:func:`cosine_lr` of each trial's own schedule, times
+        its factor): one number for a single trial, else one per active trial, shaped to multiply
+        the parameter's active trials."""
+        lrs = [cosine_lr(self.lrs[k], epoch, self.epochs[k]) for k in range(self.active(epoch))]
+        factors = self.lr_factors or [(1.0,) * len(self.lrs)] * len(params)
+        if len(self.lrs) == 1:
+            return [lrs[0] * f[0] for f in factors]
+        return [torch.tensor([lr * f[k] for k, lr in enumerate(lrs)], device=p.device).view(-1, *[1] * (p.dim() - 1))
+                for f, p in zip(factors, params)]
+
+
 def sgd_train(params: list[torch.Tensor], grad_fn: Callable[[torch.Tensor], list[torch.Tensor]],
               epochs: list[torch.Tensor], schedule: Schedule, post_step: Callable[[], None] | None = None,
-              on_epoch: Callable[[int], None] | None = None, lr_factors: list[float] | None = None) -> None:
+              on_epoch: Callable[[int], None] | None = None, lr_factors: list[float] | None = None,
+              stack: TrialStack | None = None) -> None:
     """Train ``params`` in place over the epochs' indices, ``schedule.batch_size`` at a time (the
     epochs hold what :func:`draw_epochs` kept for ``schedule.epoch_steps``); epoch e at
     :func:`cosine_lr` (e = 0 at the base lr). ``on_epoch(epoch)`` runs before each epoch (deferred
     re-weighting switches weights there). ``lr_factors``: one per parameter, its lr is
     ``factor`` x the epoch's (torch.optim's parameter groups; MiSLAS trains its classifier at 0.05 x
     the scaling layer's). ``grad_fn`` must return new tensors it keeps no reference to: they are
-    updated in place, and the first step's become the momentum buffers."""
+    updated in place, and the first step's become the momentum buffers.
+
+    ``stack``: several trials at once (:class:`TrialStack`, which then holds the lrs, epochs and
+    factors; ``schedule.lr`` and ``lr_factors`` are unused), each parameter's first axis the trial.
+    In an epoch where only the first a trials train, ``grad_fn`` returns the gradients of their rows
+    only and only those move; each trial's numbers are those of its own run."""
+    trials = stack or TrialStack((len(epochs),), (schedule.lr,),
+                                 None if lr_factors is None else tuple((f,) for f in lr_factors))
+    count = len(trials.lrs)
     buffers: list[torch.Tensor] | None = None
     for epoch, indices in enumerate(epochs):
         if on_epoch is not None:
             on_epoch(epoch)
-        lr = cosine_lr(schedule.lr, epoch, len(epochs))
+        active = trials.active(epoch)
+        live = params if active == count else [p.narrow(0, 0, active) for p in params]
+        steps = trials.steps(epoch, live)
+        uniform = count == 1 and len(set(steps)) == 1
         for start in range(0, len(indices), schedule.batch_size):
             grads = grad_fn(indices[start:start + schedule.batch_size])
             if schedule.weight_decay:
-                torch._foreach_add_(grads, params, alpha=schedule.weight_decay)
+                torch._foreach_add_(grads, live, alpha=schedule.weight_decay)
             if schedule.momentum:
-                if buffers is None:
+                if buffers is None:  # the first step: every trial trains (each has >= 1 epoch)
                     buffers = grads
                 else:
-                    torch._foreach_mul_(buffers, schedule.momentum)
-                    torch._foreach_add_(buffers, grads)
-                grads = buffers
-            if lr_factors is None:
-                torch._foreach_add_(params, grads, alpha=-lr)
+                    held = buffers if active == count else [b.narrow(0, 0, active) for b in buffers]
+                    torch._foreach_mul_(held, schedule.momentum)
+                    torch._foreach_add_(held, grads)
+                    grads = held
+            if uniform:
+                torch._foreach_add_(live, grads, alpha=-steps[0])
             else:
-                for param, grad, factor in zip(params, grads, lr_factors):
-                    param.add_(grad, alpha=-lr * factor)
+                for param, grad, step in zip(live, grads, steps):
+                    if isinstance(step, float):
+                        param.add_(grad, alpha=-step)
+                    else:
+                        param.addcmul_(grad, step, value=-1.0)
             if post_step is not None:
                 post_step()
 
@@ -264,7 +309,7 @@ class SGDTrained(LTClassifier):
     def _train(self, params: list[torch.Tensor], grad_fn: Callable[[torch.Tensor], list[torch.Tensor]],
                epochs: list[torch.Tensor], **hooks) -> None:
         """:func:`sgd_train` under this estimator's schedule (``hooks``: ``post_step``, ``on_epoch``,
-        ``lr_factors``)."""
+        ``lr_factors``, ``stack``)."""
         sgd_train(params, grad_fn, epochs, self._schedule(), **hooks)
 
 

@@ -13,6 +13,7 @@ from .sweep_config import build_executor, executor_options, load_config, parse_p
 
 # kept here, not imported, so that --help does not import the classifiers (torch)
 DEFAULT_BUDGET = 12
+DEFAULT_STACK_MIB = 512  # classifiers.training.DEFAULT_MEMORY_BUDGET
 METRIC_CHOICES = ["top1", "accuracy", "top5", "many", "medium", "few", "macro_f1", "ece", "nll"]
 SELECTION_CHOICES = METRIC_CHOICES
 
@@ -68,6 +69,11 @@ def list_():
 @click.option("--select-metric", type=click.Choice(SELECTION_CHOICES),
               help="With --tune: the val metric the best trial is best at (default top1, balanced top-1; "
                    "ece and nll: lowest).")
+@click.option("--no-stack", is_flag=True,
+              help="With --tune: fit every trial alone, not a method's trials of one seed in one pass (stacked "
+                   "heads; equal results to float32 rounding). For A/B timing.")
+@click.option("--stack-budget", type=click.IntRange(1), default=DEFAULT_STACK_MIB, show_default=True,
+              metavar="MIB", help="With --tune: MiB one stack of trials may hold (more trials: several stacks).")
 @click.option("--many", type=int, default=100, show_default=True, help="Many-shot: more than this many training images.")
 @click.option("--few", type=int, default=20, show_default=True, help="Few-shot: fewer than this many training images.")
 @click.option("--out", default="runs/sweep", show_default=True, type=click.Path(), help="Output directory.")
@@ -85,8 +91,8 @@ def list_():
 @trust_checkpoint_option
 @device_option
 def sweep(cache_refs, ckpt, arch, data_spec, cache_dir, methods, params, config, seeds, eval_split, val_split,
-          tune, budget, select_metric, many, few, out, fmt, resume, overwrite, no_plots, plot_format, dpi,
-          no_memory_check, quiet, executor, trust_checkpoint, device):
+          tune, budget, select_metric, no_stack, stack_budget, many, few, out, fmt, resume, overwrite, no_plots,
+          plot_format, dpi, no_memory_check, quiet, executor, trust_checkpoint, device):
     """Run representations x methods x parameters x seeds and print the ablation table.
 
     Writes OUT/results.jsonl (one record per run, appended as it finishes), OUT/table.md,
@@ -134,10 +140,13 @@ def sweep(cache_refs, ckpt, arch, data_spec, cache_dir, methods, params, config,
     tune = settings.get("tune", False) if tune is None else tune
     if not tune and (budget is not None or select_metric or "budget" in settings or "select_metric" in settings):
         raise FeatcacheError("--budget and --select-metric apply to a tuned sweep: add --tune")
+    if not tune and no_stack:
+        raise FeatcacheError("--no-stack applies to a tuned sweep's trials: add --tune")
     spec = SweepSpec(list(method_list), grid, list(seed_list), eval_split or settings.get("eval_split", "test"),
                      val_split or settings.get("val_split", "val"), device, many, few, tune,
                      settings.get("budget", DEFAULT_BUDGET) if budget is None else budget,
-                     select_metric or settings.get("select_metric", "top1"))
+                     select_metric or settings.get("select_metric", "top1"), stack=not no_stack,
+                     stack_budget=stack_budget * 2**20)
     if ckpt:
         from featcache.extract import ExtractRequest, extract
         path = extract(ExtractRequest(ckpt=ckpt, arch=arch, data=data_spec, cache_dir=cache_dir, device=device,

@@ -84,3 +84,20 @@ def test_two_representation_sweep_on_cuda_matches_cpu(tmp_path, cache_dir, runne
     assert top1["cpu"].keys() == top1["cuda"].keys() and len(top1["cpu"]) == 10
     for key, value in top1["cpu"].items():
         assert abs(top1["cuda"][key] - value) <= 2.0, (key, value, top1["cuda"][key])
+
+
+@pytest.mark.parametrize("name", ["crt", "la_loss", "ldam_drw", "las"])
+def test_stacked_trials_on_cuda_equal_separate_cuda_runs(name):
+    """Stacked heads on the GPU (one batched matmul for the stack) against each trial fitted alone
+    there: the issue's 3 lrs x 2 epoch counts."""
+    from classifiers.stacking import fit_together
+    data = long_tailed_features(num_classes=20, dim=24, max_count=400, imbalance=50, test_per_class=100, seed=3)
+    (X, y), (Xt, _) = data["train"], data["test"]
+    kwargs = dict(class_counts=data["counts"], classifier=(data["W"], data["b"]), val=data["val"])
+    trials = [{"lr": lr, "epochs": e} for lr in (0.05, 0.2, 0.8) for e in (3, 8)]
+    alone = [create(name, device="cuda", **p).fit(X, y, **kwargs) for p in trials]
+    together = fit_together([create(name, device="cuda", **p) for p in trials], X, y, **kwargs)
+    for a, b in zip(alone, together):
+        la, lb = a.logits(Xt), b.logits(Xt)
+        assert (la.argmax(1) == lb.argmax(1)).mean() >= 0.999
+        np.testing.assert_allclose(lb, la, rtol=1e-4, atol=1e-4 * np.abs(la).max())

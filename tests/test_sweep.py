@@ -123,7 +123,7 @@ def test_interrupt_and_resume_does_not_repeat_runs(entry, tmp_path, runner, monk
         handle.write('{"method": "cr')
     executed = []
     original = Sweeper._run
-    monkeypatch.setattr(Sweeper, "_run", lambda self, run, *a: executed.append((run.method, run.seed)) or original(self, run, *a))
+    monkeypatch.setattr(Sweeper, "_run", lambda self, run, *a, **k: executed.append((run.method, run.seed)) or original(self, run, *a, **k))
     result = invoke(runner, lt_cls, ["sweep", "--cache", entry, "--methods", "joint,crt,ncm,knn", "--seeds", "0,1",
                                      "--out", out, "--resume", "--quiet", "--no-plots"])
     keys = [(r["method"], r["seed"]) for r in load_records(out / "results.jsonl")]
