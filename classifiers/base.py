@@ -316,6 +316,11 @@ class LTClassifier(ClassifierMixin, BaseEstimator):
 
     def logits(self, X) -> np.ndarray:
         """Logits, N x C (float32), columns in ``classes_`` order (whatever the number of classes)."""
+        return self.device_logits(X).cpu().numpy()
+
+    def device_logits(self, X) -> torch.Tensor:
+        """:meth:`logits` as a float32 tensor on the estimator's device, not copied to the host (a
+        sweep scores them there: featcache.metrics takes tensors)."""
         try:
             check_is_fitted(self, "device_")
         except sklearn_exceptions.NotFittedError as exc:
@@ -330,7 +335,7 @@ class LTClassifier(ClassifierMixin, BaseEstimator):
         out = torch.empty((len(X_t), len(self.classes_)), dtype=torch.float32, device=self.device_)
         with torch.no_grad():
             self._fill_logits(X_t, out)
-        return out.cpu().numpy()
+        return out
 
     def _fill_logits(self, X: torch.Tensor, out: torch.Tensor) -> None:
         """Write the logits of X (float32 or float16) into ``out``, upcasting a chunk of rows at a time."""

@@ -152,73 +152,61 @@ def train_together(trials: list[CRT], data: FitData, tile: int | None = None) ->
         params, layer = ([weight_t] if cosine else [weight_t, bias]), 1 if cosine else 2
     lr_factors = None if all(f == 1.0 for f in factors) else \
         (factors,) * layer + ((1.0,) * count,) * (len(params) - layer)
-    stack = TrialStack(tuple(t.epochs for t in trials), tuple(float(t.lr) for t in trials), lr_factors)
-    epoch_now, active = [0], [count]
+    stack = TrialStack(tuple(t.epochs for t in trials), tuple(float(t.lr) for t in trials), lr_factors,
+                       tile or (count if data.device.type == "cuda" else 1))
+    epoch_now = [0]
     X, y = data.rows_X, data.rows_y  # every view's rows; the epochs index them
 
     def on_epoch(epoch: int) -> None:
-        epoch_now[0], active[0] = epoch, stack.active(epoch)
+        epoch_now[0] = epoch
 
 
-    tile = tile or (count if data.device.type == "cuda" else 1)
-    dim, C = X.shape[1], data.num_classes
+    held: dict = {}
 
-    def shifted(z: torch.Tensor, k: int) -> torch.Tensor:
-        """Trials k ...'s logits (t x B x C) with the loss's training offset."""
-        return z if loss.offset is None else z + loss.offset[k:k + len(z)].unsqueeze(1)
+    def gathered(batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's rows (B x D; unit rows for the cosine head) and labels, gathered once per step
+        for all the step's tiles of trials."""
+        if held.get("batch") is not batch:
+            features = X.index_select(0, batch).float()
+            held.update(batch=batch, targets=y.index_select(0, batch),
+                        features=torch.nn.functional.normalize(features, dim=1) if cosine else features)
+        return held["features"], held["targets"]
 
-    def tiles(features: torch.Tensor):
-        """(first trial, the tile's features t x B x D: a view, no copy) for the active trials, the
-        batch's rows (B x D) gathered once for all of them."""
-        return ((k, features.expand(min(tile, active[0] - k), -1, -1)) for k in range(0, active[0], tile))
+    def shifted(z: torch.Tensor, rows: slice) -> torch.Tensor:
+        """The logits of trials ``rows`` (t x B x C) with the loss's training offset."""
+        return z if loss.offset is None else z + loss.offset[rows].unsqueeze(1)
 
-    def gathered(batch) -> torch.Tensor:
-        return X.index_select(0, batch).float()
+    def linear_grad(batch, rows):
+        features, targets = gathered(batch)
+        features = features.expand(rows.stop - rows.start, -1, -1)  # a view: t x B x D
+        logits = shifted(torch.baddbmm(bias[rows].unsqueeze(1), features, weight_t[rows]), rows)
+        g = loss.grad(logits, targets, epoch_now[0], first=rows.start)
+        return [torch.bmm(features.transpose(1, 2), g).div_(len(batch)), g.sum(1).div_(len(batch))]
 
-    def linear_grad(batch):
-        targets, n = y.index_select(0, batch), len(batch)
-        grad_w, grad_b = weight_t.new_empty((active[0], dim, C)), bias.new_empty((active[0], C))
-        for k, features in tiles(gathered(batch)):
-            rows = slice(k, k + len(features))
-            logits = shifted(torch.baddbmm(bias[rows].unsqueeze(1), features, weight_t[rows]), k)
-            g = loss.grad(logits, targets, epoch_now[0], first=k)
-            torch.bmm(features.transpose(1, 2), g, out=grad_w[rows]).div_(n)
-            torch.sum(g, 1, out=grad_b[rows]).div_(n)
-        return [grad_w, grad_b]
-
-    def scaled_grad(batch):
+    def scaled_grad(batch, rows):
         # z = f * u (+ offset), u = x W^T + b: dL/df_j = sum_i g_ij u_ij, dL/du = g * f
-        targets, n = y.index_select(0, batch), len(batch)
-        grad_w, grad_b = weight_t.new_empty((active[0], dim, C)), bias.new_empty((active[0], C))
-        grad_scales = scales.new_empty((active[0], C))
-        for k, features in tiles(gathered(batch)):
-            rows = slice(k, k + len(features))
-            raw = torch.baddbmm(bias[rows].unsqueeze(1), features, weight_t[rows])
-            g = loss.grad(shifted(raw * scales[rows].unsqueeze(1), k), targets, epoch_now[0], first=k)
-            torch.sum(g * raw, 1, out=grad_scales[rows]).div_(n)
-            g.mul_(scales[rows].unsqueeze(1))
-            torch.bmm(features.transpose(1, 2), g, out=grad_w[rows]).div_(n)
-            torch.sum(g, 1, out=grad_b[rows]).div_(n)
-        return [grad_w, grad_b, grad_scales]
+        features, targets = gathered(batch)
+        features = features.expand(rows.stop - rows.start, -1, -1)
+        raw = torch.baddbmm(bias[rows].unsqueeze(1), features, weight_t[rows])
+        g = loss.grad(shifted(raw * scales[rows].unsqueeze(1), rows), targets, epoch_now[0], first=rows.start)
+        grad_scales = (g * raw).sum(1).div_(len(batch))
+        g.mul_(scales[rows].unsqueeze(1))
+        return [torch.bmm(features.transpose(1, 2), g).div_(len(batch)), g.sum(1).div_(len(batch)), grad_scales]
 
-    def cosine_grad(batch):
+    def cosine_grad(batch, rows):
         # z = s·x̂·w_j/‖w_j‖; dL/dw_j = (s/‖w_j‖)(Σ_i g_ij x̂_i − (Σ_i g_ij cos_ij) w_j/‖w_j‖);
         # scaling the B x C logits and gradients instead of W keeps the passes over W to three
-        targets, scale = y.index_select(0, batch), first.cosine_scale
-        grad_w = weight_t.new_empty((active[0], dim, C))
-        for k, unit in tiles(torch.nn.functional.normalize(gathered(batch), dim=1)):
-            rows = slice(k, k + len(unit))
-            live = weight_t[rows]
-            norms = live.square().sum(1, keepdim=True).sqrt_().clamp_min_(1e-12)  # 4x faster than norm() here
-            cos = torch.bmm(unit, live).div_(norms)
-            g = loss.grad(shifted(cos * scale, k), targets, epoch_now[0], first=k)
-            along = (g * cos).sum(1, keepdim=True).div_(norms)
-            torch.bmm(unit.transpose(1, 2), g, out=grad_w[rows]).addcmul_(live, along, value=-1.0)
-            grad_w[rows].mul_(norms.reciprocal_().mul_(scale / len(batch)))
-        return [grad_w]
+        unit, targets = gathered(batch)
+        unit, live, scale = unit.expand(rows.stop - rows.start, -1, -1), weight_t[rows], first.cosine_scale
+        norms = live.square().sum(1, keepdim=True).sqrt_().clamp_min_(1e-12)  # 4x faster than norm() here
+        cos = torch.bmm(unit, live).div_(norms)
+        g = loss.grad(shifted(cos * scale, rows), targets, epoch_now[0], first=rows.start)
+        along = (g * cos).sum(1, keepdim=True).div_(norms)
+        grad_t = torch.bmm(unit.transpose(1, 2), g).addcmul_(live, along, value=-1.0)
+        return [grad_t.mul_(norms.reciprocal_().mul_(scale / len(batch)))]
 
-    def post_step() -> None:  # MaxNorm's projection, on each trial's W^T
-        for k in range(active[0]):
+    def post_step(rows: slice) -> None:  # MaxNorm's projection, on each trial's W^T
+        for k in range(rows.start, rows.stop):
             trials[k]._post_step(weight_t[k])
 
     capped = type(first)._post_step is not CRT._post_step

@@ -5,7 +5,7 @@ import numpy as np
 
 from featcache.metrics import (accuracy, balanced_accuracy, calibration_bins, evaluate,  # noqa: F401
                                expected_calibration_error, macro_f1, negative_log_likelihood, per_class_accuracy,
-                               shot_groups, softmax, topk_accuracy)
+                               predictions, shot_groups, topk_accuracy)
 
 
 def shot_accuracy(y_true, y_pred, *, train_counts, group: str = "few", many: int = 100, few: int = 20) -> float:

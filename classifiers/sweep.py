@@ -30,7 +30,7 @@ from featcache.store.format import training_run_label
 
 from .base import REGISTRY, as_features, create
 from .cluster import collect_parts, is_lost, merge_diagnostics, remove_parts
-from .metrics import calibration_bins, evaluate, per_class_accuracy
+from .metrics import calibration_bins, evaluate, per_class_accuracy, predictions
 from .records import (
     DIAGNOSTICS_FILE,
     METRIC_FIELDS,
@@ -595,7 +595,7 @@ class Sweeper:
         else:
             (estimator, fit_seconds), fitted = prefit, time.perf_counter()
             began = fitted - fit_seconds
-        logits = estimator.logits(X_eval)
+        logits = estimator.device_logits(X_eval)  # scored where they are (featcache.metrics)
         evaluated = time.perf_counter()
         selected = getattr(estimator, "selected_", {}) or {}
         record = {"method": run.method, "params": {**_jsonable(params), **selected}, "seed": run.seed,
@@ -604,7 +604,7 @@ class Sweeper:
                   "many_threshold": self.spec.many, "few_threshold": self.spec.few,
                   "fit_seconds": round(fitted - began, 4), "eval_seconds": round(evaluated - fitted, 4),
                   "cache_key": run.cache_key, "version": __version__, "job": self.job, "tuning": None}
-        bad = int((~np.isfinite(logits)).any(axis=1).sum())
+        bad = int((~torch.isfinite(logits)).any(dim=1).sum())
         if bad:
             record.update(status="failed", failure=f"non-finite logits on {bad} of {len(logits)} eval rows "
                                                    "(the fit diverged?)", **dict.fromkeys(METRIC_FIELDS))
@@ -626,8 +626,8 @@ class Sweeper:
     def _val_metrics(self, estimator, val, counts) -> dict | None:
         """A trial's metrics on the val split (what its method's choice compares); None where its
         val logits are not finite."""
-        logits = estimator.logits(val[0])
-        if not np.isfinite(logits).all():
+        logits = estimator.device_logits(val[0])
+        if not bool(torch.isfinite(logits).all()):
             return None
         labels = val[1].cpu().numpy() if isinstance(val[1], torch.Tensor) else val[1]
         metrics = evaluate(logits, labels, counts, self.spec.many, self.spec.few)
@@ -652,7 +652,7 @@ class Sweeper:
 
     def _diagnostics_of(self, cache, run: Run, estimator, logits, y_eval, X_eval) -> dict:
         wanted = REGISTRY[run.method].info.diagnostics
-        per_class = per_class_accuracy(logits.argmax(1), y_eval, logits.shape[1])
+        per_class = per_class_accuracy(predictions(logits), y_eval, logits.shape[1])
         found = {"per_class": [None if np.isnan(a) else float(a) for a in per_class],
                  "reliability": calibration_bins(logits, np.asarray(y_eval))}
         norms = effective_weight_norms(estimator)

@@ -143,11 +143,14 @@ class TrialStack:
     """K trials trained in one pass by :func:`sgd_train`: the first axis of every parameter is the
     trial. Each trial has its own base lr, number of epochs (at least 1, non-increasing in k, so the
     trials still training are always the first ones) and per-parameter lr factors; the rest of the
-    schedule (momentum, weight decay, the batches) is shared."""
+    schedule (momentum, weight decay, the batches) is shared. Each step runs ``tile`` trials at a
+    time: the gradient of a tile, then its update (all of them: one launch each on a GPU; one on
+    the CPU, where a trial's parameters and temporaries then stay in cache between the two)."""
 
     epochs: tuple[int, ...]
     lrs: tuple[float, ...]
     lr_factors: tuple[tuple[float, ...], ...] | None = None  # [parameter][trial]; None: all 1
+    tile: int = 1
 
     def active(self, epoch: int) -> int:
         """How many trials (the first ones) still train in ``epoch``."""
@@ -164,54 +167,81 @@ class TrialStack:
         return [torch.tensor([lr * f[k] for k, lr in enumerate(lrs)], device=p.device).view(-1, *[1] * (p.dim() - 1))
                 for f, p in zip(factors, params)]
 
+    def tiles(self, epoch: int) -> list[slice]:
+        """The active trials of ``epoch``, ``tile`` at a time."""
+        active = self.active(epoch)
+        return [slice(k, min(active, k + self.tile)) for k in range(0, active, self.tile)]
 
-def sgd_train(params: list[torch.Tensor], grad_fn: Callable[[torch.Tensor], list[torch.Tensor]],
-              epochs: list[torch.Tensor], schedule: Schedule, post_step: Callable[[], None] | None = None,
-              on_epoch: Callable[[int], None] | None = None, lr_factors: list[float] | None = None,
-              stack: TrialStack | None = None) -> None:
+
+def sgd_train(params: list[torch.Tensor], grad_fn: Callable, epochs: list[torch.Tensor], schedule: Schedule,
+              post_step: Callable | None = None, on_epoch: Callable[[int], None] | None = None,
+              lr_factors: list[float] | None = None, stack: TrialStack | None = None) -> None:
     """Train ``params`` in place over the epochs' indices, ``schedule.batch_size`` at a time (the
     epochs hold what :func:`draw_epochs` kept for ``schedule.epoch_steps``); epoch e at
     :func:`cosine_lr` (e = 0 at the base lr). ``on_epoch(epoch)`` runs before each epoch (deferred
     re-weighting switches weights there). ``lr_factors``: one per parameter, its lr is
     ``factor`` x the epoch's (torch.optim's parameter groups; MiSLAS trains its classifier at 0.05 x
-    the scaling layer's). ``grad_fn`` must return new tensors it keeps no reference to: they are
-    updated in place, and the first step's become the momentum buffers.
+    the scaling layer's). ``grad_fn(indices)`` must return new tensors it keeps no reference to:
+    they are updated in place, and the first step's become the momentum buffers.
 
     ``stack``: several trials at once (:class:`TrialStack`, which then holds the lrs, epochs and
     factors; ``schedule.lr`` and ``lr_factors`` are unused), each parameter's first axis the trial.
-    In an epoch where only the first a trials train, ``grad_fn`` returns the gradients of their rows
-    only and only those move; each trial's numbers are those of its own run."""
-    trials = stack or TrialStack((len(epochs),), (schedule.lr,),
-                                 None if lr_factors is None else tuple((f,) for f in lr_factors))
-    count = len(trials.lrs)
-    buffers: list[torch.Tensor] | None = None
+    Each step then calls ``grad_fn(indices, trials)`` and ``post_step(trials)`` once per tile of
+    the active trials (``trials`` a slice of them, the same ``indices`` object for every tile of
+    a step), and only those trials move; each trial's numbers are those of its own run."""
+    if stack is None:
+        _sgd_single(params, grad_fn, epochs, schedule, post_step, on_epoch, lr_factors)
+        return
+    buffers = [torch.zeros_like(p) for p in params] if schedule.momentum else None
     for epoch, indices in enumerate(epochs):
         if on_epoch is not None:
             on_epoch(epoch)
-        active = trials.active(epoch)
-        live = params if active == count else [p.narrow(0, 0, active) for p in params]
-        steps = trials.steps(epoch, live)
-        uniform = count == 1 and len(set(steps)) == 1
+        tiles = stack.tiles(epoch)
+        steps = stack.steps(epoch, [p.narrow(0, 0, tiles[-1].stop) for p in params])
         for start in range(0, len(indices), schedule.batch_size):
-            grads = grad_fn(indices[start:start + schedule.batch_size])
-            if schedule.weight_decay:
-                torch._foreach_add_(grads, live, alpha=schedule.weight_decay)
-            if schedule.momentum:
-                if buffers is None:  # the first step: every trial trains (each has >= 1 epoch)
-                    buffers = grads
-                else:
-                    held = buffers if active == count else [b.narrow(0, 0, active) for b in buffers]
+            batch = indices[start:start + schedule.batch_size]
+            for trials in tiles:
+                grads = grad_fn(batch, trials)
+                live = [p[trials] for p in params]
+                if schedule.weight_decay:
+                    torch._foreach_add_(grads, live, alpha=schedule.weight_decay)
+                if buffers is not None:  # zeros at first: the first step's buffer is its gradient
+                    held = [b[trials] for b in buffers]
                     torch._foreach_mul_(held, schedule.momentum)
                     torch._foreach_add_(held, grads)
                     grads = held
-            if uniform:
-                torch._foreach_add_(live, grads, alpha=-steps[0])
-            else:
                 for param, grad, step in zip(live, grads, steps):
                     if isinstance(step, float):
                         param.add_(grad, alpha=-step)
                     else:
-                        param.addcmul_(grad, step, value=-1.0)
+                        param.addcmul_(grad, step[trials], value=-1.0)
+                if post_step is not None:
+                    post_step(trials)
+
+
+def _sgd_single(params, grad_fn, epochs, schedule, post_step, on_epoch, lr_factors) -> None:
+    """:func:`sgd_train` of one trial whose parameters have no trial axis."""
+    buffers: list[torch.Tensor] | None = None
+    for epoch, indices in enumerate(epochs):
+        if on_epoch is not None:
+            on_epoch(epoch)
+        lr = cosine_lr(schedule.lr, epoch, len(epochs))
+        for start in range(0, len(indices), schedule.batch_size):
+            grads = grad_fn(indices[start:start + schedule.batch_size])
+            if schedule.weight_decay:
+                torch._foreach_add_(grads, params, alpha=schedule.weight_decay)
+            if schedule.momentum:
+                if buffers is None:
+                    buffers = grads
+                else:
+                    torch._foreach_mul_(buffers, schedule.momentum)
+                    torch._foreach_add_(buffers, grads)
+                grads = buffers
+            if lr_factors is None:
+                torch._foreach_add_(params, grads, alpha=-lr)
+            else:
+                for param, grad, factor in zip(params, grads, lr_factors):
+                    param.add_(grad, alpha=-lr * factor)
             if post_step is not None:
                 post_step()
 

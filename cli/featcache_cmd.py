@@ -22,7 +22,8 @@ def main(debug):
 @click.option("--init", type=click.Path(), help="timm/ archs: start from this checkpoint's weights, head re-initialised.")
 @click.option("--sampler", type=click.Choice(["instance", "class", "sqrt", "progressive"]), default="instance",
               show_default=True, help="Class-sampling strategy (p_j ~ n_j^q; progressive moves IB -> CB).")
-@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True,
+              help="Epochs to train (capped at $FEATCACHE_MAX_EPOCHS where set: a smoke test of the docs).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--lr", type=float, default=0.1, show_default=True, help="SGD learning rate (cosine to 0).")
 @click.option("--wd", type=float, default=5e-4, show_default=True, help="Weight decay.")

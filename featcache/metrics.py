@@ -1,5 +1,7 @@
-"""Evaluation metrics, pure numpy, shared by Stage 1 (val during training) and Stage 2.
-Accuracies are fractions here; records multiply by 100.
+"""Evaluation metrics, shared by Stage 1 (val during training) and Stage 2. Accuracies are
+fractions here; records multiply by 100. Logits are numpy arrays or torch tensors: what reads
+every logit (the argmax, top-k, the softmax of the NLL and the ECE) runs in torch on the logits'
+device, so a GPU sweep's logits never leave the GPU; what is per row or per class runs in numpy.
 
 Many / Medium / Few-shot: classes with > many / many..few / < few training images (defaults
 100 and 20, as in Kang et al. 2020 and Liu et al. 2019). Classes absent from the evaluation split
@@ -7,6 +9,7 @@ are left out of every mean, and each group reports how many classes it averaged.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 
 def per_class_accuracy(pred: np.ndarray, y: np.ndarray, num_classes: int) -> np.ndarray:
@@ -25,10 +28,21 @@ def accuracy(pred, y) -> float:
     return float(np.mean(pred == y))
 
 
-def topk_accuracy(logits: np.ndarray, y: np.ndarray, k: int = 5) -> float:
-    k = min(k, logits.shape[1])
-    top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
-    return float(np.mean((top == y[:, None]).any(axis=1)))
+def topk_accuracy(logits, y, k: int = 5) -> float:
+    z = torch.as_tensor(logits)
+    top = z.topk(min(k, z.shape[1]), dim=1).indices
+    return float((top == _labels(y, z)[:, None]).any(dim=1).double().mean())
+
+
+def _labels(y, like: torch.Tensor) -> torch.Tensor:
+    """``y`` as an int64 tensor on the device of ``like``."""
+    return torch.as_tensor(np.asarray(y, dtype=np.int64) if not isinstance(y, torch.Tensor) else y,
+                           device=like.device).long()
+
+
+def predictions(logits) -> np.ndarray:
+    """The argmax of each row, as a numpy array (computed where the logits are)."""
+    return torch.as_tensor(logits).argmax(dim=1).cpu().numpy()
 
 
 def shot_groups(train_counts, many: int = 100, few: int = 20) -> dict[str, np.ndarray]:
@@ -46,43 +60,40 @@ def macro_f1(pred, y, num_classes) -> float:
     return float(f1[true > 0].mean())
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
-
-
 ROWS_PER_CHUNK = 8192  # rows upcast to float64 at a time (bounded temporaries)
 
 
-def negative_log_likelihood(logits: np.ndarray, y: np.ndarray) -> float:
+def negative_log_likelihood(logits, y) -> float:
     """Mean -log softmax(z)_y in nats, computed in float64 a chunk of rows at a time."""
-    total = 0.0
-    for start in range(0, len(logits), ROWS_PER_CHUNK):
-        z = logits[start:start + ROWS_PER_CHUNK].astype(np.float64)
-        top = z.max(axis=1)
-        log_norm = top + np.log(np.exp(z - top[:, None]).sum(axis=1))
-        total += float((log_norm - z[np.arange(len(z)), y[start:start + ROWS_PER_CHUNK]]).sum())
-    return total / len(logits)
+    z_all, total = torch.as_tensor(logits), 0.0
+    labels = _labels(y, z_all)
+    for start in range(0, len(z_all), ROWS_PER_CHUNK):
+        z = z_all[start:start + ROWS_PER_CHUNK].double()
+        chosen = labels[start:start + ROWS_PER_CHUNK, None]
+        total += float(-torch.log_softmax(z, dim=1).gather(1, chosen).sum())
+    return total / len(z_all)
 
 
-def calibration_bins(logits: np.ndarray, y: np.ndarray, bins: int = 15) -> dict[str, list]:
+def calibration_bins(logits, y, bins: int = 15) -> dict[str, list]:
     """Reliability-diagram bins: ``bins`` equal-width bins over (0, 1] of the softmax's top
     probability, each with its row ``count``, mean ``confidence`` and ``accuracy`` (None where empty)."""
-    count, confidence, correct = np.zeros(bins), np.zeros(bins), np.zeros(bins)
-    for start in range(0, len(logits), ROWS_PER_CHUNK):
-        probs = softmax(logits[start:start + ROWS_PER_CHUNK].astype(np.float64))
-        top, pred = probs.max(axis=1), probs.argmax(axis=1)
-        which = np.clip(np.ceil(top * bins).astype(int) - 1, 0, bins - 1)
-        count += np.bincount(which, minlength=bins)
-        confidence += np.bincount(which, weights=top, minlength=bins)
-        correct += np.bincount(which, weights=(pred == y[start:start + ROWS_PER_CHUNK]), minlength=bins)
+    z_all = torch.as_tensor(logits)
+    labels = _labels(y, z_all)
+    count, confidence, correct = (torch.zeros(bins, dtype=torch.float64, device=z_all.device) for _ in range(3))
+    for start in range(0, len(z_all), ROWS_PER_CHUNK):
+        top, pred = torch.softmax(z_all[start:start + ROWS_PER_CHUNK].double(), dim=1).max(dim=1)
+        which = torch.ceil(top * bins).long().sub_(1).clamp_(0, bins - 1)
+        count += torch.bincount(which, minlength=bins)
+        confidence += torch.bincount(which, weights=top, minlength=bins)
+        correct += torch.bincount(which, weights=(pred == labels[start:start + ROWS_PER_CHUNK]).double(),
+                                  minlength=bins)
+    count, confidence, correct = (t.cpu().numpy() for t in (count, confidence, correct))
     filled = count > 0
     mean = lambda total: [float(t / c) if f else None for t, c, f in zip(total, count, filled)]  # noqa: E731
     return {"count": count.astype(int).tolist(), "confidence": mean(confidence), "accuracy": mean(correct)}
 
 
-def expected_calibration_error(logits: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
+def expected_calibration_error(logits, y, bins: int = 15) -> float:
     """ECE with ``bins`` equal-width confidence bins over (0, 1] of the softmax's top probability:
     sum over bins of (rows in bin / N) |accuracy - mean confidence|."""
     return binned_calibration_error(calibration_bins(logits, y, bins))
@@ -94,11 +105,11 @@ def binned_calibration_error(table: dict[str, list]) -> float:
                      if n) / sum(table["count"]))
 
 
-def evaluate(logits: np.ndarray, y: np.ndarray, train_counts, many: int = 100, few: int = 20) -> dict:
+def evaluate(logits, y, train_counts, many: int = 100, few: int = 20) -> dict:
     """Every metric of a record (percentages; the NLL in nats), with the number of classes in each shot group."""
     num_classes = logits.shape[1]
-    y = np.asarray(y, dtype=np.int64)
-    pred = logits.argmax(axis=1)
+    y = y.cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y, dtype=np.int64)
+    pred = predictions(logits)
     per_class = per_class_accuracy(pred, y, num_classes)
     present = ~np.isnan(per_class)
     out = {"top1": 100 * float(np.nanmean(per_class)), "accuracy": 100 * accuracy(pred, y),

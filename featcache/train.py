@@ -7,9 +7,10 @@ its slice of one global index stream; only rank 0 logs and writes checkpoints.""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,20 @@ class TrainConfig:
 
 
 RUN_FILES = ("last.pt", "best.pt", "log.jsonl")  # what a run writes into its folder
+MAX_EPOCHS_VARIABLE = "FEATCACHE_MAX_EPOCHS"  # caps every training's epochs (smoke tests of docs and scripts)
+
+
+def capped_epochs(epochs: int) -> int:
+    """``epochs``, or at most ``$FEATCACHE_MAX_EPOCHS`` where that is set (said on stderr): a smoke
+    test runs the documented commands as written, in seconds."""
+    cap = os.environ.get(MAX_EPOCHS_VARIABLE)
+    if not cap:
+        return epochs
+    if not cap.isdigit() or int(cap) < 1:
+        raise FeatcacheError(f"${MAX_EPOCHS_VARIABLE}={cap!r}: expected a whole number of epochs, at least 1")
+    if epochs > int(cap):
+        print(f"note: ${MAX_EPOCHS_VARIABLE}={cap}: training {cap} of the {epochs} epochs asked for", file=sys.stderr)
+    return min(epochs, int(cap))
 
 
 def _prepare_run_dir(out: Path, config: TrainConfig) -> None:
@@ -129,6 +144,7 @@ def train(config: TrainConfig) -> Path:
         raise FeatcacheError(f"--sampler {config.sampler!r}: choose one of {', '.join(SAMPLERS)}")
     if config.epochs < 1:
         raise FeatcacheError(f"--epochs must be at least 1 (got {config.epochs})")
+    config = replace(config, epochs=capped_epochs(config.epochs))
     dist = Dist.from_env()
     device = dist.device(resolve_device(config.device))
     source = config.data.load()

@@ -42,3 +42,18 @@ def test_shot_thresholds_are_configurable():
     assert groups["many"].tolist() == [True, False, False, False]
     assert groups["medium"].tolist() == [False, True, True, False]
     assert groups["few"].tolist() == [False, False, False, True]
+
+
+def test_metrics_of_a_tensor_equal_those_of_its_array():
+    """The sweep scores logits where they are (a GPU's tensors); the numbers are the numpy ones."""
+    import torch
+    from featcache.metrics import calibration_bins, evaluate
+    rng = np.random.default_rng(4)
+    logits = (rng.normal(size=(3000, 12)) * 3).astype(np.float32)
+    y = rng.integers(0, 12, 3000)
+    counts = np.array([300, 200, 150, 120, 90, 60, 40, 25, 18, 9, 4, 2])
+    as_array, as_tensor = evaluate(logits, y, counts), evaluate(torch.from_numpy(logits), torch.from_numpy(y), counts)
+    assert as_array.keys() == as_tensor.keys()
+    for name, value in as_array.items():
+        assert as_tensor[name] == pytest.approx(value, rel=1e-12, abs=1e-12), name
+    assert calibration_bins(logits, y) == calibration_bins(torch.from_numpy(logits), y)
