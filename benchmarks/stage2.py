@@ -22,9 +22,9 @@ With --float16 each method runs again on a float16 copy of the entry: its peak, 
 predictions agree with the float32 run.
 With --rounds R the floors and every method are measured R times, interleaved (floors, each
 method, floors, each method, ...): the table gives the median ratio and its min-max over the rounds.
-With --stacked METHODS: for each, 8 trials of its search space (lr x its own parameters; epochs E
-and 2 E with --epochs E, else its own epochs) fitted one by one and fitted together in one pass
-(classifiers/stacking.py), interleaved over the rounds: the stacked / separate time ratio (median,
+With --stacked METHODS (the cRT family, lws, marc, disalign): for each, 8 trials of its search space (lr x its own
+parameters; epochs E and 2 E with --epochs E, else its own epochs) fitted one by one and together
+in one pass (classifiers/stacking.py), interleaved over the rounds: the stacked / separate time ratio (median,
 min-max) and how many test predictions agree. With --tuned-sweep: the real tuned sweep
 (classifiers.sweep.Sweeper, --budget trials per method, one seed) of the six default methods with
 their search spaces (epochs replaced by E, 2 E, 3 E with --epochs E) with and without stacking,
@@ -508,7 +508,7 @@ def main(argv=None) -> int:
                         help="also run each method on a float16 copy of the entry: peak RSS, agreement")
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--stacked", metavar="METHODS",
-                        help="comma-separated cRT-family methods: 8 trials each, stacked vs separate (a ratio)")
+                        help="comma-separated stackable methods (the cRT family, lws, marc, disalign): 8 trials each, stacked vs separate")
     parser.add_argument("--tuned-sweep", action="store_true",
                         help="the tuned sweep of the six default methods, with and without stacking")
     parser.add_argument("--budget", type=at_least_one, default=DEFAULT_BUDGET,

@@ -30,7 +30,15 @@ class CRT(SGDTrained):
     train a learnable per-class scaling of the logits with the layer (:meth:`_recipe`; ``las``).
     """
 
-    per_trial: tuple[str, ...] = ()  # a recipe's own parameters trials may differ in (train_together)
+    stackable = True
+
+    def stack_varying(self) -> set[str]:
+        """lr, epochs, the loss's own parameters and a recipe's (``per_trial``)."""
+        return super().stack_varying() | set(LOSS_PARAMS[self.loss])
+
+    @staticmethod
+    def fit_stack(trials, data, tile=None) -> None:
+        train_together(trials, data, tile)
     _parameter_constraints = {**SGDTrained._parameter_constraints, **LOSS_CONSTRAINTS, "head": [Options(*HEADS)],
                               "cosine_scale": [Real(0, closed="neither")], "init": [Options(*INITS)]}
 
@@ -95,34 +103,16 @@ class CRT(SGDTrained):
             torch.addmm(self._bias, X, self._weight_t, out=out)
 
 
-# what the trials of one stack may differ in, besides their loss's own parameters (losses.LOSS_PARAMS)
-# and a recipe's (CRT.per_trial); everything else of the fit is shared
-PER_TRIAL = ("lr", "epochs")
-
-
-def stack_key(estimator) -> tuple | None:
-    """What trials must share to be trained in one pass by :func:`train_together` (equal keys: they
-    can), None for an estimator that trains alone: one outside the cRT family, or with no epochs. A
-    progressively-balanced sampler's draws depend on the number of epochs, so there it is shared too."""
-    if not isinstance(estimator, CRT) or estimator.epochs < 1:
-        return None
-    varying = set(PER_TRIAL) | set(LOSS_PARAMS[estimator.loss]) | set(estimator.per_trial)
-    if estimator.sampler == "progressive":
-        varying.discard("epochs")
-    params = estimator.get_params()
-    return (type(estimator), *sorted((k, repr(v)) for k, v in params.items() if k not in varying))
-
-
 def train_together(trials: list[CRT], data: FitData, tile: int | None = None) -> None:
     """Fit every trial on ``data`` in one pass (stacked heads): one gather of the drawn rows per
     step, the K trials' weights side by side (W^T: D x K C), one matmul for all their logits and one
     for all their weight gradients, each trial's own loss on its block of the logits, its own lr,
     epochs and schedule (:class:`~classifiers.training.TrialStack`). Each trial ends as if fitted
-    alone, to float32 rounding. The trials must share :func:`stack_key`; one trial is a plain fit.
+    alone, to float32 rounding. The trials must share stacking.stack_key; one trial is a plain fit.
     ``tile``: trials per matmul (default: all of them on a GPU, one launch for the stack; one on the
     CPU, where the arithmetic is the same either way and one trial's B x C temporaries stay in cache)."""
-    if len({stack_key(t) for t in trials}) > 1 or (len(trials) > 1 and stack_key(trials[0]) is None):
-        raise ValueError("train_together: these trials differ in more than their lr, epochs and loss parameters")
+    from .stacking import check_stack
+    check_stack(trials)
     recipes = [t._recipe(data) for t in trials]
     init, scaling = recipes[0][:2]
     if any(r[:2] != (init, scaling) for r in recipes):
@@ -137,7 +127,7 @@ def train_together(trials: list[CRT], data: FitData, tile: int | None = None) ->
     cosine = first.head == "cosine"
     if scaling and cosine:
         raise InvalidParameterError(f"{first.name}: the learnable weight scaling needs head='linear'")
-    order = sorted(range(len(trials)), key=lambda k: -trials[k].epochs)  # the longest first (TrialStack)
+    order = CRT.order_stack(trials)
     trials, factors = [trials[k] for k in order], tuple(recipes[k][2] for k in order)
     first = trials[0]  # draws the epochs: the longest trial's, whose first epochs are the others'
     count = len(trials)
@@ -153,7 +143,7 @@ def train_together(trials: list[CRT], data: FitData, tile: int | None = None) ->
     lr_factors = None if all(f == 1.0 for f in factors) else \
         (factors,) * layer + ((1.0,) * count,) * (len(params) - layer)
     stack = TrialStack(tuple(t.epochs for t in trials), tuple(float(t.lr) for t in trials), lr_factors,
-                       tile or (count if data.device.type == "cuda" else 1))
+                       first.stack_tile(count, data.device, tile))
     epoch_now = [0]
     X, y = data.rows_X, data.rows_y  # every view's rows; the epochs index them
 

@@ -5,7 +5,7 @@ import torch
 
 from .base import FitData, register, require_all_classes
 from .losses import make_loss
-from .training import GRWRecalibration, softmax_minus_onehot
+from .training import GRWRecalibration, TrialStack, softmax_minus_onehot
 
 _RECALIBRATE_ROWS = 1024  # rows of logits recalibrated at a time at inference
 
@@ -77,40 +77,70 @@ class DisAlign(GRWRecalibration):
     (2,)
     """
 
-    def _fit(self, data: FitData) -> None:
-        require_all_classes(data, self.name)
-        frozen = self._frozen_logits(data)
-        loss = make_loss("grw", data.counts, data.device, {"rho": self.rho})
-        dim = data.X.shape[1]
-        generator = torch.Generator().manual_seed(int(self.seed))
-        v = torch.full((dim,), 0.1, device=data.device)
-        v0 = ((torch.rand(1, generator=generator) * 2 - 1) / math.sqrt(dim)).to(data.device)
-        alpha = torch.zeros(data.num_classes, device=data.device)
-        beta = torch.zeros(data.num_classes, device=data.device)
-        rows_X = data.rows_X
-        longest_batch = min(self.batch_size, max(map(len, frozen.epochs), default=0))
-        gathered = torch.empty(longest_batch, dim, dtype=rows_X.dtype, device=data.device)  # reused: no allocator churn
+    stackable = True
+    per_trial = ("rho",)
 
-        def grad(batch):
+    def _fit(self, data: FitData) -> None:
+        self.fit_stack([self], data)
+
+    def stack_bytes(self, rows: int, dim: int, num_classes: int) -> int:
+        """One trial's v, alpha, beta (with gradients and momentum), a step's B x C temporaries and
+        its fitted W (the frozen logits are the stack's, within ``memory_budget``)."""
+        batch = min(self.batch_size, max(1, rows))
+        return 4 * (3 * dim + 6 * num_classes + 3 * batch * num_classes + 3 * dim * num_classes)
+
+    @staticmethod
+    def fit_stack(trials, data, tile=None) -> None:
+        """Every trial's v, v0, alpha, beta in one pass on one set of frozen logits (the longest
+        trial's draws), each step's frozen logits and feature rows read once; each trial its own rho."""
+        from .stacking import check_stack
+        check_stack(trials)
+        trials = [trials[k] for k in DisAlign.order_stack(trials)]
+        first, count = trials[0], len(trials)
+        require_all_classes(data, first.name)
+        frozen = first._frozen_logits(data)
+        loss = make_loss("grw", data.counts, data.device, [{"rho": t.rho} for t in trials])
+        dim = data.X.shape[1]
+        generator = torch.Generator().manual_seed(int(first.seed))
+        v = torch.full((count, dim), 0.1, device=data.device)
+        v0 = ((torch.rand(1, generator=generator) * 2 - 1) / math.sqrt(dim)).to(data.device).repeat(count, 1)
+        alpha = torch.zeros(count, data.num_classes, device=data.device)
+        beta = torch.zeros(count, data.num_classes, device=data.device)
+        rows_X = data.rows_X
+        longest_batch = min(first.batch_size, max(map(len, frozen.epochs), default=0))
+        gathered = torch.empty(longest_batch, dim, dtype=rows_X.dtype, device=data.device)  # reused: no allocator churn
+        stack = TrialStack(tuple(t.epochs for t in trials), tuple(float(t.lr) for t in trials),
+                           tile=first.stack_tile(count, data.device, tile))
+        held: dict = {}
+
+        def grad(batch, rows):
             # z' = z + c u, u = alpha z + beta, c = sigma(v.x + v0); dL/dz' = diag(r) G (softmax_minus_onehot,
             # r the row weights): d beta = G^T (r c), d alpha = (G * z)^T (r c),
             # dL/dc_i = r_i (G_i . beta + (G * z)_i . alpha), d v = sum_i dL/dc_i c_i (1 - c_i) x_i
-            z, labels = frozen.batch(batch)
-            features = torch.index_select(rows_X, 0, frozen.rows(batch), out=gathered[:len(batch)]).float()
-            conf = torch.sigmoid(torch.mv(features, v).add_(v0))
-            g = softmax_minus_onehot(torch.addcmul(z, torch.addcmul(beta, alpha, z), conf.unsqueeze(1)), labels)
-            r = loss.row_weights(labels)
-            gated = r * conf
-            d_beta, d_conf = torch.mv(g.T, gated), torch.mv(g, beta)
+            if held.get("batch") is not batch:  # the step's frozen logits and feature rows, once for every tile
+                z, labels = frozen.batch(batch)
+                features = torch.index_select(rows_X, 0, frozen.rows(batch), out=gathered[:len(batch)]).float()
+                held.update(batch=batch, z=z, labels=labels, features=features)
+            z, labels, features = held["z"].expand(rows.stop - rows.start, -1, -1), held["labels"], held["features"]
+            conf = torch.sigmoid(torch.mm(v[rows], features.T).add_(v0[rows]))  # t x B
+            u = torch.addcmul(beta[rows].unsqueeze(1), alpha[rows].unsqueeze(1), z)
+            g = softmax_minus_onehot(torch.addcmul(z, u, conf.unsqueeze(-1)), labels)
+            r = loss.row_weights(labels, rows)
+            gated = (r * conf).unsqueeze(1)
+            d_beta, d_conf = torch.bmm(gated, g).squeeze(1), torch.bmm(g, beta[rows].unsqueeze(-1)).squeeze(-1)
             g.mul_(z)
-            d_alpha = torch.mv(g.T, gated)
-            d_conf.add_(torch.mv(g, alpha)).mul_(r).mul_(conf * (1 - conf))
-            return [torch.mv(features.T, d_conf), d_conf.sum().reshape(1), d_alpha, d_beta]
+            d_alpha = torch.bmm(gated, g).squeeze(1)
+            d_conf.add_(torch.bmm(g, alpha[rows].unsqueeze(-1)).squeeze(-1)).mul_(r).mul_(conf * (1 - conf))
+            return [torch.mm(d_conf, features), d_conf.sum(1, keepdim=True), d_alpha, d_beta]
 
-        self._train([v, v0, alpha, beta], grad, frozen.epochs)
-        self._v, self._v0, self._alpha, self._beta = v, v0, alpha, beta
-        self.confidence_weight_, self.confidence_bias_ = v.cpu().numpy(), float(v0)
-        self.logit_scale_, self.logit_bias_ = alpha.cpu().numpy(), beta.cpu().numpy()
+        first._train([v, v0, alpha, beta], grad, frozen.epochs, stack=stack)
+        for k, t in enumerate(trials):
+            if k:
+                t._set_linear(*data.classifier)
+                t.class_draws_ = first.class_draws_[:t.epochs]
+            t._v, t._v0, t._alpha, t._beta = v[k], v0[k], alpha[k], beta[k]
+            t.confidence_weight_, t.confidence_bias_ = v[k].cpu().numpy(), float(v0[k])
+            t.logit_scale_, t.logit_bias_ = alpha[k].cpu().numpy(), beta[k].cpu().numpy()
 
     def _logits(self, X, out):
         torch.addmm(self._bias, X, self._weight_t, out=out)

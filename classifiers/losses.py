@@ -212,10 +212,11 @@ class GeneralisedReweighting(Loss):
         return _weighted_mean_grad(softmax_minus_onehot(logits, targets), _rows(self.weights, targets, rows),
                                    by_sum=True)
 
-    def row_weights(self, targets: torch.Tensor) -> torch.Tensor:
-        """r_i = w_{y_i} / sum_k w_{y_k} of the first trial (B,): its batch loss is sum_i r_i CE_i."""
-        weights = self.weights[0].index_select(0, targets)
-        return weights.div_(weights.sum())
+    def row_weights(self, targets: torch.Tensor, trials: slice = slice(0, 1)) -> torch.Tensor:
+        """r_i = w_{y_i} / sum_k w_{y_k} of each of the ``trials`` (t x B): a trial's batch loss is
+        sum_i r_i CE_i."""
+        weights = _rows(self.weights, targets, trials)
+        return weights.div_(weights.sum(-1, keepdim=True))
 
     def _value(self, logits, targets, epoch, rows):
         w = _rows(self.weights, targets, rows)

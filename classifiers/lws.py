@@ -2,7 +2,7 @@
 import torch
 
 from .base import FitData, register
-from .training import DEFAULT_MEMORY_BUDGET, EPOCH_STEPS_RULE, OnFrozenLogits, lr_range
+from .training import DEFAULT_MEMORY_BUDGET, EPOCH_STEPS_RULE, OnFrozenLogits, TrialStack, lr_range
 
 
 @register("lws", display="LWS", family="paper", diagnostics=("weight_norms",), default=True)
@@ -76,21 +76,50 @@ class LWS(OnFrozenLogits):
         self.batch_size, self.sampler, self.seed, self.device = batch_size, sampler, seed, device
         self.memory_budget = memory_budget
 
-    def _fit(self, data: FitData) -> None:
-        frozen = self._frozen_logits(data)
-        self.cached_logits_ = frozen.cached
-        scales = torch.ones(data.num_classes, device=data.device)
+    stackable = True
 
-        def grad(batch):
-            logits, labels = frozen.batch(batch)
-            # d/df_j of the summed cross-entropy: sum_i (p_ij - [y_i = j]) z_ij
-            g = torch.softmax(logits * scales, dim=1).mul_(logits).sum(0)
-            g.index_add_(0, labels, logits.gather(1, labels.unsqueeze(1)).squeeze(1), alpha=-1.0)
+    def _fit(self, data: FitData) -> None:
+        self.fit_stack([self], data)
+
+    def stack_bytes(self, rows: int, dim: int, num_classes: int) -> int:
+        """One trial's scales, gradient and momentum, a step's B x C temporaries and its fitted W
+        (the frozen logits are the stack's, within ``memory_budget``)."""
+        batch = min(self.batch_size, max(1, rows))
+        return 4 * (3 * num_classes + 3 * batch * num_classes + 3 * dim * num_classes)
+
+    @staticmethod
+    def fit_stack(trials, data, tile=None) -> None:
+        """Every trial's scales f in one pass: the frozen logits z are computed once for all of them
+        (those of the longest trial's draws), each step's batch of z read once; per trial
+        d/df_j of the summed cross-entropy, sum_i (softmax(z_i * f)_j - [y_i = j]) z_ij."""
+        from .stacking import check_stack
+        check_stack(trials)
+        trials = [trials[k] for k in LWS.order_stack(trials)]
+        first, count = trials[0], len(trials)
+        frozen = first._frozen_logits(data)
+        scales = torch.ones(count, data.num_classes, device=data.device)
+        stack = TrialStack(tuple(t.epochs for t in trials), tuple(float(t.lr) for t in trials),
+                           tile=first.stack_tile(count, data.device, tile))
+        held: dict = {}
+
+        def grad(batch, rows):
+            if held.get("batch") is not batch:  # the batch's frozen logits, read once for every tile
+                logits, labels = frozen.batch(batch)
+                held.update(batch=batch, logits=logits, labels=labels,
+                            chosen=logits.gather(1, labels.unsqueeze(1)).squeeze(1))
+            logits, labels = held["logits"].expand(rows.stop - rows.start, -1, -1), held["labels"]
+            g = torch.softmax(logits * scales[rows].unsqueeze(1), dim=-1).mul_(logits).sum(1)
+            g.index_add_(1, labels, held["chosen"].expand(len(g), -1), alpha=-1.0)
             return [g.div_(len(batch))]
 
-        self._train([scales], grad, frozen.epochs)
-        self._scales = scales
-        self.scales_ = scales.cpu().numpy()
+        first._train([scales], grad, frozen.epochs, stack=stack)
+        for k, t in enumerate(trials):
+            if k:
+                t._set_linear(*data.classifier)
+                t.class_draws_ = first.class_draws_[:t.epochs]
+            t.cached_logits_ = frozen.cached
+            t._scales = scales[k]
+            t.scales_ = scales[k].cpu().numpy()
 
     def _logits(self, X, out):
         torch.addmm(self._bias, X, self._weight_t, out=out).mul_(self._scales)

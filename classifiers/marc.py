@@ -3,7 +3,7 @@ import torch
 
 from .base import FitData, register, require_all_classes
 from .losses import make_loss
-from .training import GRWRecalibration, softmax_minus_onehot
+from .training import GRWRecalibration, TrialStack, softmax_minus_onehot
 
 
 @register("marc", display="MARC", family="beyond-paper")
@@ -62,26 +62,54 @@ class MARC(GRWRecalibration):
     ((3,), (3,), array([0, 1, 2]))
     """
 
-    def _fit(self, data: FitData) -> None:
-        require_all_classes(data, self.name)
-        frozen = self._frozen_logits(data)
-        loss = make_loss("grw", data.counts, data.device, {"rho": self.rho})
-        norms = self._weight.norm(dim=1)
-        omega = torch.ones(data.num_classes, device=data.device)
-        beta = torch.zeros(data.num_classes, device=data.device)
+    stackable = True
+    per_trial = ("rho",)
 
-        def grad(batch):
+    def _fit(self, data: FitData) -> None:
+        self.fit_stack([self], data)
+
+    def stack_bytes(self, rows: int, dim: int, num_classes: int) -> int:
+        """One trial's omega and beta (with gradients and momentum), a step's B x C temporaries and
+        its fitted W (the frozen logits are the stack's, within ``memory_budget``)."""
+        batch = min(self.batch_size, max(1, rows))
+        return 4 * (6 * num_classes + 3 * batch * num_classes + 3 * dim * num_classes)
+
+    @staticmethod
+    def fit_stack(trials, data, tile=None) -> None:
+        """Every trial's omega and beta in one pass on one set of frozen logits (the longest trial's
+        draws), each step's batch of them read once; each trial its own rho."""
+        from .stacking import check_stack
+        check_stack(trials)
+        trials = [trials[k] for k in MARC.order_stack(trials)]
+        first, count = trials[0], len(trials)
+        require_all_classes(data, first.name)
+        frozen = first._frozen_logits(data)
+        loss = make_loss("grw", data.counts, data.device, [{"rho": t.rho} for t in trials])
+        norms = first._weight.norm(dim=1)
+        omega = torch.ones(count, data.num_classes, device=data.device)
+        beta = torch.zeros(count, data.num_classes, device=data.device)
+        stack = TrialStack(tuple(t.epochs for t in trials), tuple(float(t.lr) for t in trials),
+                           tile=first.stack_tile(count, data.device, tile))
+        held: dict = {}
+
+        def grad(batch, rows):
             # dL/dz' = diag(r) G (softmax_minus_onehot, r the row weights):
             # d omega = (G * z)^T r, d beta = ||w|| * G^T r
-            z, labels = frozen.batch(batch)
-            g, r = softmax_minus_onehot(torch.addcmul(beta * norms, omega, z), labels), loss.row_weights(labels)
-            d_beta = torch.mv(g.T, r).mul_(norms)
-            return [torch.mv(g.mul_(z).T, r), d_beta]
+            if held.get("batch") is not batch:
+                held.update(zip(("batch", "z", "labels"), (batch, *frozen.batch(batch))))
+            z, labels = held["z"].expand(rows.stop - rows.start, -1, -1), held["labels"]
+            shifted = torch.addcmul((beta[rows] * norms).unsqueeze(1), omega[rows].unsqueeze(1), z)
+            g, r = softmax_minus_onehot(shifted, labels), loss.row_weights(labels, rows).unsqueeze(1)
+            d_beta = torch.bmm(r, g).squeeze(1).mul_(norms)
+            return [torch.bmm(r, g.mul_(z)).squeeze(1), d_beta]
 
-        self._train([omega, beta], grad, frozen.epochs)
-        self._offset = beta * norms
-        self._omega = omega
-        self.omega_, self.beta_ = omega.cpu().numpy(), beta.cpu().numpy()
+        first._train([omega, beta], grad, frozen.epochs, stack=stack)
+        for k, t in enumerate(trials):
+            if k:
+                t._set_linear(*data.classifier)
+                t.class_draws_ = first.class_draws_[:t.epochs]
+            t._offset, t._omega = beta[k] * norms, omega[k]
+            t.omega_, t.beta_ = omega[k].cpu().numpy(), beta[k].cpu().numpy()
 
     def _logits(self, X, out):
         torch.addmm(self._bias, X, self._weight_t, out=out).mul_(self._omega).add_(self._offset)

@@ -1,8 +1,10 @@
 """Many trials of one method fitted in one pass (stacked heads), as DINOv2's linear evaluation
-trains its heads: trials of the cRT family that differ only in lr, epochs and their loss's (or
-recipe's) parameters, with the same seed and sampler, share every step's drawn rows, so one gather
-and two matmuls serve all of them (classifiers/crt.py, :func:`~classifiers.crt.train_together`).
-Each trial ends as if fitted alone, to float32 rounding (tests/test_stacking.py).
+trains its heads: trials of an SGD-trained method that differ only in lr, epochs and their own
+loss's (or recipe's) parameters, with the same seed and sampler, share every step's drawn rows, so
+one gather serves all of them, and on a GPU one batched matmul (the cRT family,
+:func:`~classifiers.crt.train_together`; LWS, MARC and DisAlign, whose trials also share the
+frozen logits). Each
+trial ends as if fitted alone, to float32 rounding (tests/test_stacking.py).
 
 :func:`fit_together` is what the tuned sweep calls (``lt-cls sweep --tune``; ``--no-stack`` fits
 each trial alone); it also takes any list of estimators, fitting those it cannot stack one by one.
@@ -11,21 +13,38 @@ from __future__ import annotations
 
 import numpy as np
 
-from .crt import stack_key, train_together
-from .training import DEFAULT_MEMORY_BUDGET
+from .training import DEFAULT_MEMORY_BUDGET, SGDTrained
+
+
+def stack_key(estimator) -> tuple | None:
+    """What trials must share to be fitted in one pass (equal keys: they can), None for an
+    estimator that fits alone: one whose method cannot stack (``stackable``), or with no epochs.
+    A progressively-balanced sampler's draws depend on the number of epochs, so there it is shared too."""
+    if not isinstance(estimator, SGDTrained) or not estimator.stackable or estimator.epochs < 1:
+        return None
+    varying = estimator.stack_varying()
+    if estimator.sampler == "progressive":
+        varying.discard("epochs")
+    params = estimator.get_params()
+    return (type(estimator), *sorted((k, repr(v)) for k, v in params.items() if k not in varying))
+
+
+def check_stack(trials: list) -> None:
+    """Refuse trials that cannot be fitted in one pass (a plain fit is a stack of one)."""
+    keys = {stack_key(t) for t in trials}
+    if len(trials) > 1 and (len(keys) > 1 or None in keys):
+        raise ValueError(f"{trials[0].name}: these trials differ in more than {', '.join(sorted(trials[0].stack_varying()))}"
+                         " (or cannot be stacked)")
 
 
 def stack_bytes(estimator, rows: int, dim: int, num_classes: int) -> int:
-    """Bytes one trial adds to a stack: its training state (W^T, its gradient and momentum, D x C
-    each), a step's B x C logits, gradient and two loss temporaries, and its fitted C x D matrices
-    (the weights, W^T for inference, the numpy copy) until the caller is done with it."""
-    batch = min(estimator.batch_size, max(1, rows)) if estimator.epoch_steps != "ceil+1" else estimator.batch_size
-    return 4 * (6 * dim * num_classes + 4 * batch * num_classes)
+    """Bytes one trial of ``estimator``'s kind adds to a stack (its ``stack_bytes``)."""
+    return estimator.stack_bytes(rows, dim, num_classes)
 
 
 def stack_groups(estimators: list, memory_budget: int = DEFAULT_MEMORY_BUDGET, *, rows: int, dim: int,
                  num_classes: int) -> list[list[int]]:
-    """The estimators' positions, grouped into stacks: equal :func:`~classifiers.crt.stack_key`,
+    """The estimators' positions, grouped into stacks: equal :func:`stack_key`,
     in order of first appearance, each stack within ``memory_budget`` bytes (:func:`stack_bytes`;
     at least one trial); an estimator that cannot be stacked is a group of its own."""
     chunks: list[list[int]] = []
@@ -47,7 +66,7 @@ def fit_together(estimators: list, X, y, *, class_counts=None, classifier=None, 
                  memory_budget: int = DEFAULT_MEMORY_BUDGET, stack: bool = True, tile: int | None = None) -> list:
     """Fit every estimator on the same data, as ``estimator.fit(X, y, ...)`` would; the trials that
     :func:`stack_groups` puts together train in one pass (``stack=False``: each alone; ``tile``:
-    trials per matmul, :func:`~classifiers.crt.train_together`). Returns the estimators, fitted."""
+    trials per matmul, default all on a GPU and one on the CPU). Returns the estimators, fitted."""
     kwargs = {"class_counts": class_counts, "classifier": classifier, "val": val, "views": views}
     dim = X.shape[1] if getattr(X, "ndim", 0) == 2 else 1
     num_classes = len(classifier[0]) if classifier is not None else \
@@ -64,5 +83,5 @@ def fit_together(estimators: list, X, y, *, class_counts=None, classifier=None, 
             estimators[position]._fit_data(data.X, y, **kwargs)
             if hasattr(first, "feature_names_in_"):
                 estimators[position].feature_names_in_ = first.feature_names_in_
-        train_together([estimators[position] for position in group], data, tile)
+        type(first).fit_stack([estimators[position] for position in group], data, tile)
     return estimators

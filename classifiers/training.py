@@ -315,6 +315,9 @@ class SGDTrained(LTClassifier):
 
     uses_views = True
     epoch_steps = "ceil"
+    # trials of one stack (classifiers/stacking.py) may differ in lr, epochs and these parameters
+    per_trial: tuple[str, ...] = ()
+    stackable = False  # True where fit_stack trains several trials in one pass
     _parameter_constraints = {
         "epochs": [Int(0)], "lr": [Real(0, closed="neither")], "momentum": [Real(0, 1, closed="left")],
         "weight_decay": [Real(0)], "batch_size": [Int(1)], "sampler": [Options(*SAMPLERS)], "seed": [Int(0)],
@@ -330,6 +333,35 @@ class SGDTrained(LTClassifier):
     def _schedule(self) -> Schedule:
         return Schedule(self.epochs, self.lr, self.momentum, self.weight_decay, self.batch_size, self.sampler,
                         self.seed, epoch_steps=self.epoch_steps)
+
+    def stack_varying(self) -> set[str]:
+        """The parameters the trials of one stack may differ in (a stack shares all the others)."""
+        return {"lr", "epochs", *self.per_trial}
+
+    def stack_bytes(self, rows: int, dim: int, num_classes: int) -> int:
+        """Bytes one trial adds to a stack: its training state (W^T, its gradient and momentum, D x C
+        each), a step's B x C logits, gradient and two loss temporaries, and its fitted C x D
+        matrices (the weights, W^T for inference, the numpy copy) until the caller is done with it."""
+        batch = self.batch_size if self.epoch_steps == "ceil+1" else min(self.batch_size, max(1, rows))
+        return 4 * (6 * dim * num_classes + 4 * batch * num_classes)
+
+    @staticmethod
+    def fit_stack(trials: list["SGDTrained"], data: FitData, tile: int | None = None) -> None:
+        """Fit ``trials`` (one class, equal stacking.stack_key) on ``data`` in one pass, each as if
+        alone; ``tile``: trials per matmul (default: all on a GPU, one on the CPU). A subclass with
+        ``stackable = True`` provides it."""
+        raise NotImplementedError
+
+    @staticmethod
+    def order_stack(trials: list["SGDTrained"]) -> list[int]:
+        """The trials' positions, the longest schedule first: it draws the epochs (a shorter trial's
+        are its first ones), and the trials still training are always the first ones (TrialStack)."""
+        return sorted(range(len(trials)), key=lambda k: -trials[k].epochs)
+
+    def stack_tile(self, count: int, device: torch.device, tile: int | None) -> int:
+        """Trials per matmul: ``tile``, else the whole stack on a GPU (one launch for all) and one on
+        the CPU (the arithmetic is the same, and one trial's temporaries stay in cache)."""
+        return tile or (count if device.type == "cuda" else 1)
 
     def _draw_epochs(self, data: FitData) -> list[torch.Tensor]:
         """Every epoch's indices into ``data.rows_X``, drawn by ``sampler``; sets ``class_draws_``."""

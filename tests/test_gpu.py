@@ -86,7 +86,7 @@ def test_two_representation_sweep_on_cuda_matches_cpu(tmp_path, cache_dir, runne
         assert abs(top1["cuda"][key] - value) <= 2.0, (key, value, top1["cuda"][key])
 
 
-@pytest.mark.parametrize("name", ["crt", "la_loss", "ldam_drw", "las"])
+@pytest.mark.parametrize("name", ["crt", "la_loss", "ldam_drw", "las", "lws", "marc", "disalign"])
 def test_stacked_trials_on_cuda_equal_separate_cuda_runs(name):
     """Stacked heads on the GPU (one batched matmul for the stack) against each trial fitted alone
     there: the issue's 3 lrs x 2 epoch counts."""

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from classifiers import REGISTRY, create
-from classifiers.crt import CRT, stack_key
 from classifiers.records import load_records
-from classifiers.stacking import fit_together, stack_bytes, stack_groups
+from classifiers.stacking import fit_together, stack_bytes, stack_groups, stack_key
 from classifiers.training import TrialStack, cosine_lr
 from classifiers.tuning import method_trials
 from cli import lt_cls_cmd
@@ -19,7 +18,7 @@ from classifiers.training import DEFAULT_MEMORY_BUDGET
 from tests.conftest import invoke
 from tests.synthetic import import_entry, long_tailed_features
 
-STACKABLE = tuple(name for name, cls in REGISTRY.items() if issubclass(cls, CRT))
+STACKABLE = tuple(name for name, cls in REGISTRY.items() if getattr(cls, "stackable", False))
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +126,8 @@ def test_fit_together_fits_what_it_cannot_stack_one_by_one(data):
     with pytest.raises(ValueError, match="differ in more"):
         from classifiers.crt import train_together
         train_together([create("crt", seed=0), create("crt", seed=1)], None)
+    with pytest.raises(ValueError, match="differ in more"):
+        REGISTRY["lws"].fit_stack([create("lws", seed=0), create("lws", batch_size=64)], None)
 
 
 def test_fit_together_with_labels_that_are_not_class_indices():
