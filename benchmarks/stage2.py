@@ -8,6 +8,7 @@
     python benchmarks/stage2.py --profile inat2018_like --dim 512 --epochs 1 --float16 --no-peers
     python benchmarks/stage2.py --dim 512 --methods none --stacked crt,la_loss --epochs 1 --rounds 3
     python benchmarks/stage2.py --scale small --methods none --tuned-sweep --epochs 2 --rounds 3
+    python benchmarks/stage2.py --device cuda --methods none --trace joint,crt,lws
 
 Synthetic Gaussian class clusters with a real long-tail profile (featcache/profiles/), written
 through the real cache and loaded back through the real API. For each method: wall time of
@@ -24,11 +25,13 @@ With --rounds R the floors and every method are measured R times, interleaved (f
 method, floors, each method, ...): the table gives the median ratio and its min-max over the rounds.
 With --stacked METHODS (the cRT family, lws, marc, disalign): for each, 8 trials of its search space (lr x its own
 parameters; epochs E and 2 E with --epochs E, else its own epochs) fitted one by one and together
-in one pass (classifiers/stacking.py), interleaved over the rounds: the stacked / separate time ratio (median,
+in one pass (classifiers/stacking.py), interleaved over the rounds (alternating which goes first): the stacked / separate time ratio (median,
 min-max) and how many test predictions agree. With --tuned-sweep: the real tuned sweep
 (classifiers.sweep.Sweeper, --budget trials per method, one seed) of the six default methods with
 their search spaces (epochs replaced by E, 2 E, 3 E with --epochs E) with and without stacking,
-interleaved: both wall times and their ratio.
+interleaved: both wall times and their ratio. With --trace METHODS: torch.profiler over one fit
+and predict of each (after a warm-up): the ops with the most self time on the device, and how many
+host-device copies and synchronisations it made (where the time beyond the floor goes).
 Exits non-zero only when it cannot run; prints a table and (with --json) writes the numbers.
 """
 from __future__ import annotations
@@ -389,20 +392,27 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def stacked_round(name: str, trials: list[dict], cache: FeatureCache, data: dict, device) -> dict:
-    """One interleaved round: the trials fitted one by one, then together; seconds of each and the
-    share of test predictions (over all trials) the two agree on."""
+def stacked_round(name: str, trials: list[dict], cache: FeatureCache, data: dict, device, stacked_first: bool) -> dict:
+    """One interleaved round: the trials fitted one by one and fitted together (in that order, or
+    the other with ``stacked_first``); seconds of each and the share of test predictions (over all
+    trials) the two agree on."""
     (X, y), (Xt, _) = data["train"], data["test"]
     kwargs = {"class_counts": cache.class_counts("train"), "classifier": cache.classifier}
-    began = time.perf_counter()
-    alone = [create(name, device=str(device), **p).fit(X, y, **kwargs) for p in trials]
-    sync(device)
-    middle = time.perf_counter()
-    together = fit_together([create(name, device=str(device), **p) for p in trials], X, y, **kwargs)
-    sync(device)
-    ended = time.perf_counter()
-    agree = np.mean([np.mean(a.predict(Xt) == b.predict(Xt)) for a, b in zip(alone, together)])
-    return {"separate_s": middle - began, "stacked_s": ended - middle, "ratio": (ended - middle) / (middle - began),
+
+    def timed(fit):
+        began = time.perf_counter()
+        fitted = fit()
+        sync(device)
+        return fitted, time.perf_counter() - began
+
+    separately = lambda: [create(name, device=str(device), **p).fit(X, y, **kwargs) for p in trials]  # noqa: E731
+    together = lambda: fit_together([create(name, device=str(device), **p) for p in trials], X, y, **kwargs)  # noqa: E731
+    if stacked_first:
+        (b, stacked_s), (a, separate_s) = timed(together), timed(separately)
+    else:
+        (a, separate_s), (b, stacked_s) = timed(separately), timed(together)
+    agree = np.mean([np.mean(x.predict(Xt) == z.predict(Xt)) for x, z in zip(a, b)])
+    return {"separate_s": separate_s, "stacked_s": stacked_s, "ratio": stacked_s / separate_s,
             "agreement": float(agree)}
 
 
@@ -419,6 +429,30 @@ def tuned_sweep_round(cache_path: Path, device, epochs: int | None, budget: int,
         for _ in sweeper:
             pass
     return time.perf_counter() - began
+
+
+def trace(name: str, cache: FeatureCache, data: dict, device, epochs: int | None, rows: int = 15) -> str:
+    """torch.profiler over one fit + decision_function of ``name`` (after a warm-up fit): the ops
+    that took the most time on the device (self time), and how many host-device copies and
+    synchronisations the fit made: where the time beyond the floor goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    (X, y), (Xt, _) = data["train"], data["test"]
+    params = {p: "auto" for p in REGISTRY[name].info.chosen_on_val}  # as measure() runs them
+    if epochs is not None and "epochs" in REGISTRY[name].param_names():
+        params["epochs"] = epochs
+    kwargs = {"class_counts": cache.class_counts("train"), "classifier": cache.classifier, "val": data["val"]}
+    run = lambda: create(name, device=str(device), **params).fit(X, y, **kwargs).device_logits(Xt)  # noqa: E731
+    run(), sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        run(), sync(device)
+    events = profiler.key_averages()
+    copies = sum(e.count for e in events if "memcpy" in e.key.lower() or e.key in ("aten::_to_copy", "aten::copy_"))
+    syncs = sum(e.count for e in events if "synchronize" in e.key.lower() or e.key == "aten::item")
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return (f"{name}: {copies} copy events, {syncs} synchronisations / item() calls\n"
+            + events.table(sort_by=key, row_limit=rows))
 
 
 def spread(values: list[float]) -> dict:
@@ -450,7 +484,9 @@ def measure(name: str, args, tmp: Path, floor_s: float, logits_bytes: int, resul
 
 
 def measure_stacking(args, tmp: Path, device, results: dict) -> None:
-    """The --stacked and --tuned-sweep rows, each over --rounds interleaved rounds."""
+    """The --stacked and --tuned-sweep rows, each over --rounds interleaved rounds (the order of
+    stacked and separate alternating), denormals flushed as the sweep does."""
+    torch.set_flush_denormal(True)
     cache = FeatureCache.open(tmp / "bench")
     splits = {s: cache.split(s) for s in ("train", "test")}
     data = {name: (torch.from_numpy(s.features).to(device), s.labels) for name, s in splits.items()}
@@ -459,7 +495,7 @@ def measure_stacking(args, tmp: Path, device, results: dict) -> None:
     sweeps = {"stacked": [], "separate": []}
     for round_ in range(args.rounds):
         for name, entry in stacked.items():
-            entry["rounds"].append(stacked_round(name, entry["trials"], cache, data, device))
+            entry["rounds"].append(stacked_round(name, entry["trials"], cache, data, device, round_ % 2 == 1))
             print(f"round {round_ + 1}, {name} stacked: {json.dumps(entry['rounds'][-1])}", file=sys.stderr, flush=True)
         if args.tuned_sweep:
             order = ("stacked", "separate") if round_ % 2 == 0 else ("separate", "stacked")
@@ -511,6 +547,8 @@ def main(argv=None) -> int:
                         help="comma-separated stackable methods (the cRT family, lws, marc, disalign): 8 trials each, stacked vs separate")
     parser.add_argument("--tuned-sweep", action="store_true",
                         help="the tuned sweep of the six default methods, with and without stacking")
+    parser.add_argument("--trace", metavar="METHODS",
+                        help="comma-separated: torch.profiler over one fit + predict of each (its top ops, copies, syncs)")
     parser.add_argument("--budget", type=at_least_one, default=DEFAULT_BUDGET,
                         help="trials per method of --tuned-sweep (default %(default)s)")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
@@ -554,6 +592,11 @@ def main(argv=None) -> int:
                 print(f"round {round_ + 1}, {name}: {json.dumps(m)}", file=sys.stderr, flush=True)
         if args.stacked or args.tuned_sweep:
             measure_stacking(args, Path(tmp), device, results)
+        if args.trace:
+            cache = FeatureCache.open(Path(tmp) / "bench")
+            data = {s: (torch.from_numpy(cache.split(s).features).to(device), cache.split(s).labels)
+                    for s in ("train", "val", "test")}
+            results["traces"] = {name: trace(name, cache, data, device, args.epochs) for name in args.trace.split(",")}
         for name, entry in results["methods"].items():
             entry.update(summarise(entry["rounds"]))
         results["sgemm_gflops"] = float(np.median([m["sgemm_gflops"] for m in results["machine"]]))
@@ -575,6 +618,8 @@ def main(argv=None) -> int:
                                                queries=2000 if args.scale == "full" else 500)
     report(results)
     report_stacking(results)
+    for text in results.get("traces", {}).values():
+        print("\n" + text)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0

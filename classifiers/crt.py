@@ -169,7 +169,8 @@ def train_together(trials: list[CRT], data: FitData, tile: int | None = None) ->
     def linear_grad(batch, rows):
         features, targets = gathered(batch)
         features = features.expand(rows.stop - rows.start, -1, -1)  # a view: t x B x D
-        logits = shifted(torch.baddbmm(bias[rows].unsqueeze(1), features, weight_t[rows]), rows)
+        shift = bias[rows] if loss.offset is None else bias[rows] + loss.offset[rows]  # folded into b: no pass over z
+        logits = torch.baddbmm(shift.unsqueeze(1), features, weight_t[rows])
         g = loss.grad(logits, targets, epoch_now[0], first=rows.start)
         return [torch.bmm(features.transpose(1, 2), g).div_(len(batch)), g.sum(1).div_(len(batch))]
 
