@@ -5,7 +5,7 @@ import torch
 
 from .base import FitData, register, require_all_classes
 from .losses import make_loss
-from .training import GRWRecalibration, TrialStack, softmax_minus_onehot
+from .training import GRWRecalibration, softmax_minus_onehot
 
 _RECALIBRATE_ROWS = 1024  # rows of logits recalibrated at a time at inference
 
@@ -93,12 +93,9 @@ class DisAlign(GRWRecalibration):
     def fit_stack(trials, data, tile=None) -> None:
         """Every trial's v, v0, alpha, beta in one pass on one set of frozen logits (the longest
         trial's draws), each step's frozen logits and feature rows read once; each trial its own rho."""
-        from .stacking import check_stack
-        check_stack(trials)
-        trials = [trials[k] for k in DisAlign.order_stack(trials)]
+        require_all_classes(data, trials[0].name)
+        trials, frozen, stack = DisAlign._frozen_stack(trials, data, tile)
         first, count = trials[0], len(trials)
-        require_all_classes(data, first.name)
-        frozen = first._frozen_logits(data)
         loss = make_loss("grw", data.counts, data.device, [{"rho": t.rho} for t in trials])
         dim = data.X.shape[1]
         generator = torch.Generator().manual_seed(int(first.seed))
@@ -109,8 +106,6 @@ class DisAlign(GRWRecalibration):
         rows_X = data.rows_X
         longest_batch = min(first.batch_size, max(map(len, frozen.epochs), default=0))
         gathered = torch.empty(longest_batch, dim, dtype=rows_X.dtype, device=data.device)  # reused: no allocator churn
-        stack = TrialStack(tuple(t.epochs for t in trials), tuple(float(t.lr) for t in trials),
-                           tile=first.stack_tile(count, data.device, tile))
         held: dict = {}
 
         def grad(batch, rows):
@@ -135,9 +130,6 @@ class DisAlign(GRWRecalibration):
 
         first._train([v, v0, alpha, beta], grad, frozen.epochs, stack=stack)
         for k, t in enumerate(trials):
-            if k:
-                t._set_linear(*data.classifier)
-                t.class_draws_ = first.class_draws_[:t.epochs]
             t._v, t._v0, t._alpha, t._beta = v[k], v0[k], alpha[k], beta[k]
             t.confidence_weight_, t.confidence_bias_ = v[k].cpu().numpy(), float(v0[k])
             t.logit_scale_, t.logit_bias_ = alpha[k].cpu().numpy(), beta[k].cpu().numpy()

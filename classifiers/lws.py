@@ -2,7 +2,7 @@
 import torch
 
 from .base import FitData, register
-from .training import DEFAULT_MEMORY_BUDGET, EPOCH_STEPS_RULE, OnFrozenLogits, TrialStack, lr_range
+from .training import DEFAULT_MEMORY_BUDGET, EPOCH_STEPS_RULE, OnFrozenLogits, lr_range
 
 
 @register("lws", display="LWS", family="paper", diagnostics=("weight_norms",), default=True)
@@ -92,14 +92,8 @@ class LWS(OnFrozenLogits):
         """Every trial's scales f in one pass: the frozen logits z are computed once for all of them
         (those of the longest trial's draws), each step's batch of z read once; per trial
         d/df_j of the summed cross-entropy, sum_i (softmax(z_i * f)_j - [y_i = j]) z_ij."""
-        from .stacking import check_stack
-        check_stack(trials)
-        trials = [trials[k] for k in LWS.order_stack(trials)]
-        first, count = trials[0], len(trials)
-        frozen = first._frozen_logits(data)
-        scales = torch.ones(count, data.num_classes, device=data.device)
-        stack = TrialStack(tuple(t.epochs for t in trials), tuple(float(t.lr) for t in trials),
-                           tile=first.stack_tile(count, data.device, tile))
+        trials, frozen, stack = LWS._frozen_stack(trials, data, tile)
+        scales = torch.ones(len(trials), data.num_classes, device=data.device)
         held: dict = {}
 
         def grad(batch, rows):
@@ -112,11 +106,8 @@ class LWS(OnFrozenLogits):
             g.index_add_(1, labels, held["chosen"].expand(len(g), -1), alpha=-1.0)
             return [g.div_(len(batch))]
 
-        first._train([scales], grad, frozen.epochs, stack=stack)
+        trials[0]._train([scales], grad, frozen.epochs, stack=stack)
         for k, t in enumerate(trials):
-            if k:
-                t._set_linear(*data.classifier)
-                t.class_draws_ = first.class_draws_[:t.epochs]
             t.cached_logits_ = frozen.cached
             t._scales = scales[k]
             t.scales_ = scales[k].cpu().numpy()

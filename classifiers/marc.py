@@ -3,7 +3,7 @@ import torch
 
 from .base import FitData, register, require_all_classes
 from .losses import make_loss
-from .training import GRWRecalibration, TrialStack, softmax_minus_onehot
+from .training import GRWRecalibration, softmax_minus_onehot
 
 
 @register("marc", display="MARC", family="beyond-paper")
@@ -78,18 +78,12 @@ class MARC(GRWRecalibration):
     def fit_stack(trials, data, tile=None) -> None:
         """Every trial's omega and beta in one pass on one set of frozen logits (the longest trial's
         draws), each step's batch of them read once; each trial its own rho."""
-        from .stacking import check_stack
-        check_stack(trials)
-        trials = [trials[k] for k in MARC.order_stack(trials)]
-        first, count = trials[0], len(trials)
-        require_all_classes(data, first.name)
-        frozen = first._frozen_logits(data)
+        require_all_classes(data, trials[0].name)
+        trials, frozen, stack = MARC._frozen_stack(trials, data, tile)
         loss = make_loss("grw", data.counts, data.device, [{"rho": t.rho} for t in trials])
-        norms = first._weight.norm(dim=1)
-        omega = torch.ones(count, data.num_classes, device=data.device)
-        beta = torch.zeros(count, data.num_classes, device=data.device)
-        stack = TrialStack(tuple(t.epochs for t in trials), tuple(float(t.lr) for t in trials),
-                           tile=first.stack_tile(count, data.device, tile))
+        norms = trials[0]._weight.norm(dim=1)
+        omega = torch.ones(len(trials), data.num_classes, device=data.device)
+        beta = torch.zeros(len(trials), data.num_classes, device=data.device)
         held: dict = {}
 
         def grad(batch, rows):
@@ -103,11 +97,8 @@ class MARC(GRWRecalibration):
             d_beta = torch.bmm(r, g).squeeze(1).mul_(norms)
             return [torch.bmm(r, g.mul_(z)).squeeze(1), d_beta]
 
-        first._train([omega, beta], grad, frozen.epochs, stack=stack)
+        trials[0]._train([omega, beta], grad, frozen.epochs, stack=stack)
         for k, t in enumerate(trials):
-            if k:
-                t._set_linear(*data.classifier)
-                t.class_draws_ = first.class_draws_[:t.epochs]
             t._offset, t._omega = beta[k] * norms, omega[k]
             t.omega_, t.beta_ = omega[k].cpu().numpy(), beta[k].cpu().numpy()
 

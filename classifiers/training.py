@@ -387,6 +387,23 @@ class OnFrozenLogits(SGDTrained):
         cache = min(self.memory_budget, 4 * rows * num_classes)
         return super().memory_estimate(rows, dim, num_classes, eval_rows) + cache + 16 * rows * max(1, self.epochs)
 
+    @staticmethod
+    def _frozen_stack(trials: list["OnFrozenLogits"], data: FitData, tile: int | None):
+        """What a stack of these methods' trials starts from: the trials, the longest first; the
+        frozen logits of its draws (one set for all: a shorter trial's epochs are its first ones);
+        the :class:`TrialStack`. Every trial classifies with the checkpoint's W, b."""
+        from .stacking import check_stack
+        check_stack(trials)
+        trials = [trials[k] for k in SGDTrained.order_stack(trials)]
+        first = trials[0]
+        frozen = first._frozen_logits(data)
+        for trial in trials[1:]:
+            trial._set_linear(*data.classifier)
+            trial.class_draws_ = first.class_draws_[:trial.epochs]
+        stack = TrialStack(tuple(t.epochs for t in trials), tuple(float(t.lr) for t in trials),
+                           tile=first.stack_tile(len(trials), data.device, tile))
+        return trials, frozen, stack
+
     def _frozen_logits(self, data: FitData) -> FrozenLogits:
         """Classify with the checkpoint's W, b (``weight_``, ``bias_``), draw the epochs, and return
         the frozen logits of the rows they draw."""
