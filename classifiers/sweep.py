@@ -28,7 +28,7 @@ from featcache.metrics import ROWS_PER_CHUNK as METRIC_CHUNK
 from featcache.store.durable import append_line, atomic_write_text, exclusive_lock
 from featcache.store.format import training_run_label
 
-from .base import REGISTRY, as_features, create
+from .base import REGISTRY, as_features, as_tensor, create
 from .cluster import collect_parts, is_lost, merge_diagnostics, remove_parts
 from .metrics import calibration_bins, evaluate, per_class_accuracy, predictions
 from .records import (
@@ -495,7 +495,8 @@ class Sweeper:
         counts = cache.class_counts("train")
         X_eval, y_eval = self._split(cache, self.spec.eval_split)
         val = self._split(cache, self.val_split) if self.val_split else None
-        classifier = cache.classifier
+        # on the device once for every run of the entry, as the features (a fit would copy them each time)
+        classifier = None if cache.classifier is None else tuple(as_tensor(t, self.device) for t in cache.classifier)
         diagnostics = self.diagnostics.setdefault("representations", {}).setdefault(rep.label, {})
         diagnostics.setdefault("train_counts", counts.tolist())
         diagnostics.setdefault("cache_key", cache.key)
