@@ -150,7 +150,6 @@ def train_together(trials: list[CRT], data: FitData, tile: int | None = None) ->
     def on_epoch(epoch: int) -> None:
         epoch_now[0] = epoch
 
-
     held: dict = {}
 
     def gathered(batch) -> tuple[torch.Tensor, torch.Tensor]:

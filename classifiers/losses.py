@@ -150,8 +150,8 @@ class LDAM(Loss):
         self.margins = torch.from_numpy(np.stack([margins * (t["max_margin"] / margins.max()) for t in trials])
                                         .astype(np.float32)).to(device)
         self.s = self._column([float(t["s"]) for t in trials])
-        self.drw_epoch = torch.tensor([int(t["drw_epoch"]) for t in trials], device=device).unsqueeze(1)
-        self.drw_epochs = [int(t["drw_epoch"]) for t in trials]
+        self.drw_epochs = [int(t["drw_epoch"]) for t in trials]  # on the host: whether any trial re-weights yet
+        self.drw_epoch = torch.tensor(self.drw_epochs, device=device).unsqueeze(1)  # the same, for the device's where
         self.weights = torch.from_numpy(np.stack([class_balanced_weights(counts, t["beta"]) for t in trials])
                                         .astype(np.float32)).to(device)
 

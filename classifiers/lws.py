@@ -44,7 +44,8 @@ class LWS(OnFrozenLogits):
     class_draws_ : ndarray of shape (epochs, C)
         How often each class was drawn in each epoch.
     cached_logits_ : bool
-        Whether the frozen logits were cached.
+        Whether the frozen logits were cached (fitted in a stack of trials: the stack's, whose
+        cache holds the rows of its longest trial's draws; the logits are the same either way).
     classes_ : ndarray of shape (C,)
         ``arange(C)``, the checkpoint's classes.
 

@@ -4,7 +4,7 @@ loss's (or recipe's) parameters, with the same seed and sampler, share every ste
 one gather serves all of them, and on a GPU one batched matmul (the cRT family,
 :func:`~classifiers.crt.train_together`; LWS, MARC and DisAlign, whose trials also share the
 frozen logits). Each
-trial ends as if fitted alone, to float32 rounding (tests/test_stacking.py).
+trial ends as if fitted alone, bit for bit on the CPU and to float32 rounding on a GPU (tests/test_stacking.py).
 
 :func:`fit_together` is what the tuned sweep calls (``lt-cls sweep --tune``; ``--no-stack`` fits
 each trial alone); it also takes any list of estimators, fitting those it cannot stack one by one.
@@ -37,16 +37,11 @@ def check_stack(trials: list) -> None:
                          " (or cannot be stacked)")
 
 
-def stack_bytes(estimator, rows: int, dim: int, num_classes: int) -> int:
-    """Bytes one trial of ``estimator``'s kind adds to a stack (its ``stack_bytes``)."""
-    return estimator.stack_bytes(rows, dim, num_classes)
-
-
 def stack_groups(estimators: list, memory_budget: int = DEFAULT_MEMORY_BUDGET, *, rows: int, dim: int,
                  num_classes: int) -> list[list[int]]:
-    """The estimators' positions, grouped into stacks: equal :func:`stack_key`,
-    in order of first appearance, each stack within ``memory_budget`` bytes (:func:`stack_bytes`;
-    at least one trial); an estimator that cannot be stacked is a group of its own."""
+    """The estimators' positions, grouped into stacks: equal :func:`stack_key`, in order of first
+    appearance, each stack within ``memory_budget`` bytes (each trial's ``stack_bytes``; at least
+    one trial); an estimator that cannot be stacked is a group of its own."""
     chunks: list[list[int]] = []
     filling: dict[tuple, list[int]] = {}  # stack key -> its chunk with room left
     for position, estimator in enumerate(estimators):
@@ -55,7 +50,7 @@ def stack_groups(estimators: list, memory_budget: int = DEFAULT_MEMORY_BUDGET, *
             chunks.append([position])
             continue
         chunk = filling.get(key)
-        if chunk is None or len(chunk) * stack_bytes(estimator, rows, dim, num_classes) >= memory_budget:
+        if chunk is None or (len(chunk) + 1) * estimator.stack_bytes(rows, dim, num_classes) > memory_budget:
             chunk = filling[key] = []
             chunks.append(chunk)
         chunk.append(position)
@@ -63,25 +58,38 @@ def stack_groups(estimators: list, memory_budget: int = DEFAULT_MEMORY_BUDGET, *
 
 
 def fit_together(estimators: list, X, y, *, class_counts=None, classifier=None, val=None, views=None,
-                 memory_budget: int = DEFAULT_MEMORY_BUDGET, stack: bool = True, tile: int | None = None) -> list:
+                 stack_budget: int = DEFAULT_MEMORY_BUDGET, stack: bool = True, tile: int | None = None) -> list:
     """Fit every estimator on the same data, as ``estimator.fit(X, y, ...)`` would; the trials that
-    :func:`stack_groups` puts together train in one pass (``stack=False``: each alone; ``tile``:
-    trials per matmul, default all on a GPU and one on the CPU). Returns the estimators, fitted."""
+    :func:`stack_groups` puts together (within ``stack_budget`` bytes a stack) train in one pass
+    (``stack=False``: each alone). Returns the estimators, fitted."""
     kwargs = {"class_counts": class_counts, "classifier": classifier, "val": val, "views": views}
+    if not stack:
+        return [estimator.fit(X, y, **kwargs) for estimator in estimators]
     dim = X.shape[1] if getattr(X, "ndim", 0) == 2 else 1
-    num_classes = len(classifier[0]) if classifier is not None else \
-        len(class_counts) if class_counts is not None else len(np.unique(np.asarray(y)))
-    groups = stack_groups(estimators, memory_budget, rows=len(y), dim=dim, num_classes=max(1, num_classes)) \
-        if stack else [[position] for position in range(len(estimators))]
-    for group in groups:
-        if len(group) == 1:
-            estimators[group[0]].fit(X, y, **kwargs)
-            continue
-        first = estimators[group[0]]
-        data = first._fit_data(X, y, **kwargs)
-        for position in group[1:]:  # the validated features, not a second copy of them
-            estimators[position]._fit_data(data.X, y, **kwargs)
-            if hasattr(first, "feature_names_in_"):
-                estimators[position].feature_names_in_ = first.feature_names_in_
-        type(first).fit_stack([estimators[position] for position in group], data, tile)
+    for group in stack_groups(estimators, stack_budget, rows=len(y), dim=dim, num_classes=classes_of(y, **kwargs)):
+        fit_stack([estimators[position] for position in group], X, y, **kwargs, tile=tile)
+    return estimators
+
+
+def classes_of(y, class_counts=None, classifier=None, **_) -> int:
+    """The number of classes a fit on these inputs has (what a stack's size is reckoned with)."""
+    if classifier is not None or class_counts is not None:
+        return max(len(classifier[0]) if classifier is not None else 0,
+                   len(class_counts) if class_counts is not None else 0)
+    return max(1, len(np.unique(np.asarray(y))))
+
+
+def fit_stack(estimators: list, X, y, *, tile: int | None = None, **kwargs) -> list:
+    """Fit ``estimators``, trials of one stack (equal :func:`stack_key`), in one pass; ``tile``:
+    trials per matmul (default: all on a GPU, one on the CPU, where the result is then bit for bit
+    that of each trial alone). One estimator is a plain fit."""
+    if len(estimators) == 1:
+        return [estimators[0].fit(X, y, **kwargs)]
+    first = estimators[0]
+    data = first._fit_data(X, y, **kwargs)
+    for estimator in estimators[1:]:  # the validated features, not a second copy of them
+        estimator._fit_data(data.X, y, **kwargs)
+        if hasattr(first, "feature_names_in_"):
+            estimator.feature_names_in_ = first.feature_names_in_
+    type(first).fit_stack(estimators, data, tile)
     return estimators

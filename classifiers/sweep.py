@@ -44,7 +44,7 @@ from .records import (
     record_key,
     run_key,
 )
-from .stacking import fit_together, stack_bytes, stack_groups
+from .stacking import classes_of, fit_stack, stack_groups
 from .tau_norm import tau_curve
 from .training import DEFAULT_MEMORY_BUDGET
 from .tuning import (DEFAULT_BUDGET, DEFAULT_METRIC, best_trial, better, check_selection, method_trials,
@@ -344,7 +344,7 @@ class Sweeper:
                 for group in stack_groups(trials, self.spec.stack_budget, rows=rows["train"], dim=dim,
                                           num_classes=classes):
                     if len(group) > 1:
-                        held = len(group) * stack_bytes(trials[group[0]], rows["train"], dim, classes)
+                        held = len(group) * trials[group[0]].stack_bytes(rows["train"], dim, classes)
                         methods[method] = max(methods[method], held)
         hungriest = max(methods, key=methods.get)
         eval_rows = rows[self.spec.eval_split]
@@ -501,7 +501,7 @@ class Sweeper:
         diagnostics.setdefault("train_counts", counts.tolist())
         diagnostics.setdefault("cache_key", cache.key)
         try:
-            for batch in self._batches(runs, X, counts):
+            for batch in self._batches(runs, X, counts, classifier):
                 fitted = self._fit_stack(batch, X, y, counts, classifier, val, views) if len(batch) > 1 else None
                 for position, run in enumerate(batch):
                     prefit = None
@@ -563,22 +563,21 @@ class Sweeper:
                   "tuning": {"role": "trial", "val": None} if run.trial else None, **dict.fromkeys(METRIC_FIELDS)}
         return {k: record[k] for k in RECORD_FIELDS}
 
-    def _batches(self, runs: list[Run], X, counts) -> list[list[Run]]:
+    def _batches(self, runs: list[Run], X, counts, classifier) -> list[list[Run]]:
         """The runs in the groups fitted together: a tuned method's trials of one seed that can be
         stacked (classifiers/stacking.py), within ``stack_budget``; every other run alone."""
         if not (self.spec.tune and self.spec.stack):
             return [[run] for run in runs]
         estimators = [create(run.method, **dict(run.params)) for run in runs]
         groups = stack_groups(estimators, self.spec.stack_budget, rows=len(X), dim=X.shape[1],
-                              num_classes=len(counts))
+                              num_classes=classes_of(None, class_counts=counts, classifier=classifier))
         return [[runs[position] for position in group] for group in groups]
 
     def _fit_stack(self, batch: list[Run], X, y, counts, classifier, val, views) -> tuple[list, float]:
         """The batch's estimators fitted in one pass, and each one's share of the seconds it took."""
         estimators = [create(run.method, **dict(run.params), device=str(self.device)) for run in batch]
         began = time.perf_counter()
-        fit_together(estimators, X, y, class_counts=counts, classifier=classifier, val=val, views=views,
-                     memory_budget=self.spec.stack_budget)
+        fit_stack(estimators, X, y, class_counts=counts, classifier=classifier, val=val, views=views)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return estimators, (time.perf_counter() - began) / len(batch)

@@ -58,7 +58,8 @@ def list_():
 @click.option("--param", "params", multiple=True, metavar="METHOD.KEY=V[,V...]",
               help="Fix or grid a hyper-parameter, e.g. tau.tau=auto or knn.k=10,20,50 (repeat).")
 @click.option("--config", type=click.Path(), help="TOML file: methods, seeds, eval_split, val_split, tune, budget, "
-                                                  "select_metric, [params.METHOD], [executor] (docs/cli.md).")
+                                                  "select_metric, stack, stack_budget, [params.METHOD], [executor] "
+                                                  "(docs/cli.md).")
 @click.option("--seeds", help="Comma list of seeds (default 0).")
 @click.option("--eval-split", help="Split the table reports (default test).")
 @click.option("--val-split", help="Split used for automatic choices such as tau=auto (default val).")
@@ -71,9 +72,10 @@ def list_():
                    "ece and nll: lowest).")
 @click.option("--no-stack", is_flag=True,
               help="With --tune: fit every trial alone, not a method's trials of one seed in one pass (stacked "
-                   "heads; equal results to float32 rounding). For A/B timing.")
-@click.option("--stack-budget", type=click.IntRange(1), default=DEFAULT_STACK_MIB, show_default=True,
-              metavar="MIB", help="With --tune: MiB one stack of trials may hold (more trials: several stacks).")
+                   "heads; the same results: bit for bit on the CPU). For A/B timing.")
+@click.option("--stack-budget", type=click.IntRange(1), metavar="MIB",
+              help=f"With --tune: MiB one stack of trials may hold (default {DEFAULT_STACK_MIB}; more trials: "
+                   "several stacks).")
 @click.option("--many", type=int, default=100, show_default=True, help="Many-shot: more than this many training images.")
 @click.option("--few", type=int, default=20, show_default=True, help="Few-shot: fewer than this many training images.")
 @click.option("--out", default="runs/sweep", show_default=True, type=click.Path(), help="Output directory.")
@@ -111,7 +113,8 @@ def sweep(cache_refs, ckpt, arch, data_spec, cache_dir, methods, params, config,
       seeds = [0, 1, 2]
       eval_split = "test"
       val_split = "val"
-      tune = false              # true: --tune; then budget = 12, select_metric = "top1"
+      tune = false              # true: --tune; then budget = 12, select_metric = "top1",
+                                # stack = true, stack_budget = 512 (MiB)
       [params.knn]
       k = [10, 20, 50]          # a list is a grid (or, with tune, the values to search)
       [executor]
@@ -140,8 +143,11 @@ def sweep(cache_refs, ckpt, arch, data_spec, cache_dir, methods, params, config,
     tune = settings.get("tune", False) if tune is None else tune
     if not tune and (budget is not None or select_metric or "budget" in settings or "select_metric" in settings):
         raise FeatcacheError("--budget and --select-metric apply to a tuned sweep: add --tune")
-    if not tune and no_stack:
-        raise FeatcacheError("--no-stack applies to a tuned sweep's trials: add --tune")
+    no_stack = no_stack or settings.get("stack") is False
+    stack_budget = settings.get("stack_budget", DEFAULT_STACK_MIB) if stack_budget is None else stack_budget
+    if not tune and (no_stack or "stack" in settings or "stack_budget" in settings or
+                     stack_budget != DEFAULT_STACK_MIB):
+        raise FeatcacheError("--no-stack and --stack-budget apply to a tuned sweep's trials: add --tune")
     spec = SweepSpec(list(method_list), grid, list(seed_list), eval_split or settings.get("eval_split", "test"),
                      val_split or settings.get("val_split", "val"), device, many, few, tune,
                      settings.get("budget", DEFAULT_BUDGET) if budget is None else budget,

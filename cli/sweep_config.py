@@ -50,10 +50,15 @@ def load_config(path: str | None) -> dict:
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise FeatcacheError(f"--config {path}: {exc}") from None
     unknown = sorted(set(settings) - {"methods", "seeds", "eval_split", "val_split", "params", "executor", "tune",
-                                      "budget", "select_metric"})
+                                      "budget", "select_metric", "stack", "stack_budget"})
     if unknown:
         raise FeatcacheError(f"--config {path}: unknown key {unknown[0]!r} (known: methods, seeds, eval_split, "
-                             "val_split, tune, budget, select_metric, [params.METHOD], [executor])")
+                             "val_split, tune, budget, select_metric, stack, stack_budget, [params.METHOD], [executor])")
+    if "stack" in settings and not isinstance(settings["stack"], bool):
+        raise FeatcacheError(f"--config {path}: stack must be true or false")
+    if "stack_budget" in settings and (isinstance(settings["stack_budget"], bool) or
+                                       not isinstance(settings["stack_budget"], int) or settings["stack_budget"] < 1):
+        raise FeatcacheError(f"--config {path}: stack_budget must be a positive integer (MiB)")
     if "tune" in settings and not isinstance(settings["tune"], bool):
         raise FeatcacheError(f"--config {path}: tune must be true or false")
     if "budget" in settings and (isinstance(settings["budget"], bool) or not isinstance(settings["budget"], int)):

@@ -29,20 +29,40 @@ def accuracy(pred, y) -> float:
 
 
 def topk_accuracy(logits, y, k: int = 5) -> float:
-    z = torch.as_tensor(logits)
-    top = z.topk(min(k, z.shape[1]), dim=1).indices
-    return float((top == _labels(y, z)[:, None]).any(dim=1).double().mean())
+    """Share of rows whose class is among the k highest logits, ties ordered by class index as
+    the argmax orders them (the first of equal logits ranks higher): the same on every device."""
+    z_all, hits = _logits(logits), 0
+    labels = _labels(y, z_all)
+    for start in range(0, len(z_all), ROWS_PER_CHUNK):
+        z, target = z_all[start:start + ROWS_PER_CHUNK], labels[start:start + ROWS_PER_CHUNK, None]
+        own = z.gather(1, target)
+        tied_before = (z == own) & (torch.arange(z.shape[1], device=z.device) < target)
+        hits += int(((z > own).sum(1) + tied_before.sum(1) < k).sum())
+    return hits / len(z_all)
+
+
+def _logits(logits) -> torch.Tensor:
+    """Logits as a tensor where they are: numpy arrays of any layout, byte order or writability are
+    read (copied only when torch cannot view them), tensors are detached."""
+    if isinstance(logits, torch.Tensor):
+        return logits.detach()
+    array = np.asarray(logits)
+    array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("="))
+    if not array.flags.writeable:
+        array = array.copy()
+    return torch.from_numpy(array)
 
 
 def _labels(y, like: torch.Tensor) -> torch.Tensor:
     """``y`` as an int64 tensor on the device of ``like``."""
-    return torch.as_tensor(np.asarray(y, dtype=np.int64) if not isinstance(y, torch.Tensor) else y,
-                           device=like.device).long()
+    if isinstance(y, torch.Tensor):
+        return y.detach().to(device=like.device, dtype=torch.int64)
+    return torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)).to(like.device)
 
 
 def predictions(logits) -> np.ndarray:
     """The argmax of each row, as a numpy array (computed where the logits are)."""
-    return torch.as_tensor(logits).argmax(dim=1).cpu().numpy()
+    return _logits(logits).argmax(dim=1).cpu().numpy()
 
 
 def shot_groups(train_counts, many: int = 100, few: int = 20) -> dict[str, np.ndarray]:
@@ -65,7 +85,7 @@ ROWS_PER_CHUNK = 8192  # rows upcast to float64 at a time (bounded temporaries)
 
 def negative_log_likelihood(logits, y) -> float:
     """Mean -log softmax(z)_y in nats, computed in float64 a chunk of rows at a time."""
-    z_all, total = torch.as_tensor(logits), 0.0
+    z_all, total = _logits(logits), 0.0
     labels = _labels(y, z_all)
     for start in range(0, len(z_all), ROWS_PER_CHUNK):
         z = z_all[start:start + ROWS_PER_CHUNK].double()
@@ -77,7 +97,7 @@ def negative_log_likelihood(logits, y) -> float:
 def calibration_bins(logits, y, bins: int = 15) -> dict[str, list]:
     """Reliability-diagram bins: ``bins`` equal-width bins over (0, 1] of the softmax's top
     probability, each with its row ``count``, mean ``confidence`` and ``accuracy`` (None where empty)."""
-    z_all = torch.as_tensor(logits)
+    z_all = _logits(logits)
     labels = _labels(y, z_all)
     count, confidence, correct = (torch.zeros(bins, dtype=torch.float64, device=z_all.device) for _ in range(3))
     for start in range(0, len(z_all), ROWS_PER_CHUNK):
@@ -108,7 +128,7 @@ def binned_calibration_error(table: dict[str, list]) -> float:
 def evaluate(logits, y, train_counts, many: int = 100, few: int = 20) -> dict:
     """Every metric of a record (percentages; the NLL in nats), with the number of classes in each shot group."""
     num_classes = logits.shape[1]
-    y = y.cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y, dtype=np.int64)
+    y = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y, dtype=np.int64)
     pred = predictions(logits)
     per_class = per_class_accuracy(pred, y, num_classes)
     present = ~np.isnan(per_class)

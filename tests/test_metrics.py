@@ -57,3 +57,23 @@ def test_metrics_of_a_tensor_equal_those_of_its_array():
     for name, value in as_array.items():
         assert as_tensor[name] == pytest.approx(value, rel=1e-12, abs=1e-12), name
     assert calibration_bins(logits, y) == calibration_bins(torch.from_numpy(logits), y)
+
+
+def test_metrics_read_any_numpy_layout_and_order_ties_by_class_index():
+    import torch
+    from featcache.metrics import evaluate, topk_accuracy
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(400, 10)).astype(np.float32)
+    y = np.arange(400) % 10
+    counts = np.full(10, 50)
+    expected = evaluate(logits[::-1].copy(), y[::-1].copy(), counts)
+    frozen = logits[::-1].copy()
+    frozen.flags.writeable = False
+    graded = torch.from_numpy(logits[::-1].copy()).requires_grad_(True)
+    for variant in (logits[::-1], logits[::-1].astype(">f4"), np.asfortranarray(logits[::-1]), frozen, graded):
+        assert evaluate(variant, y[::-1], counts) == pytest.approx(expected, rel=1e-12), type(variant)
+    # equal logits rank by class index, as the argmax picks the first: with all-zero logits class c
+    # is in the top 5 exactly when c < 5
+    zeros = np.zeros((400, 10), dtype=np.float32)
+    assert topk_accuracy(zeros, y, 5) == np.mean(y < 5) == topk_accuracy(torch.from_numpy(zeros), y, 5)
+    assert topk_accuracy(zeros, y, 1) == np.mean(y == 0) == np.mean(zeros.argmax(1) == y)
