@@ -31,14 +31,6 @@ class CRT(SGDTrained):
     """
 
     stackable = True
-
-    def stack_varying(self) -> set[str]:
-        """lr, epochs, the loss's own parameters and a recipe's (``per_trial``)."""
-        return super().stack_varying() | set(LOSS_PARAMS[self.loss])
-
-    @staticmethod
-    def fit_stack(trials, data, tile=None) -> None:
-        train_together(trials, data, tile)
     _parameter_constraints = {**SGDTrained._parameter_constraints, **LOSS_CONSTRAINTS, "head": [Options(*HEADS)],
                               "cosine_scale": [Real(0, closed="neither")], "init": [Options(*INITS)]}
 
@@ -86,6 +78,14 @@ class CRT(SGDTrained):
     def _fit(self, data: FitData) -> None:
         train_together([self], data)
 
+    def stack_varying(self) -> set[str]:
+        """lr, epochs, the loss's own parameters and a recipe's (``per_trial``)."""
+        return super().stack_varying() | set(LOSS_PARAMS[self.loss])
+
+    @staticmethod
+    def _fit_stack(trials, data, tile=None) -> None:
+        train_together(trials, data, tile)
+
     def _finish(self, weight_t: torch.Tensor, bias: torch.Tensor, scales: torch.Tensor | None) -> None:
         """Classify with the trained W^T (D x C), b and, where they trained, the per-class scales."""
         if scales is not None:  # fold f into the layer: logits f_j (x w_j + b_j) = x (f_j w_j) + f_j b_j
@@ -105,12 +105,11 @@ class CRT(SGDTrained):
 
 def train_together(trials: list[CRT], data: FitData, tile: int | None = None) -> None:
     """Fit every trial on ``data`` in one pass (stacked heads): one gather of the drawn rows per
-    step, the K trials' weights side by side (W^T: D x K C), one matmul for all their logits and one
-    for all their weight gradients, each trial's own loss on its block of the logits, its own lr,
-    epochs and schedule (:class:`~classifiers.training.TrialStack`). Each trial ends as if fitted
-    alone, to float32 rounding. The trials must share stacking.stack_key; one trial is a plain fit.
-    ``tile``: trials per matmul (default: all of them on a GPU, one launch for the stack; one on the
-    CPU, where the arithmetic is the same either way and one trial's B x C temporaries stay in cache)."""
+    step, the K trials' W^T stacked K x D x C, batched matmuls (``tile`` trials per matmul,
+    :meth:`~classifiers.training.TrialStack.of`) for their logits and weight gradients, each
+    trial's own loss parameters, lr, epochs and schedule (:class:`~classifiers.training.TrialStack`).
+    Each trial ends as if fitted alone: bit for bit with one trial per matmul (the CPU's default),
+    to float32 rounding otherwise. The trials must share stacking.stack_key; one trial is a plain fit."""
     from .stacking import check_stack
     check_stack(trials)
     recipes = [t._recipe(data) for t in trials]
@@ -142,8 +141,7 @@ def train_together(trials: list[CRT], data: FitData, tile: int | None = None) ->
         params, layer = ([weight_t] if cosine else [weight_t, bias]), 1 if cosine else 2
     lr_factors = None if all(f == 1.0 for f in factors) else \
         (factors,) * layer + ((1.0,) * count,) * (len(params) - layer)
-    stack = TrialStack(tuple(t.epochs for t in trials), tuple(float(t.lr) for t in trials), lr_factors,
-                       first.stack_tile(count, data.device, tile))
+    stack = TrialStack.of(trials, data.device, tile, lr_factors)
     epoch_now = [0]
     X, y = data.rows_X, data.rows_y  # every view's rows; the epochs index them
 

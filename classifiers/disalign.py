@@ -81,7 +81,7 @@ class DisAlign(GRWRecalibration):
     per_trial = ("rho",)
 
     def _fit(self, data: FitData) -> None:
-        self.fit_stack([self], data)
+        self._fit_stack([self], data)
 
     def stack_bytes(self, rows: int, dim: int, num_classes: int) -> int:
         """One trial's v, alpha, beta (with gradients and momentum), a step's B x C temporaries and
@@ -90,7 +90,7 @@ class DisAlign(GRWRecalibration):
         return 4 * (3 * dim + 6 * num_classes + 3 * batch * num_classes + 3 * dim * num_classes)
 
     @staticmethod
-    def fit_stack(trials, data, tile=None) -> None:
+    def _fit_stack(trials, data, tile=None) -> None:
         """Every trial's v, v0, alpha, beta in one pass on one set of frozen logits (the longest
         trial's draws), each step's frozen logits and feature rows read once; each trial its own rho."""
         require_all_classes(data, trials[0].name)

@@ -80,7 +80,7 @@ class LWS(OnFrozenLogits):
     stackable = True
 
     def _fit(self, data: FitData) -> None:
-        self.fit_stack([self], data)
+        self._fit_stack([self], data)
 
     def stack_bytes(self, rows: int, dim: int, num_classes: int) -> int:
         """One trial's scales, gradient and momentum, a step's B x C temporaries and its fitted W
@@ -89,7 +89,7 @@ class LWS(OnFrozenLogits):
         return 4 * (3 * num_classes + 3 * batch * num_classes + 3 * dim * num_classes)
 
     @staticmethod
-    def fit_stack(trials, data, tile=None) -> None:
+    def _fit_stack(trials, data, tile=None) -> None:
         """Every trial's scales f in one pass: the frozen logits z are computed once for all of them
         (those of the longest trial's draws), each step's batch of z read once; per trial
         d/df_j of the summed cross-entropy, sum_i (softmax(z_i * f)_j - [y_i = j]) z_ij."""

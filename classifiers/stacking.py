@@ -91,5 +91,5 @@ def fit_stack(estimators: list, X, y, *, tile: int | None = None, **kwargs) -> l
         estimator._fit_data(data.X, y, **kwargs)
         if hasattr(first, "feature_names_in_"):
             estimator.feature_names_in_ = first.feature_names_in_
-    type(first).fit_stack(estimators, data, tile)
+    type(first)._fit_stack(estimators, data, tile)
     return estimators

@@ -502,13 +502,11 @@ class Sweeper:
         diagnostics.setdefault("cache_key", cache.key)
         try:
             for batch in self._batches(runs, X, counts, classifier):
-                fitted = self._fit_stack(batch, X, y, counts, classifier, val, views) if len(batch) > 1 else None
-                for position, run in enumerate(batch):
-                    prefit = None
-                    if fitted is not None:
-                        prefit, fitted[0][position] = (fitted[0][position], fitted[1]), None
+                fitted = self._fit_stack(batch, X, y, counts, classifier, val, views) if len(batch) > 1 else [None]
+                for run in batch:
+                    prefit = fitted.pop(0)  # (estimator, fit seconds), released once recorded; None: fit here
                     record, estimator, logits = self._run(run, X, y, counts, classifier, val, X_eval, y_eval, views,
-                                                          prefit, stacked=len(batch) if fitted else None)
+                                                          prefit, stacked=len(batch) if prefit else None)
                     self._record(record)
                     if record["status"] == "ok":
                         self._diagnose(diagnostics, cache, run, record, estimator, logits, y_eval, X_eval)
@@ -573,14 +571,19 @@ class Sweeper:
                               num_classes=classes_of(None, class_counts=counts, classifier=classifier))
         return [[runs[position] for position in group] for group in groups]
 
-    def _fit_stack(self, batch: list[Run], X, y, counts, classifier, val, views) -> tuple[list, float]:
-        """The batch's estimators fitted in one pass, and each one's share of the seconds it took."""
+    def _fit_stack(self, batch: list[Run], X, y, counts, classifier, val, views) -> list[tuple]:
+        """The batch's estimators fitted in one pass, each with its share of the seconds it took."""
         estimators = [create(run.method, **dict(run.params), device=str(self.device)) for run in batch]
         began = time.perf_counter()
         fit_stack(estimators, X, y, class_counts=counts, classifier=classifier, val=val, views=views)
+        share = self._seconds_since(began) / len(batch)
+        return [(estimator, share) for estimator in estimators]
+
+    def _seconds_since(self, began: float) -> float:
+        """Seconds since ``began`` once the device has finished the work queued (CUDA is asynchronous)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return estimators, (time.perf_counter() - began) / len(batch)
+        return time.perf_counter() - began
 
     def _run(self, run: Run, X, y, counts, classifier, val, X_eval, y_eval, views=None, prefit=None,
              stacked: int | None = None):
@@ -591,18 +594,18 @@ class Sweeper:
             estimator = create(run.method, **params, device=str(self.device))
             began = time.perf_counter()
             estimator.fit(X, y, class_counts=counts, classifier=classifier, val=val, views=views)
-            fitted = time.perf_counter()
+            fit_seconds = self._seconds_since(began)
         else:
-            (estimator, fit_seconds), fitted = prefit, time.perf_counter()
-            began = fitted - fit_seconds
+            estimator, fit_seconds = prefit
+        began = time.perf_counter()
         logits = estimator.device_logits(X_eval)  # scored where they are (featcache.metrics)
-        evaluated = time.perf_counter()
+        eval_seconds = self._seconds_since(began)
         selected = getattr(estimator, "selected_", {}) or {}
         record = {"method": run.method, "params": {**_jsonable(params), **selected}, "seed": run.seed,
                   "representation": run.representation, "eval_split": self.spec.eval_split,
                   "selected_on": self.val_split if selected else None,
                   "many_threshold": self.spec.many, "few_threshold": self.spec.few,
-                  "fit_seconds": round(fitted - began, 4), "eval_seconds": round(evaluated - fitted, 4),
+                  "fit_seconds": round(fit_seconds, 4), "eval_seconds": round(eval_seconds, 4),
                   "cache_key": run.cache_key, "version": __version__, "job": self.job, "tuning": None}
         bad = int((~torch.isfinite(logits)).any(dim=1).sum())
         if bad:

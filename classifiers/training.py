@@ -167,6 +167,14 @@ class TrialStack:
         return [torch.tensor([lr * f[k] for k, lr in enumerate(lrs)], device=p.device).view(-1, *[1] * (p.dim() - 1))
                 for f, p in zip(factors, params)]
 
+    @classmethod
+    def of(cls, trials: list, device: torch.device, tile: int | None = None, lr_factors=None) -> "TrialStack":
+        """The stack of ``trials`` (estimators, the longest schedule first); ``tile``: trials per
+        matmul, default the whole stack on a GPU (one launch for all) and one on the CPU (the
+        arithmetic is the same, and one trial's temporaries stay in cache)."""
+        return cls(tuple(t.epochs for t in trials), tuple(float(t.lr) for t in trials), lr_factors,
+                   tile or (len(trials) if device.type == "cuda" else 1))
+
     def tiles(self, epoch: int) -> list[slice]:
         """The active trials of ``epoch``, ``tile`` at a time."""
         active = self.active(epoch)
@@ -188,16 +196,19 @@ def sgd_train(params: list[torch.Tensor], grad_fn: Callable, epochs: list[torch.
     factors; ``schedule.lr`` and ``lr_factors`` are unused), each parameter's first axis the trial.
     Each step then calls ``grad_fn(indices, trials)`` and ``post_step(trials)`` once per tile of
     the active trials (``trials`` a slice of them, the same ``indices`` object for every tile of
-    a step), and only those trials move; each trial's numbers are those of its own run."""
+    a step), and only those trials move; each trial's numbers are those of its own run. Without
+    a stack the one trial's parameters are trained as a stack of one over views of them."""
     if stack is None:
-        _sgd_single(params, grad_fn, epochs, schedule, post_step, on_epoch, lr_factors)
-        return
+        stack = TrialStack((len(epochs),), (schedule.lr,), None if lr_factors is None else tuple((f,) for f in lr_factors))
+        params, one_grad, one_post = [p.unsqueeze(0) for p in params], grad_fn, post_step
+        grad_fn = lambda batch, trials: [g.unsqueeze(0) for g in one_grad(batch)]  # noqa: E731
+        post_step = None if one_post is None else lambda trials: one_post()  # noqa: E731
     buffers = [torch.zeros_like(p) for p in params] if schedule.momentum else None
     for epoch, indices in enumerate(epochs):
         if on_epoch is not None:
             on_epoch(epoch)
-        tiles = stack.tiles(epoch)
-        steps = stack.steps(epoch, [p.narrow(0, 0, tiles[-1].stop) for p in params])
+        tiles, steps = stack.tiles(epoch), stack.steps(epoch, params)
+        uniform = all(isinstance(step, float) for step in steps) and len(set(steps)) == 1
         for start in range(0, len(indices), schedule.batch_size):
             batch = indices[start:start + schedule.batch_size]
             for trials in tiles:
@@ -210,40 +221,15 @@ def sgd_train(params: list[torch.Tensor], grad_fn: Callable, epochs: list[torch.
                     torch._foreach_mul_(held, schedule.momentum)
                     torch._foreach_add_(held, grads)
                     grads = held
-                for param, grad, step in zip(live, grads, steps):
+                if uniform:  # one trial, one lr for all its parameters: one launch
+                    torch._foreach_add_(live, grads, alpha=-steps[0])
+                for param, grad, step in zip(live, grads, steps) if not uniform else ():
                     if isinstance(step, float):
                         param.add_(grad, alpha=-step)
                     else:
                         param.addcmul_(grad, step[trials], value=-1.0)
                 if post_step is not None:
                     post_step(trials)
-
-
-def _sgd_single(params, grad_fn, epochs, schedule, post_step, on_epoch, lr_factors) -> None:
-    """:func:`sgd_train` of one trial whose parameters have no trial axis."""
-    buffers: list[torch.Tensor] | None = None
-    for epoch, indices in enumerate(epochs):
-        if on_epoch is not None:
-            on_epoch(epoch)
-        lr = cosine_lr(schedule.lr, epoch, len(epochs))
-        for start in range(0, len(indices), schedule.batch_size):
-            grads = grad_fn(indices[start:start + schedule.batch_size])
-            if schedule.weight_decay:
-                torch._foreach_add_(grads, params, alpha=schedule.weight_decay)
-            if schedule.momentum:
-                if buffers is None:
-                    buffers = grads
-                else:
-                    torch._foreach_mul_(buffers, schedule.momentum)
-                    torch._foreach_add_(buffers, grads)
-                grads = buffers
-            if lr_factors is None:
-                torch._foreach_add_(params, grads, alpha=-lr)
-            else:
-                for param, grad, factor in zip(params, grads, lr_factors):
-                    param.add_(grad, alpha=-lr * factor)
-            if post_step is not None:
-                post_step()
 
 
 def zeros_on_huge_pages(rows: int, cols: int, device: torch.device) -> torch.Tensor:
@@ -317,7 +303,7 @@ class SGDTrained(LTClassifier):
     epoch_steps = "ceil"
     # trials of one stack (classifiers/stacking.py) may differ in lr, epochs and these parameters
     per_trial: tuple[str, ...] = ()
-    stackable = False  # True where fit_stack trains several trials in one pass
+    stackable = False  # True where the class's _fit_stack(trials, data, tile) fits several trials in one pass
     _parameter_constraints = {
         "epochs": [Int(0)], "lr": [Real(0, closed="neither")], "momentum": [Real(0, 1, closed="left")],
         "weight_decay": [Real(0)], "batch_size": [Int(1)], "sampler": [Options(*SAMPLERS)], "seed": [Int(0)],
@@ -346,22 +332,10 @@ class SGDTrained(LTClassifier):
         return 4 * (6 * dim * num_classes + 4 * batch * num_classes)
 
     @staticmethod
-    def fit_stack(trials: list["SGDTrained"], data: FitData, tile: int | None = None) -> None:
-        """Fit ``trials`` (one class, equal stacking.stack_key) on ``data`` in one pass, each as if
-        alone; ``tile``: trials per matmul (default: all on a GPU, one on the CPU). A subclass with
-        ``stackable = True`` provides it."""
-        raise NotImplementedError
-
-    @staticmethod
     def order_stack(trials: list["SGDTrained"]) -> list[int]:
         """The trials' positions, the longest schedule first: it draws the epochs (a shorter trial's
         are its first ones), and the trials still training are always the first ones (TrialStack)."""
         return sorted(range(len(trials)), key=lambda k: -trials[k].epochs)
-
-    def stack_tile(self, count: int, device: torch.device, tile: int | None) -> int:
-        """Trials per matmul: ``tile``, else the whole stack on a GPU (one launch for all) and one on
-        the CPU (the arithmetic is the same, and one trial's temporaries stay in cache)."""
-        return tile or (count if device.type == "cuda" else 1)
 
     def _draw_epochs(self, data: FitData) -> list[torch.Tensor]:
         """Every epoch's indices into ``data.rows_X``, drawn by ``sampler``; sets ``class_draws_``."""
@@ -400,9 +374,7 @@ class OnFrozenLogits(SGDTrained):
         for trial in trials[1:]:
             trial._set_linear(*data.classifier)
             trial.class_draws_ = first.class_draws_[:trial.epochs]
-        stack = TrialStack(tuple(t.epochs for t in trials), tuple(float(t.lr) for t in trials),
-                           tile=first.stack_tile(len(trials), data.device, tile))
-        return trials, frozen, stack
+        return trials, frozen, TrialStack.of(trials, data.device, tile)
 
     def _frozen_logits(self, data: FitData) -> FrozenLogits:
         """Classify with the checkpoint's W, b (``weight_``, ``bias_``), draw the epochs, and return

@@ -31,14 +31,20 @@ def accuracy(pred, y) -> float:
 def topk_accuracy(logits, y, k: int = 5) -> float:
     """Share of rows whose class is among the k highest logits, ties ordered by class index as
     the argmax orders them (the first of equal logits ranks higher): the same on every device."""
-    z_all, hits = _logits(logits), 0
-    labels = _labels(y, z_all)
+    z_all = _logits(logits)
+    labels, hits = _labels(y, z_all), 0
     for start in range(0, len(z_all), ROWS_PER_CHUNK):
         z, target = z_all[start:start + ROWS_PER_CHUNK], labels[start:start + ROWS_PER_CHUNK, None]
         own = z.gather(1, target)
-        tied_before = (z == own) & (torch.arange(z.shape[1], device=z.device) < target)
-        hits += int(((z > own).sum(1) + tied_before.sum(1) < k).sum())
-    return hits / len(z_all)
+        kth = z.topk(min(k, z.shape[1]), dim=1).values[:, -1:]
+        hit = own > kth  # above the k-th largest: in; below it: out; equal to it, the ranks decide
+        tie = (own == kth).squeeze(1)
+        if bool(tie.any()):
+            z, own, target = z[tie], own[tie], target[tie]
+            before = (z > own).sum(1) + ((z == own) & (torch.arange(z.shape[1], device=z.device) < target)).sum(1)
+            hit[tie] = (before < k).unsqueeze(1)
+        hits = hits + hit.sum()
+    return int(hits) / len(z_all)
 
 
 def _logits(logits) -> torch.Tensor:
@@ -85,13 +91,12 @@ ROWS_PER_CHUNK = 8192  # rows upcast to float64 at a time (bounded temporaries)
 
 def negative_log_likelihood(logits, y) -> float:
     """Mean -log softmax(z)_y in nats, computed in float64 a chunk of rows at a time."""
-    z_all, total = _logits(logits), 0.0
-    labels = _labels(y, z_all)
+    z_all = _logits(logits)
+    labels, total = _labels(y, z_all), 0.0
     for start in range(0, len(z_all), ROWS_PER_CHUNK):
         z = z_all[start:start + ROWS_PER_CHUNK].double()
-        chosen = labels[start:start + ROWS_PER_CHUNK, None]
-        total += float(-torch.log_softmax(z, dim=1).gather(1, chosen).sum())
-    return total / len(z_all)
+        total = total - torch.log_softmax(z, dim=1).gather(1, labels[start:start + ROWS_PER_CHUNK, None]).sum()
+    return float(total) / len(z_all)
 
 
 def calibration_bins(logits, y, bins: int = 15) -> dict[str, list]:
@@ -127,6 +132,7 @@ def binned_calibration_error(table: dict[str, list]) -> float:
 
 def evaluate(logits, y, train_counts, many: int = 100, few: int = 20) -> dict:
     """Every metric of a record (percentages; the NLL in nats), with the number of classes in each shot group."""
+    logits = _logits(logits)  # read once for every metric below
     num_classes = logits.shape[1]
     y = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y, dtype=np.int64)
     pred = predictions(logits)

@@ -133,7 +133,7 @@ def test_fit_together_fits_what_it_cannot_stack_one_by_one(data):
         from classifiers.crt import train_together
         train_together([create("crt", seed=0), create("crt", seed=1)], None)
     with pytest.raises(ValueError, match="differ in more"):
-        REGISTRY["lws"].fit_stack([create("lws", seed=0), create("lws", batch_size=64)], None)
+        REGISTRY["lws"]._fit_stack([create("lws", seed=0), create("lws", batch_size=64)], None)
 
 
 def test_fit_together_with_labels_that_are_not_class_indices():
